@@ -1,0 +1,227 @@
+"""Asynchronous file I/O of tensors: the Python face of the native engine (csrc/fuyou/engine.cpp).
+
+`IOEngine.read` / `IOEngine.write` start a transfer of a host tensor's bytes to or from a file (or a file striped
+over several directories, one per SSD) and return an `IOFuture` at once. Any size, any storage offset and any file
+offset work: the engine aligns internally. Whatever goes wrong surfaces from `IOFuture.wait()` as a
+`FuyouIOError` that names the file, offset, size and errno; no transfer ends with fewer bytes than asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from deepspeed_fuyou.config.sizes import parse_size
+from deepspeed_fuyou.errors import FuyouConfigError, FuyouIOError
+from deepspeed_fuyou.io import native
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "aio", "io_uring", "threads")
+ALIGNMENT: int = native.ALIGNMENT
+
+# Directories already announced as lacking O_DIRECT: the fallback is logged once per directory, not per request.
+_announced_fallback_dirs: set[str] = set()
+
+
+@dataclass(frozen=True)
+class IOOptions:
+    """The `"fuyou".io` block: which kernel interface moves the bytes, and how much is in flight."""
+
+    engine: str = "auto"
+    block_size: int = 1 << 20
+    queue_depth: int = 32
+    threads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise FuyouConfigError("fuyou.io.engine", self.engine, "unknown I/O engine", f"use one of {ENGINES}")
+        block = parse_size(self.block_size, "fuyou.io.block_size")
+        if block < ALIGNMENT or block & (block - 1):
+            raise FuyouConfigError(
+                "fuyou.io.block_size", self.block_size, "must be a power of two of at least 4KiB", 'use e.g. "1MiB"'
+            )
+        object.__setattr__(self, "block_size", block)
+        for name in ("queue_depth", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FuyouConfigError(f"fuyou.io.{name}", value, "must be an integer >= 1", "use e.g. 32 or 4")
+
+
+class IOFuture:
+    """Completion handle of one transfer. The tensor stays referenced until the transfer is over."""
+
+    def __init__(
+        self,
+        request: native.Request,
+        tensor: torch.Tensor,
+        paths: list[str],
+        offset: int,
+        is_write: bool,
+        copy_back_to: torch.Tensor | None = None,
+    ) -> None:
+        self._request = request
+        self._is_write = is_write
+        self._tensor = tensor
+        self._paths = paths
+        self._offset = offset
+        self._copy_back_to = copy_back_to  # a non-contiguous read target, filled from `tensor` on completion
+        self._checked = False
+
+    def done(self) -> bool:
+        """Whether the transfer has finished (successfully or not); never blocks."""
+        return self._request.done()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Blocks until the transfer finished and returns its byte count.
+
+        Raises FuyouIOError if any part failed, TimeoutError if `timeout` seconds pass first.
+        """
+        if not self._request.wait(-1.0 if timeout is None else timeout):
+            raise TimeoutError(f"I/O on {self._paths[0]} did not finish within {timeout} s")
+        if not self._checked:
+            self._checked = True
+            self._raise_error()
+            self._announce_fallback()
+            if self._copy_back_to is not None:
+                self._copy_back_to.copy_(self._tensor)
+        return self._request.nbytes
+
+    def _raise_error(self) -> None:
+        error = self._request.error()
+        if error is None:
+            return
+        errno, path, offset, nbytes, what = error
+        if what == "open":  # the open failed before any block existed: report the transfer as the caller saw it
+            offset, nbytes = self._offset, self._request.nbytes
+            what = f"opening for {'writing' if self._is_write else 'reading'}"
+        raise FuyouIOError(path, offset, nbytes, errno, what)
+
+    def _announce_fallback(self) -> None:
+        if not self._request.used_buffered_fallback:
+            return
+        for path in self._paths:
+            directory = os.path.dirname(os.path.abspath(path))
+            if directory not in _announced_fallback_dirs:
+                _announced_fallback_dirs.add(directory)
+                log.warning("fuyou: %s does not support O_DIRECT; using buffered pread/pwrite there", directory)
+
+
+class IOEngine:
+    """Worker threads that move tensors between host memory and files, many transfers in flight at once."""
+
+    def __init__(self, options: IOOptions | None = None) -> None:
+        self.options = options or IOOptions()
+        self._engine = self._start(self.options)
+        self.backend: str = self._engine.backend
+
+    @staticmethod
+    def _start(options: IOOptions) -> native.Engine:
+        def start(backend: str) -> native.Engine:
+            return native.Engine(
+                backend,
+                options.block_size,
+                options.queue_depth,
+                options.threads,
+                buffered_fallback=options.engine == "auto",
+            )
+
+        if options.engine == "io_uring" and not native.io_uring_compiled():
+            raise FuyouConfigError(
+                "fuyou.io.engine",
+                "io_uring",
+                "this build has no io_uring support",
+                "install liburing-dev and rebuild, or use 'auto'",
+            )
+        if options.engine != "auto":
+            try:
+                return start(options.engine)
+            except RuntimeError as err:
+                raise FuyouConfigError(
+                    "fuyou.io.engine",
+                    options.engine,
+                    f"the kernel refused it ({err})",
+                    "use 'auto', which falls back to 'threads', or raise fs.aio-max-nr",
+                ) from err
+        try:
+            return start("aio")
+        except RuntimeError as err:
+            log.warning("fuyou: Linux AIO is unavailable (%s); using the pread/pwrite thread engine", err)
+            return start("threads")
+
+    def write(
+        self, tensor: torch.Tensor, path: str | Sequence[str], offset: int = 0, stripe_size: int | None = None
+    ) -> IOFuture:
+        """Starts writing the bytes of `tensor` at `offset` of `path` (striped when a list of several is given).
+
+        A non-contiguous tensor is written as its contiguous copy, made here.
+        """
+        tensor = _host(tensor, "write")
+        tensor = tensor if tensor.is_contiguous() else tensor.contiguous()
+        return self._submit(True, tensor, path, offset, stripe_size, None)
+
+    def read(
+        self, tensor: torch.Tensor, path: str | Sequence[str], offset: int = 0, stripe_size: int | None = None
+    ) -> IOFuture:
+        """Starts filling `tensor` with its byte size from `offset` of `path` (striped over several paths).
+
+        A non-contiguous target is read into a contiguous buffer and copied into place by `wait()`.
+        """
+        tensor = _host(tensor, "read into")
+        if tensor.is_contiguous():
+            return self._submit(False, tensor, path, offset, stripe_size, None)
+        return self._submit(
+            False, torch.empty_like(tensor, memory_format=torch.contiguous_format), path, offset, stripe_size, tensor
+        )
+
+    def _submit(
+        self,
+        is_write: bool,
+        tensor: torch.Tensor,
+        path: str | Sequence[str],
+        offset: int,
+        stripe_size: int | None,
+        copy_back_to: torch.Tensor | None,
+    ) -> IOFuture:
+        paths = [os.fspath(path)] if isinstance(path, str | os.PathLike) else [os.fspath(p) for p in path]
+        stripe = self.options.block_size if stripe_size is None else stripe_size
+        request = self._engine.submit(is_write, paths, stripe, tensor, offset)
+        return IOFuture(request, tensor, paths, offset, is_write, copy_back_to)
+
+    @property
+    def bytes_read(self) -> int:
+        return self._engine.bytes_read
+
+    @property
+    def bytes_written(self) -> int:
+        return self._engine.bytes_written
+
+    @property
+    def bounce_bytes(self) -> int:
+        """Host memory the workers hold for transfers of unaligned memory (allocated lazily, bounded)."""
+        return self._engine.bounce_bytes
+
+    def close(self) -> None:
+        """Finishes every started transfer, then stops the workers."""
+        self._engine = None  # the native destructor drains and joins
+
+    def __enter__(self) -> IOEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _host(tensor: torch.Tensor, verb: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"can only {verb} a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(
+            f"the I/O engine moves host memory and cannot {verb} a tensor on {tensor.device}: use "
+            "deepspeed_fuyou.io.DeviceTransfer, which stages device memory through pinned buffers"
+        )
+    return tensor

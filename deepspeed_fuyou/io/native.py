@@ -1,0 +1,18 @@
+"""The compiled core, `deepspeed_fuyou._C`, with a clear message when it has not been built."""
+
+import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
+
+try:
+    from deepspeed_fuyou import _C
+except ImportError as err:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "deepspeed_fuyou._C is not built: run scripts/install.sh, or "
+        "'pip install --no-build-isolation -e .' with libaio-dev installed"
+    ) from err
+
+ALIGNMENT: int = _C.ALIGNMENT
+Engine = _C.Engine
+Request = _C.Request
+PinnedPool = _C.PinnedPool
+io_uring_compiled = _C.io_uring_compiled
+cuda_compiled = _C.cuda_compiled

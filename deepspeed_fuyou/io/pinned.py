@@ -1,0 +1,99 @@
+"""The pinned buffer pool: one byte budget for every host staging buffer (csrc/fuyou/pinned_pool.cpp).
+
+Stock ZeRO-Infinity sizes pinned buffers per tensor and per swapper, so host memory grows with the model until the
+OOM killer ends the run. Here every staging buffer comes out of one budget: a request that does not fit waits for
+a release, and a request that can never fit, or waits too long, raises a FuyouConfigError that says how much
+budget would have been needed. Buffers are ordinary uint8 CPU tensors; a buffer returns to the pool when its last
+view is gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deepspeed_fuyou.config.sizes import format_size
+from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.io import native
+
+LOCK_MODES = ("auto", "cuda", "mlock", "none")
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The pool's own counters: the estimator's ground truth for pinned host memory."""
+
+    budget: int
+    reserved: int  # allocated by the pool: in use + cached for reuse
+    in_use: int
+    peak_reserved: int
+    peak_in_use: int
+    locked: int  # of `reserved`, how much is page-locked
+    allocations: int
+    waits: int
+    lock_mode: str
+
+
+class PinnedPool:
+    """Aligned, page-locked host buffers under one budget.
+
+    `lock` picks how buffers are locked: "auto" registers them with CUDA when the extension was built with CUDA and
+    a GPU is visible, else mlocks them; "mlock" and "none" force a mode. Without the privilege to lock (RLIMIT_MEMLOCK)
+    buffers stay pageable and `stats().locked` shows it.
+    """
+
+    def __init__(self, budget: int, lock: str = "auto", timeout: float = 60.0) -> None:
+        if lock not in LOCK_MODES:
+            raise ValueError(f"lock must be one of {LOCK_MODES}, got {lock!r}")
+        if budget <= 0:
+            raise FuyouConfigError(
+                "fuyou.pinned_memory", budget, "the pinned budget must be positive", 'use e.g. "2GiB"'
+            )
+        self.budget = budget
+        self.timeout = timeout
+        self._pool = native.PinnedPool(budget, lock)
+
+    def acquire(self, nbytes: int, timeout: float | None = None) -> torch.Tensor:
+        """A uint8 tensor of `nbytes` whose memory is 4 KiB-aligned and (where permitted) page-locked.
+
+        Blocks while the budget is exhausted; raises FuyouConfigError after `timeout` seconds (default: the pool's),
+        or at once if `nbytes` exceeds the whole budget.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            buffer = self._pool.acquire(nbytes, timeout)
+        except ValueError as err:  # std::length_error: larger than the whole budget
+            raise FuyouConfigError(
+                "fuyou.pinned_memory",
+                format_size(self.budget),
+                f"one staging buffer needs {format_size(nbytes)}",
+                f"raise fuyou.pinned_memory to at least {format_size(nbytes)}",
+            ) from err
+        if buffer is None:
+            stats = self.stats()
+            raise FuyouConfigError(
+                "fuyou.pinned_memory",
+                format_size(self.budget),
+                f"waited {timeout:g} s for {format_size(nbytes)} while {format_size(stats.in_use)} stayed in use",
+                f"raise fuyou.pinned_memory to at least {format_size(stats.in_use + nbytes)}, or lower "
+                "params.prefetch_layers so fewer buffers are held at once",
+            )
+        return buffer
+
+    def acquire_tensor(
+        self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, timeout: float | None = None
+    ) -> torch.Tensor:
+        """A pooled buffer viewed as a tensor of `shape` and `dtype`."""
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return self.acquire(numel * itemsize, timeout).view(dtype).view(shape)
+
+    def stats(self) -> PoolStats:
+        return PoolStats(**self._pool.stats())
+
+    def trim(self) -> None:
+        """Frees every cached idle buffer (the budget itself is unchanged)."""
+        self._pool.trim()

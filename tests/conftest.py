@@ -1,0 +1,69 @@
+"""Shared fixtures: real engines on real files under pytest's temporary directory (an O_DIRECT-capable disk)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.io import IOEngine, IOOptions, native
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own ops are compared on the CPU accelerator
+
+BACKENDS = ["aio", "io_uring", "threads"]
+
+
+def make_engine(backend: str, **options: int) -> IOEngine:
+    """An engine on `backend`, or a skip where this machine's kernel or build cannot provide it."""
+    if backend == "io_uring" and not native.io_uring_compiled():
+        pytest.skip("built without liburing")
+    try:
+        return IOEngine(IOOptions(engine=backend, **options))
+    except FuyouConfigError as err:
+        pytest.skip(f"{backend} unavailable here: {err}")
+
+
+@pytest.fixture(params=BACKENDS)
+def engine(request: pytest.FixtureRequest) -> Iterator[IOEngine]:
+    eng = make_engine(request.param)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def aio_engine() -> Iterator[IOEngine]:
+    eng = make_engine("aio")
+    yield eng
+    eng.close()
+
+
+def run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Runs `code` in a fresh interpreter, for limits and crashes that must not reach the test process itself."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent
+    )
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[callable]:
+    """Mounts a small file system of a given type under tmp_path, or skips where this machine forbids mounting."""
+    mounts: list[Path] = []
+
+    def mount(fstype: str, options: str = "") -> Path:
+        target = tmp_path / f"mnt-{fstype}-{len(mounts)}"
+        target.mkdir()
+        cmd = ["mount", "-t", fstype, *(["-o", options] if options else []), "none", str(target)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount {fstype} here: {result.stderr.strip()}")
+        mounts.append(target)
+        return target
+
+    yield mount
+    for target in mounts:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)

@@ -1,0 +1,130 @@
+"""One budget for every staging buffer: aligned, locked where permitted, counted, and never exceeded."""
+
+from __future__ import annotations
+
+import gc
+import re
+import threading
+import time
+
+import pytest
+import torch
+
+from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.io import PinnedPool
+
+MiB = 1 << 20
+
+
+def test_buffers_are_4k_aligned_with_the_requested_size_and_counted_in_4k_units() -> None:
+    pool = PinnedPool(8 * MiB)
+    buffers = [pool.acquire(n) for n in (1, 4095, 4097, MiB + 1)]
+    assert [b.numel() for b in buffers] == [1, 4095, 4097, MiB + 1]
+    assert all(b.data_ptr() % 4096 == 0 for b in buffers)
+    assert all(b.dtype == torch.uint8 and b.device.type == "cpu" for b in buffers)
+    stats = pool.stats()
+    assert stats.in_use == 4096 + 4096 + 8192 + MiB + 4096
+    assert stats.reserved == stats.in_use == stats.peak_in_use
+    assert stats.allocations == 4
+
+
+def test_a_buffer_returns_to_the_pool_when_its_last_view_is_gone_and_is_reused() -> None:
+    pool = PinnedPool(8 * MiB)
+    buffer = pool.acquire(MiB)
+    address = buffer.data_ptr()
+    view = buffer[10:20]
+    del buffer
+    assert pool.stats().in_use == MiB  # the view still holds it
+    del view
+    gc.collect()
+    assert pool.stats().in_use == 0
+    assert pool.stats().reserved == MiB  # cached, still pinned
+    again = pool.acquire(MiB - 100)
+    assert again.data_ptr() == address
+    assert pool.stats().allocations == 1
+
+
+def test_memory_is_page_locked_where_permitted_and_the_counters_say_so() -> None:
+    pool = PinnedPool(4 * MiB, lock="mlock")
+    buffer = pool.acquire(2 * MiB)
+    stats = pool.stats()
+    assert stats.lock_mode == "mlock"
+    assert stats.locked in (0, 2 * MiB)  # 0 only without CAP_IPC_LOCK beyond RLIMIT_MEMLOCK
+    buffer.fill_(7)
+    assert int(buffer.sum()) == 7 * 2 * MiB
+    assert PinnedPool(MiB, lock="none").acquire(4096) is not None
+    assert PinnedPool(MiB, lock="none").stats().locked == 0
+
+
+def test_exhausted_budget_blocks_until_another_thread_releases_a_buffer() -> None:
+    pool = PinnedPool(4 * MiB)
+    held = [pool.acquire(2 * MiB), pool.acquire(2 * MiB)]
+
+    def release_later() -> None:
+        time.sleep(0.3)
+        held.pop()
+
+    releaser = threading.Thread(target=release_later)
+    start = time.monotonic()
+    releaser.start()
+    third = pool.acquire(2 * MiB, timeout=10)
+    waited = time.monotonic() - start
+    releaser.join()
+    assert waited >= 0.25
+    assert third.numel() == 2 * MiB
+    stats = pool.stats()
+    assert stats.waits == 1
+    assert stats.peak_reserved <= 4 * MiB
+
+
+def test_exhausted_budget_raises_a_config_error_after_the_timeout_naming_the_budget_to_set() -> None:
+    pool = PinnedPool(4 * MiB)
+    _held = pool.acquire(3 * MiB)
+    with pytest.raises(FuyouConfigError) as err:
+        pool.acquire(2 * MiB, timeout=0.2)
+    assert err.value.field == "fuyou.pinned_memory"
+    assert "5.00 MiB" in err.value.fix  # what is in use plus what was asked
+
+
+def test_a_buffer_larger_than_the_whole_budget_fails_at_once() -> None:
+    pool = PinnedPool(MiB, timeout=3600)
+    start = time.monotonic()
+    with pytest.raises(FuyouConfigError, match=re.escape("at least 2.00 MiB")):
+        pool.acquire(2 * MiB)
+    assert time.monotonic() - start < 1
+
+
+def test_cached_idle_buffers_are_dropped_to_make_room_instead_of_exceeding_the_budget() -> None:
+    pool = PinnedPool(4 * MiB)
+    for _ in range(3):
+        pool.acquire(MiB)  # released at once, cached
+    assert pool.stats().reserved == MiB
+    small = [pool.acquire(MiB) for _ in range(3)]
+    del small
+    big = pool.acquire(3 * MiB)  # needs the cached 1 MiB blocks freed
+    assert big.numel() == 3 * MiB
+    assert pool.stats().reserved <= 4 * MiB
+    assert pool.stats().peak_reserved <= 4 * MiB
+
+
+def test_typed_buffers_view_the_pool_memory() -> None:
+    pool = PinnedPool(MiB)
+    tensor = pool.acquire_tensor((3, 5), torch.float32)
+    assert tensor.shape == (3, 5) and tensor.dtype == torch.float32
+    assert tensor.data_ptr() % 4096 == 0
+    assert pool.stats().in_use == 4096
+
+
+def test_trim_frees_cached_buffers() -> None:
+    pool = PinnedPool(MiB)
+    pool.acquire(4096)
+    assert pool.stats().reserved == 4096
+    pool.trim()
+    assert pool.stats().reserved == 0
+
+
+def test_invalid_pool_settings_are_rejected() -> None:
+    with pytest.raises(FuyouConfigError, match=re.escape("fuyou.pinned_memory")):
+        PinnedPool(0)
+    with pytest.raises(ValueError, match="lock"):
+        PinnedPool(MiB, lock="sometimes")

@@ -1,0 +1,66 @@
+"""Swap files live in a private directory per SSD path that is ours alone and removed when we are done."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.io import IOEngine, SwapSpace
+
+
+def test_each_root_gets_a_private_directory_with_files_readable_only_by_us(
+    aio_engine: IOEngine, tmp_path: Path
+) -> None:
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        root.mkdir()
+    with SwapSpace(roots) as space:
+        assert [d.parent for d in space.dirs] == roots
+        assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in space.dirs)
+        aio_engine.write(torch.randn(1 << 20), space.files("t")).wait()
+        assert all(stat.S_IMODE(os.stat(p).st_mode) & 0o077 == 0 for p in space.files("t"))
+        dirs = list(space.dirs)
+    assert not any(d.exists() for d in dirs)
+    assert all(root.exists() for root in roots)
+
+
+def test_swap_directories_are_removed_at_interpreter_exit(tmp_path: Path) -> None:
+    code = (
+        f"from deepspeed_fuyou.io import SwapSpace; s = SwapSpace([{str(tmp_path)!r}]); "
+        "open(s.files('x')[0], 'w').write('data'); print(s.dirs[0])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not Path(result.stdout.strip()).exists()
+
+
+def test_directories_of_killed_processes_are_removed_by_the_next_swap_space(tmp_path: Path) -> None:
+    code = (
+        f"import os; from deepspeed_fuyou.io import SwapSpace; s = SwapSpace([{str(tmp_path)!r}]); "
+        "print(s.dirs[0], flush=True); os._exit(0)"
+    )  # no clean-up runs, like a kill
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    stale = Path(result.stdout.strip())
+    assert stale.exists()
+    with SwapSpace([tmp_path]) as space:
+        assert not stale.exists()
+        assert space.dirs[0].exists()
+
+
+def test_missing_or_unusable_roots_are_config_errors_naming_the_entry(tmp_path: Path) -> None:
+    with pytest.raises(FuyouConfigError) as err:
+        SwapSpace([tmp_path, tmp_path / "missing"])
+    assert err.value.field == "fuyou.nvme_paths[1]"
+    assert "mkdir -p" in err.value.fix
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FuyouConfigError, match="not a directory"):
+        SwapSpace([tmp_path / "file"])
+    with pytest.raises(FuyouConfigError, match="no swap directory"):
+        SwapSpace([])
