@@ -148,3 +148,5 @@ def test_closing_an_engine_finishes_transfers_already_started(tmp_path: Path) ->
     assert future.done()
     future.wait()
     assert (tmp_path / "t").read_bytes() == data.numpy().tobytes()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.write(data, tmp_path / "t2")

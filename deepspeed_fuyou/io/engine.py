@@ -187,6 +187,8 @@ class IOEngine:
         stripe_size: int | None,
         copy_back_to: torch.Tensor | None,
     ) -> IOFuture:
+        if self._engine is None:
+            raise RuntimeError("this IOEngine is closed")
         paths = [os.fspath(path)] if isinstance(path, str | os.PathLike) else [os.fspath(p) for p in path]
         stripe = self.options.block_size if stripe_size is None else stripe_size
         request = self._engine.submit(is_write, paths, stripe, tensor, offset)
