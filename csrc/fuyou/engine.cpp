@@ -17,10 +17,13 @@ namespace fuyou {
 // ---------------------------------------------------------------------------------------------------------------
 // Request
 
-Request::~Request() {
+Request::~Request() { close_files(); }
+
+void Request::close_files() {
   for (FileHandle& f : files_) {
     if (f.direct_fd >= 0) ::close(f.direct_fd);
     if (f.buffered_fd >= 0) ::close(f.buffered_fd);
+    f.direct_fd = f.buffered_fd = -1;
   }
 }
 
@@ -52,11 +55,7 @@ void Request::fail(IOError err) {
 void Request::block_finished() {
   if (pending_.fetch_sub(1) != 1) return;
   // Last piece: nothing uses the descriptors any more, so close them now rather than when the handle is dropped.
-  for (FileHandle& f : files_) {
-    if (f.direct_fd >= 0) ::close(f.direct_fd);
-    if (f.buffered_fd >= 0) ::close(f.buffered_fd);
-    f.direct_fd = f.buffered_fd = -1;
-  }
+  close_files();
   keep_alive_.reset();  // e.g. hands a pinned buffer back to its pool as soon as the transfer is over
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -62,6 +62,7 @@ class Request {
   void add_blocks(int64_t n) { pending_.fetch_add(n); }
   void fail(IOError err);  // first error wins
   void block_finished();
+  void close_files();
   bool failed() const { return failed_.load(std::memory_order_relaxed); }
 
   Op op_;
