@@ -192,11 +192,12 @@ def _device_pipeline(
 ) -> dict[str, float]:
     """SSD -> device through DeviceTransfer, and its two ceilings measured the same way in the same run."""
     device = torch.device(settings.device)
+    size = data.numel()
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     paths = space.files("fuyou.bin")
     engine.write(data, paths).wait()
-    target = torch.empty(settings.size, dtype=torch.uint8, device=device)
-    transfer = DeviceTransfer(engine, pool, chunk_size=min(64 << 20, settings.size))
+    target = torch.empty(size, dtype=torch.uint8, device=device)
+    transfer = DeviceTransfer(engine, pool, chunk_size=min(64 << 20, size))
 
     def ssd_read() -> None:
         engine.read(staged, paths).wait()
@@ -213,7 +214,7 @@ def _device_pipeline(
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(settings.repeat):
         for name, step in steps.items():
-            samples[name].append(_throughput(step, settings.size))
+            samples[name].append(_throughput(step, size))
     if not torch.equal(target.cpu(), data):
         raise AssertionError("the SSD -> device pipeline delivered wrong bytes")
     ssd, h2d, load = (statistics.median(samples[k]) for k in ("ssd_read", "h2d", "load"))
@@ -231,7 +232,6 @@ def run(settings: BenchSettings) -> dict[str, object]:
     size = settings.size // (ALIGNMENT * len(settings.paths)) * ALIGNMENT * len(settings.paths)
     if size <= 0:
         raise ValueError(f"--size must be at least {format_size(ALIGNMENT * len(settings.paths))}")
-    settings.size = size
     report: dict[str, object] = {
         "size_bytes": size,
         "paths": settings.paths,

@@ -9,6 +9,7 @@ view is gone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -85,11 +86,7 @@ class PinnedPool:
         self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, timeout: float | None = None
     ) -> torch.Tensor:
         """A pooled buffer viewed as a tensor of `shape` and `dtype`."""
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return self.acquire(numel * itemsize, timeout).view(dtype).view(shape)
+        return self.acquire(math.prod(shape) * dtype.itemsize, timeout).view(dtype).view(shape)
 
     def stats(self) -> PoolStats:
         return PoolStats(**self._pool.stats())
