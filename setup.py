@@ -6,6 +6,8 @@ toolkit and a CUDA build of torch are both present; `FUYOU_FORCE_CPU=1` skips it
 """
 
 import os
+import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -47,6 +49,14 @@ def build_extension() -> cpp_extension.CppExtension:
     return cpp_extension.CppExtension("deepspeed_fuyou._C", **args)
 
 
+def site_packages_relative() -> str:
+    """Where `.pth` files take effect, relative to the install prefix (e.g. lib/python3.11/site-packages).
+
+    Shipped as data, the import hook lands there for regular and editable installs alike.
+    """
+    return os.path.relpath(sysconfig.get_path("purelib"), sys.prefix)
+
+
 setup(
     name="deepspeed-fuyou",
     version="0.1.0",
@@ -56,11 +66,13 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["deepspeed_fuyou", "deepspeed_fuyou.*"]),
     ext_modules=[build_extension()],
+    data_files=[(site_packages_relative(), ["deepspeed_fuyou-hook.pth"])],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.19.8,<0.20",
         "transformers>=4.45",
+        "accelerate>=1.1",
         "libaio>=0.9",
         "pydantic>=2.5",
     ],

@@ -32,3 +32,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$sources_hash" ] || ! .venv/bin/python -c
   pip install -q --no-build-isolation -e '.[test]'
   echo "$sources_hash" > "$stamp"
 fi
+
+# The import hook that registers fuyou when `deepspeed` is imported. A regular install ships it as data; an
+# editable install (this one) does not carry data files, so it is placed here.
+cp deepspeed_fuyou-hook.pth "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/"

@@ -1,0 +1,133 @@
+"""The one place where fuyou hooks into DeepSpeed.
+
+DeepSpeed looks up two names at call time, and these are the only two we replace:
+- `deepspeed.runtime.zero.partition_parameters.AsyncPartitionedParameterSwapper`, which `zero.Init` calls to build
+  the parameter swapper (both when a model is built under `zero.Init` and when stage 3 converts a finished model);
+- `deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3`, which the engine imports inside
+  `_configure_zero_optimizer` to build the ZeRO-3 optimizer.
+Each replacement is a factory that looks at the config it is given: with a `"fuyou"` block it builds ours, without
+one it builds DeepSpeed's own class with the same arguments, so stock configs run exactly as before.
+
+`register()` is idempotent. It runs from the import hook that the package installs (`deepspeed_fuyou-hook.pth`,
+active when `deepspeed` is imported, off with `FUYOU_DISABLE=1`), from `import deepspeed_fuyou.integration`, and
+from `deepspeed_fuyou.initialize`. `check_deepspeed_internals()` asserts every DeepSpeed name and signature this
+module and the swappers rely on; the test suite runs it, so a DeepSpeed upgrade that moves them fails loudly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import deepspeed
+import torch._dynamo  # noqa: F401  (see register(): must be imported before zero.Init patches Tensor.__new__)
+
+# SuperOffload subclasses the stage-3 class it finds at its first import: bind it to DeepSpeed's before we replace it.
+from deepspeed.runtime.superoffload import superoffload_stage3  # noqa: F401
+from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartitionedParameterSwapper
+from deepspeed.runtime.zero import partition_parameters, stage3
+from packaging.version import Version
+
+from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.errors import FuyouError
+from deepspeed_fuyou.swap.param_swapper import FuyouParamSwapper
+from deepspeed_fuyou.swap.runtime import SwapRuntime
+from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
+
+SUPPORTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))  # [low, high): the versions whose internals we checked
+
+STOCK_PARAM_SWAPPER = AsyncPartitionedParameterSwapper
+STOCK_STAGE3 = stage3.DeepSpeedZeroOptimizer_Stage3
+
+
+def parameter_swapper(ds_config: Any, model_dtype: Any) -> Any:
+    """Factory in place of `AsyncPartitionedParameterSwapper(ds_config, model_dtype)` inside `zero.Init`."""
+    config = FuyouConfig.from_ds_config(ds_config._param_dict)
+    if config is None:
+        return STOCK_PARAM_SWAPPER(ds_config, model_dtype)
+    return FuyouParamSwapper(SwapRuntime.for_config(config), model_dtype)
+
+
+def zero3_optimizer(module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> Any:
+    """Factory in place of `DeepSpeedZeroOptimizer_Stage3(...)` inside the engine."""
+    has_block = FuyouConfig.from_ds_config(kwargs["ds_config"]) is not None
+    optimizer_class = FuyouZeroOptimizer if has_block else STOCK_STAGE3
+    return optimizer_class(module, init_optimizer, param_names, *args, **kwargs)
+
+
+def check_deepspeed_version(version: str = deepspeed.__version__) -> None:
+    low, high = SUPPORTED_DEEPSPEED
+    if not low <= Version(version) < high:
+        raise FuyouError(
+            f"DeepSpeed {version} is outside the range deepspeed-fuyou supports ({low} <= version < {high}): "
+            f"install deepspeed>={low},<{high}, or set FUYOU_DISABLE=1 to run stock DeepSpeed"
+        )
+
+
+def check_deepspeed_internals() -> None:
+    """Raises FuyouError naming the first DeepSpeed internal that no longer looks as this module expects."""
+    expectations = {
+        "zero.Init builds its swapper by the module-global name": "AsyncPartitionedParameterSwapper("
+        in inspect.getsource(partition_parameters.Init.__init__),
+        "the engine imports stage 3 at call time": (
+            "from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3"
+        )
+        in inspect.getsource(deepspeed.runtime.engine.DeepSpeedEngine._configure_zero_optimizer),
+        "stage 3 builds its optimizer swapper in _configure_tensor_swapping": "self._configure_tensor_swapping("
+        in inspect.getsource(STOCK_STAGE3.__init__),
+        "stage 3 pins NVMe parameters in CPU memory through max_params_in_cpu": "self.max_params_in_cpu"
+        in inspect.getsource(STOCK_STAGE3._create_param_groups_fp16_flat_cpu_memory),
+        "load_checkpoint restores NVMe optimizer state through reset_swap_buffers": "reset_swap_buffers()"
+        in inspect.getsource(deepspeed.runtime.engine.DeepSpeedEngine.load_checkpoint),
+        "save_checkpoint copies optimizer_swapper.swap_folder": "optimizer_swapper.swap_folder"
+        in inspect.getsource(deepspeed.runtime.engine.DeepSpeedEngine.save_checkpoint),
+    }
+    for method in (
+        "checkpoint_event_prologue",
+        "checkpoint_event_epilogue",
+        "reset_swap_buffers",
+        "_configure_offloading",
+    ):
+        expectations[f"stage 3 has {method}"] = hasattr(STOCK_STAGE3, method)
+    for method in (
+        "swappable_tensor",
+        "get_buffer",
+        "swap_out_and_release",
+        "swap_in",
+        "synchronize_reads",
+        "available_swap_in_buffers",
+        "remove_partition_and_release_buffers",
+        "swap_into_buffer",
+        "reserve_partitioned_swap_space",
+        "swap_out_partitioned_params",
+    ):
+        expectations[f"the parameter swapper interface has {method}"] = hasattr(STOCK_PARAM_SWAPPER, method)
+    for name, holds in expectations.items():
+        if not holds:
+            raise FuyouError(f"DeepSpeed {deepspeed.__version__} changed: expected that {name}")
+
+
+def register() -> None:
+    """Installs both factories (idempotent). Raises FuyouError on a DeepSpeed this version does not support."""
+    check_deepspeed_version()
+    partition_parameters.AsyncPartitionedParameterSwapper = parameter_swapper
+    stage3.DeepSpeedZeroOptimizer_Stage3 = zero3_optimizer
+
+
+def unregister() -> None:
+    """Puts DeepSpeed's own classes back (for tests that compare against stock in one process)."""
+    partition_parameters.AsyncPartitionedParameterSwapper = STOCK_PARAM_SWAPPER
+    stage3.DeepSpeedZeroOptimizer_Stage3 = STOCK_STAGE3
+
+
+def is_registered() -> bool:
+    return stage3.DeepSpeedZeroOptimizer_Stage3 is zero3_optimizer
+
+
+def initialize(*args: Any, **kwargs: Any) -> Any:
+    """Drop-in for `deepspeed.initialize`: registers fuyou, then calls it with the same arguments."""
+    register()
+    return deepspeed.initialize(*args, **kwargs)
+
+
+register()

@@ -1,0 +1,151 @@
+"""The parameter swapper: ZeRO-3 partitions of low-precision parameters between the SSD and pinned host buffers.
+
+It answers the calls DeepSpeed makes on `AsyncPartitionedParameterSwapper` (zero.Init, the prefetch coordinator,
+stage 3's optimizer), with three differences users feel:
+- buffers come from the one pinned budget, sized per partition: no `buffer_count` / `buffer_size`, no
+  "not enough buffers" assertion, any partition size (the engine aligns, files hold exactly the partition's bytes);
+- files are striped over `fuyou.nvme_paths` inside our private swap directories (0600, removed at exit), so a second
+  `zero.Init` never deletes the files of the first;
+- every short read or failed write is a FuyouIOError naming the file.
+
+The state contract is DeepSpeed's: `ds_tensor` objects stay, only their `.data` moves; `ds_tensor.status` is
+DeepSpeed's own `PartitionedParamStatus`; while a partition is on the SSD its data is a 0-dim placeholder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+
+from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
+from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned
+
+# Share of the pinned budget that parameter reads in flight may hold; the rest stays for optimizer sub-groups
+# and write-back staging, which run while prefetched parameters are still held.
+PREFETCH_SHARE = 0.5
+
+
+class FuyouParamSwapper:
+    """Swaps partitions of one dtype; one instance per `zero.Init`, all sharing the process's `SwapRuntime`."""
+
+    def __init__(self, runtime: SwapRuntime, dtype: torch.dtype) -> None:
+        self.runtime = runtime
+        self.dtype = dtype
+        self.placeholder = torch.empty((), dtype=dtype)
+        self._numel: dict[int, int] = {}  # ds_id -> partition numel, for every partition with a file
+        self._buffers: dict[int, torch.Tensor] = {}  # ds_id -> pooled buffer holding the partition in memory
+        self._reads: dict[int, tuple[torch.nn.Parameter, IOFuture]] = {}  # ds_id -> read in flight
+        self._largest_nbytes = ALIGNMENT
+
+    # -- what zero.Init calls while it partitions a freshly built module -------------------------------------------
+
+    def swappable_tensor(self, param: torch.nn.Parameter | None = None, numel: int | None = None) -> bool:
+        """Partitions of at least one page go to the SSD; smaller ones would cost a file and an I/O for nothing."""
+        numel = param.ds_tensor.ds_numel if numel is None else numel
+        return numel * self.dtype.itemsize >= ALIGNMENT
+
+    def get_buffer(self, param: torch.nn.Parameter, numel: int) -> torch.Tensor:
+        """A pinned buffer for a partition about to be filled and then swapped out with `swap_out_and_release`."""
+        self._numel[param.ds_id] = numel
+        self._largest_nbytes = max(self._largest_nbytes, aligned(numel * self.dtype.itemsize))
+        return self._hold(param, numel)
+
+    def swap_out_and_release(
+        self, params: Iterable[torch.nn.Parameter], async_op: bool = False, force_buffer_release: bool = False
+    ) -> None:
+        """Writes each partition from its buffer to its file, then frees the buffers.
+
+        The write is always complete on return: the caller may modify or free the data next, and a failure must
+        surface here, at the step that caused it.
+        """
+        params = list(params)
+        for param in params:
+            self.runtime.write(self._view(param), self._file(param), keep=self._buffers[param.ds_id])
+        self.runtime.flush()
+        self.remove_partition_and_release_buffers(params)
+
+    # -- forward / backward: the prefetch coordinator -------------------------------------------------------------
+
+    def swap_in(
+        self, params: Iterable[torch.nn.Parameter], async_op: bool = True, swap_in_buffers: object = None
+    ) -> None:
+        """Starts reading each partition into a fresh pooled buffer; with `async_op=False` also waits for them.
+
+        The prefetch coordinator walks its trace, where a parameter used twice (tied weights) appears twice: a
+        partition already being read is not read again.
+        """
+        for param in params:
+            if param.ds_id in self._reads:
+                continue
+            status = param.ds_tensor.status
+            if status != PartitionedParamStatus.NOT_AVAILABLE:
+                raise RuntimeError(f"fuyou: swap_in of parameter {param.ds_id} whose partition is {status}")
+            self._hold(param, self._numel[param.ds_id])
+            future = self.runtime.read(self._view(param), self._file(param))
+            self._reads[param.ds_id] = (param, future)
+            param.ds_tensor.status = PartitionedParamStatus.INFLIGHT
+        if not async_op:
+            self.synchronize_reads()
+
+    def synchronize_reads(self) -> None:
+        """Waits for every read in flight and makes those partitions available."""
+        reads, self._reads = self._reads, {}
+        for param, future in reads.values():
+            future.wait()
+            param.ds_tensor.data = self._view(param)
+            param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+
+    def available_swap_in_buffers(self) -> int:
+        """How many more partitions the coordinator may prefetch: the parameter share of the budget, in partitions."""
+        held = sum(buffer.numel() for buffer in self._buffers.values())
+        room = int(self.runtime.pool.budget * PREFETCH_SHARE) - held
+        return max(0, room // self._largest_nbytes)
+
+    def remove_partition_and_release_buffers(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Drops the in-memory copy (the file stays valid; nothing changed in forward or backward)."""
+        for param in params:
+            read = self._reads.pop(param.ds_id, None)
+            if read is not None:
+                read[1].wait()  # the engine may still write into the buffer: never hand it back before the end
+            self._buffers.pop(param.ds_id, None)
+            param.ds_tensor.data = self.placeholder
+            param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
+
+    # -- stage 3's optimizer ----------------------------------------------------------------------------------------
+
+    def swap_into_buffer(self, param: torch.nn.Parameter, dest_buffer: torch.Tensor) -> None:
+        """Reads a partition straight into a caller's buffer (stage 3 moving it to CPU memory for good)."""
+        view = dest_buffer.narrow(0, 0, self._numel[param.ds_id])
+        self.runtime.read(view, self._file(param)).wait()
+        param.ds_tensor.data = view.data
+        param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+
+    def reserve_partitioned_swap_space(self, partition_num_elems: list[int]) -> None:
+        """Stock DeepSpeed allocates a dedicated write-back buffer here; ours are drawn from the pool per write."""
+
+    def swap_out_partitioned_params(
+        self, dst_fp16_params: list[torch.nn.Parameter], src_fp32_params: list[torch.Tensor]
+    ) -> None:
+        """Writes updated master weights, cast to the parameter dtype, into the partitions' files."""
+        for param, master in zip(dst_fp16_params, src_fp32_params, strict=True):
+            numel = self._numel[param.ds_id]
+            staging = self.runtime.staging(numel * self.dtype.itemsize)
+            low = staging.view(self.dtype).narrow(0, 0, numel)
+            low.copy_(master.reshape(-1)[:numel])
+            self.runtime.write(low, self._file(param), keep=staging)
+        self.runtime.flush()
+
+    # -- internals ------------------------------------------------------------------------------------------------
+
+    def _hold(self, param: torch.nn.Parameter, numel: int) -> torch.Tensor:
+        """Assigns `param` a pooled buffer for `numel` elements and returns the partition's view of it."""
+        self._buffers[param.ds_id] = self.runtime.staging(numel * self.dtype.itemsize)
+        return self._view(param)
+
+    def _view(self, param: torch.nn.Parameter) -> torch.Tensor:
+        return self._buffers[param.ds_id].view(self.dtype).narrow(0, 0, self._numel[param.ds_id])
+
+    def _file(self, param: torch.nn.Parameter) -> str:
+        return f"param-{param.ds_id}"

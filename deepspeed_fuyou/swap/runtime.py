@@ -1,0 +1,115 @@
+"""What the parameter and optimizer swappers of one process share: the I/O engine, the pinned pool, the swap space.
+
+Both swappers draw staging buffers from one budget. A buffer that backs a write in flight cannot be reused until the
+write ends, so a swapper that needs room first waits for the oldest writes rather than for the pool's timeout: the
+pool never deadlocks on buffers that only our own unfinished writes hold.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.config.sizes import format_size
+from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
+from deepspeed_fuyou.io.pinned import PinnedPool
+from deepspeed_fuyou.io.swap_space import SwapSpace
+
+log = logging.getLogger(__name__)
+
+
+def aligned(nbytes: int) -> int:
+    """`nbytes` rounded up to the I/O alignment, the size of a staging buffer that holds them."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+@dataclass
+class SwapCounters:
+    """Bytes each direction moved through the swap files, for benchmarks and logs."""
+
+    bytes_written: int = 0
+    bytes_read: int = 0
+
+
+class SwapRuntime:
+    """One per process and distinct `"fuyou"` block; created on first use, closed at exit."""
+
+    _instances: dict[FuyouConfig, SwapRuntime] = {}  # noqa: RUF012 (process-wide registry)
+
+    def __init__(self, config: FuyouConfig) -> None:
+        self.config = config
+        self.pool = PinnedPool(config.pinned_memory)
+        self.engine = IOEngine(config.io)
+        self.space = SwapSpace([str(p) for p in config.nvme_paths])
+        self.counters = SwapCounters()
+        self._writes: collections.deque[tuple[IOFuture, object]] = collections.deque()
+        log.info(
+            "fuyou: swapping to %s with %s I/O, pinned budget %s",
+            ", ".join(str(d) for d in self.space.dirs),
+            self.engine.backend,
+            format_size(config.pinned_memory),
+        )
+
+    @classmethod
+    def for_config(cls, config: FuyouConfig) -> SwapRuntime:
+        runtime = cls._instances.get(config)
+        if runtime is None:
+            runtime = cls._instances[config] = cls(config)
+        return runtime
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Waits for outstanding writes and removes every swap directory (also run at interpreter exit)."""
+        for runtime in cls._instances.values():
+            runtime.close()
+        cls._instances.clear()
+
+    def files(self, name: str) -> list[str]:
+        return self.space.files(name)
+
+    def staging(self, nbytes: int) -> torch.Tensor:
+        """A pooled uint8 buffer of at least `nbytes`, aligned; waits for our own writes first when the pool is full."""
+        need = aligned(max(nbytes, 1))
+        self._reap()
+        while self._writes and self.pool.budget - self.pool.stats().in_use < need:
+            self._wait_oldest()
+        return self.pool.acquire(need)
+
+    def write(self, tensor: torch.Tensor, name: str, offset: int = 0, keep: object = None) -> IOFuture:
+        """Starts writing `tensor` into logical file `name`; `keep` (e.g. its staging buffer) lives until it ends."""
+        future = self.engine.write(tensor, self.files(name), offset)
+        self.counters.bytes_written += tensor.numel() * tensor.element_size()
+        self._writes.append((future, keep))
+        return future
+
+    def read(self, tensor: torch.Tensor, name: str, offset: int = 0) -> IOFuture:
+        self.counters.bytes_read += tensor.numel() * tensor.element_size()
+        return self.engine.read(tensor, self.files(name), offset)
+
+    def flush(self) -> None:
+        """Waits for every write in flight; raises the first failure as FuyouIOError."""
+        while self._writes:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, _ = self._writes.popleft()
+        future.wait()
+
+    def _reap(self) -> None:
+        while self._writes and self._writes[0][0].done():
+            self._wait_oldest()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.engine.close()
+            self.space.close()
+
+
+atexit.register(SwapRuntime.close_all)

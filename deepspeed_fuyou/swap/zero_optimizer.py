@@ -1,0 +1,68 @@
+"""Our ZeRO-3 optimizer: DeepSpeed's stage 3 with fuyou's swappers and host-memory bounds.
+
+Only what differs is overridden (DeepSpeed's `SuperOffloadOptimizer_Stage3` is the precedent):
+- `_configure_tensor_swapping` builds `FuyouOptimizerSwapper` instead of DeepSpeed's swappers;
+- `_configure_offloading` keeps NVMe-offloaded parameters on the SSD: stock stage 3 moves up to `max_in_cpu`
+  (1e9) elements of them into a pinned host copy for good, which is why its host memory grows with the model;
+- sub-groups are capped so that three of them (prefetch, step, write-back) fit in the pinned budget;
+- checkpoints export and import our striped state through the folder DeepSpeed copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
+from deepspeed_fuyou.swap.param_swapper import PREFETCH_SHARE
+from deepspeed_fuyou.swap.runtime import SwapRuntime
+
+# Tensors a sub-group holds in flight per element: master, two Adam moments and the gradient, for the sub-group
+# being prefetched, the one being stepped and the one being written back.
+_SUBGROUP_TENSORS_IN_FLIGHT = 3 * 4
+
+
+def sub_group_cap(config: FuyouConfig, master_itemsize: int = 4) -> int:
+    """The largest sub-group (in elements) whose pipelined swap fits in the optimizer's share of the budget."""
+    share = int(config.pinned_memory * (1 - PREFETCH_SHARE))
+    return max(1, share // (_SUBGROUP_TENSORS_IN_FLIGHT * master_itemsize))
+
+
+class FuyouZeroOptimizer(DeepSpeedZeroOptimizer_Stage3):
+    """Stage 3 for configs with a `"fuyou"` block (the registration picks stock stage 3 for all others)."""
+
+    def __init__(self, module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> None:
+        # Set before the base constructor: it calls the overridden methods below.
+        self.fuyou_config = FuyouConfig.from_ds_config(kwargs["ds_config"])
+        self.fuyou_runtime = SwapRuntime.for_config(self.fuyou_config)
+        kwargs["sub_group_size"] = min(kwargs.get("sub_group_size", 10**12), sub_group_cap(self.fuyou_config))
+        super().__init__(module, init_optimizer, param_names, *args, **kwargs)
+
+    def _configure_offloading(self, offload_optimizer_config: Any, offload_param_config: Any) -> None:
+        super()._configure_offloading(offload_optimizer_config, offload_param_config)
+        self.max_params_in_cpu = 0
+
+    def _configure_tensor_swapping(self, offload_optimizer_config: Any, aio_config: Any) -> None:
+        self.optimizer_swapper = FuyouOptimizerSwapper(
+            self.fuyou_runtime,
+            self.optimizer,
+            self.master_weights_and_grads_dtype,
+            pipelined=self.fuyou_config.optimizer.pipelined,
+        )
+
+    def checkpoint_event_prologue(self) -> None:
+        super().checkpoint_event_prologue()
+        if self.swap_optimizer:
+            self.optimizer_swapper.export_checkpoint()
+
+    def reset_swap_buffers(self) -> None:
+        """Called by `load_checkpoint` after it copied the checkpoint's files into `swap_folder`."""
+        self.optimizer_swapper.import_checkpoint()
+        super().reset_swap_buffers()
+
+    def checkpoint_event_epilogue(self) -> None:
+        super().checkpoint_event_epilogue()
+        if self.swap_optimizer:
+            self.optimizer_swapper.discard_export()

@@ -1,0 +1,148 @@
+"""Fine-tunes a Hugging Face causal LM with DeepSpeed ZeRO-3 and the `"fuyou"` block: the project's main job.
+
+    deepspeed scripts/finetune.py --deepspeed_config configs/fuyou_cpu.json [--model DIR] [--data FILE] [--steps N]
+
+The script is an ordinary DeepSpeed training script: nothing in it is specific to fuyou, which registers itself when
+`deepspeed` is imported (the installed import hook). The same script with a config without `"fuyou"` runs stock
+DeepSpeed; the tests compare the two on identical seeds and data.
+
+Model: a `config.json` directory (random init, seeded; the default is `configs/models/llama-tiny`) or a local model
+directory with weights. Nothing is downloaded. Text: `data/corpus.txt` or a local file; without a tokenizer in the
+model directory, bytes are the tokens (the shipped configs have a 256-entry vocabulary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "configs" / "models" / "llama-tiny")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "corpus.txt")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps to run in total")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--output-dir", type=Path, default=Path("checkpoints"), help="where checkpoints go")
+    parser.add_argument("--save-at", type=int, action="append", default=[], help="also save after this step")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    parser.add_argument("--metrics", type=Path, help="write losses and throughput as JSON here (rank 0)")
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    parser = deepspeed.add_config_arguments(parser)
+    return parser.parse_args()
+
+
+def build_model(model_dir: Path, ds_config: dict) -> torch.nn.Module:
+    """Random init from config.json, or weights from a local model directory; partitioned as it is built.
+
+    `HfDeepSpeedConfig` makes transformers construct the model under `zero.Init` (parameters go straight to their
+    ZeRO-3 partitions, and with NVMe offload to the SSD) and gather them for its weight initialisation.
+    """
+    config = AutoConfig.from_pretrained(model_dir)
+    has_weights = any(model_dir.glob("*.safetensors")) or any(model_dir.glob("pytorch_model*.bin"))
+    if has_weights:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def tokenize(model_dir: Path, text: str, vocab_size: int) -> torch.Tensor:
+    if (model_dir / "tokenizer_config.json").exists():
+        return torch.tensor(AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"])
+    if vocab_size < 256:
+        raise SystemExit(f"{model_dir} has no tokenizer and a vocabulary of {vocab_size} < 256 bytes")
+    return torch.tensor(list(text.encode()), dtype=torch.long)
+
+
+class Batches:
+    """Seeded random windows of the token stream; rank r of n takes every n-th micro-batch of one shared order."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, micro_batch: int, seed: int, rank: int, world: int):
+        if tokens.numel() <= seq_len:
+            raise SystemExit(f"the text has {tokens.numel()} tokens; --seq-len {seq_len} needs more")
+        self.tokens, self.seq_len, self.micro_batch = tokens, seq_len, micro_batch
+        self.rank, self.world = rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def micro_batch_at(self, index: int) -> torch.Tensor:
+        """The `index`-th micro-batch of this rank: deterministic, so a resumed run sees the same data."""
+        generator = torch.Generator().manual_seed(self.generator.initial_seed() + index * self.world + self.rank)
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (self.micro_batch,), generator=generator)
+        return torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()])
+
+
+def memory_report() -> dict[str, int]:
+    """Peak RSS of this process and the pinned bytes fuyou's pool holds (0 under stock DeepSpeed)."""
+    from deepspeed_fuyou.swap.runtime import SwapRuntime
+
+    pinned = sum(runtime.pool.stats().peak_reserved for runtime in SwapRuntime._instances.values())
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "pinned_peak_bytes": pinned}
+
+
+def main() -> None:
+    args = parse_args()
+    ds_config = json.loads(Path(args.deepspeed_config).read_text())
+    deepspeed.init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(args.seed)
+
+    hf_deepspeed = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while the model is built)
+    model = build_model(args.model, ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+    tokens = tokenize(args.model, args.data.read_text(), model.config.vocab_size)
+    batches = Batches(tokens, args.seq_len, engine.train_micro_batch_size_per_gpu(), args.seed, rank, world)
+    accumulation = engine.gradient_accumulation_steps()
+
+    first_step = 0
+    if args.resume:
+        _, client_state = engine.load_checkpoint(str(args.output_dir))
+        first_step = client_state["step"]
+
+    losses: list[float] = []
+    tokens_per_step = args.seq_len * engine.train_micro_batch_size_per_gpu() * accumulation * world
+    progress = tqdm(range(first_step, args.steps), disable=rank != 0, desc="fine-tune", unit="step")
+    start = time.perf_counter()
+    for step in progress:
+        step_loss = 0.0
+        for micro in range(accumulation):
+            input_ids = batches.micro_batch_at(step * accumulation + micro).to(engine.device)
+            loss = engine(input_ids=input_ids, labels=input_ids).loss
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / accumulation
+        losses.append(step_loss)
+        elapsed = time.perf_counter() - start
+        memory = memory_report()
+        progress.set_postfix(
+            loss=f"{step_loss:.4f}",
+            tok_s=f"{tokens_per_step * len(losses) / elapsed:.0f}",
+            rss=f"{memory['peak_rss_bytes'] / 2**30:.2f}GiB",
+            pinned=f"{memory['pinned_peak_bytes'] / 2**20:.0f}MiB",
+        )
+        if step + 1 in args.save_at and step + 1 != args.steps:
+            engine.save_checkpoint(str(args.output_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
+    engine.save_checkpoint(str(args.output_dir), tag=f"step{args.steps}", client_state={"step": args.steps})
+
+    if rank == 0:
+        tokens_per_s = tokens_per_step * len(losses) / (time.perf_counter() - start) if losses else 0.0
+        summary = {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s, **memory_report()}
+        print(json.dumps(summary))
+        if args.metrics:
+            args.metrics.write_text(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
