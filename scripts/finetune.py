@@ -84,11 +84,16 @@ class Batches:
 
 
 def memory_report() -> dict[str, int]:
-    """Peak RSS of this process and the pinned bytes fuyou's pool holds (0 under stock DeepSpeed)."""
+    """Peak RSS of this process, and the pinned peak and SSD traffic of fuyou's runtimes (0 under stock DeepSpeed)."""
     from deepspeed_fuyou.swap.runtime import SwapRuntime
 
-    pinned = sum(runtime.pool.stats().peak_reserved for runtime in SwapRuntime._instances.values())
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "pinned_peak_bytes": pinned}
+    runtimes = list(SwapRuntime._instances.values())
+    return {
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "pinned_peak_bytes": sum(runtime.pool.stats().peak_reserved for runtime in runtimes),
+        "ssd_bytes_read": sum(runtime.counters.bytes_read for runtime in runtimes),
+        "ssd_bytes_written": sum(runtime.counters.bytes_written for runtime in runtimes),
+    }
 
 
 def main() -> None:

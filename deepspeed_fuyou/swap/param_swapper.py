@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import torch
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned
@@ -37,6 +38,7 @@ class FuyouParamSwapper:
         self._numel: dict[int, int] = {}  # ds_id -> partition numel, for every partition with a file
         self._buffers: dict[int, torch.Tensor] = {}  # ds_id -> pooled buffer holding the partition in memory
         self._reads: dict[int, tuple[torch.nn.Parameter, IOFuture]] = {}  # ds_id -> read in flight
+        self._deferred: dict[int, torch.nn.Parameter] = {}  # ds_id -> release asked while its gather was in flight
         self._largest_nbytes = ALIGNMENT
 
     # -- what zero.Init calls while it partitions a freshly built module -------------------------------------------
@@ -76,6 +78,7 @@ class FuyouParamSwapper:
         The prefetch coordinator walks its trace, where a parameter used twice (tied weights) appears twice: a
         partition already being read is not read again.
         """
+        self._release_deferred()
         for param in params:
             if param.ds_id in self._reads:
                 continue
@@ -104,14 +107,32 @@ class FuyouParamSwapper:
         return max(0, room // self._largest_nbytes)
 
     def remove_partition_and_release_buffers(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Drops the in-memory copy (the file stays valid; nothing changed in forward or backward)."""
+        """Drops the in-memory copy (the file stays valid; nothing changed in forward or backward).
+
+        DeepSpeed releases persistent parameters right after *starting* their all-gather. On the CPU accelerator
+        that gather reads `ds_tensor` itself, not a device copy, so replacing its data now would feed the gather
+        a placeholder: such releases wait until the gather has completed.
+        """
+        self._release_deferred()
         for param in params:
-            read = self._reads.pop(param.ds_id, None)
-            if read is not None:
-                read[1].wait()  # the engine may still write into the buffer: never hand it back before the end
-            self._buffers.pop(param.ds_id, None)
-            param.ds_tensor.data = self.placeholder
-            param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
+            if param.ds_status == ZeroParamStatus.INFLIGHT:
+                self._deferred[param.ds_id] = param
+            else:
+                self._release(param)
+
+    def _release_deferred(self) -> None:
+        for ds_id, param in list(self._deferred.items()):
+            if param.ds_status != ZeroParamStatus.INFLIGHT:
+                del self._deferred[ds_id]
+                self._release(param)
+
+    def _release(self, param: torch.nn.Parameter) -> None:
+        read = self._reads.pop(param.ds_id, None)
+        if read is not None:
+            read[1].wait()  # the engine may still write into the buffer: never hand it back before the end
+        self._buffers.pop(param.ds_id, None)
+        param.ds_tensor.data = self.placeholder
+        param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
 
     # -- stage 3's optimizer ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,157 @@
+"""The `"fuyou"` block under real DeepSpeed: which classes run, and that training is unchanged by them.
+
+Every run here is `scripts/finetune.py` (the main job) started by the `deepspeed` launcher on the CPU accelerator,
+through `tests/programs/guarded_finetune.py`, which makes the other side's swap classes raise when constructed: a
+fuyou run that completes built none of DeepSpeed's swappers, a stock run built none of ours. Losses of fuyou,
+stock ZeRO-3 with CPU offload and stock ZeRO-Infinity (NVMe) must agree for the same seed and data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
+FUYOU_CONFIG = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
+STEPS = 10
+REL_TOL = 1e-5
+
+Config = dict[str, Any]
+
+
+def config_for(kind: str, root: Path, **top_level: Any) -> Config:
+    """The shipped CPU config as fuyou (striped over two directories), stock CPU offload or stock NVMe offload."""
+    config = copy.deepcopy(FUYOU_CONFIG)
+    config.update(top_level)
+    zero = config["zero_optimization"]
+    if kind == "fuyou":
+        stripes = [root / "ssd0", root / "ssd1"]
+        for stripe in stripes:
+            stripe.mkdir(parents=True, exist_ok=True)
+        config["fuyou"]["nvme_paths"] = [str(s) for s in stripes]
+        for offload in ("offload_param", "offload_optimizer"):
+            zero[offload]["nvme_path"] = str(stripes[0])
+        return config
+    del config["fuyou"]
+    if kind == "stock-cpu":
+        zero["offload_param"] = {"device": "cpu"}
+        zero["offload_optimizer"] = {"device": "cpu"}
+    elif kind == "stock-nvme":
+        swap = root / "stock-swap"
+        swap.mkdir(parents=True, exist_ok=True)
+        # the buffer settings stock needs to run this model at all (its defaults fail with "not enough buffers")
+        zero["offload_param"] = {"device": "nvme", "nvme_path": str(swap), "buffer_count": 8, "buffer_size": 10**6}
+        zero["offload_optimizer"] = {"device": "nvme", "nvme_path": str(swap)}
+    else:
+        raise ValueError(kind)
+    return config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def finetune(config: Config, workdir: Path, *args: str, ranks: int = 1) -> dict[str, Any]:
+    """Runs the main job with the `deepspeed` launcher; the side the config does not select may not be built."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "ds_config.json"
+    config_path.write_text(json.dumps(config))
+    metrics = workdir / "metrics.json"
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(GUARDED)]
+    command += ["--deepspeed_config", str(config_path), "--metrics", str(metrics)]
+    command += ["--output-dir", str(workdir / "checkpoints"), *args]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "FORBID": "stock" if "fuyou" in config else "fuyou"}
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"finetune failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    return json.loads(metrics.read_text())
+
+
+def assert_losses_equal(actual: list[float], expected: list[float]) -> None:
+    assert len(actual) == len(expected)
+    assert actual == pytest.approx(expected, rel=REL_TOL), f"{actual}\n!=\n{expected}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Any]]:
+    """Runs by (kind, variant), each once per module: several tests compare the same reference runs."""
+    root = tmp_path_factory.mktemp("finetune")
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    variants: dict[str, tuple[dict[str, Any], int]] = {
+        "base": ({}, 1),
+        "accumulation": ({"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 1}, 1),
+        "tight-clipping": ({"gradient_clipping": 1e-4}, 1),
+        "two-ranks": ({"train_micro_batch_size_per_gpu": 1}, 2),
+    }
+
+    def run(kind: str, variant: str) -> dict[str, Any]:
+        if (kind, variant) not in done:
+            overrides, ranks = variants[variant]
+            workdir = root / f"{kind}-{variant}"
+            config = config_for(kind, workdir, **overrides)
+            done[kind, variant] = finetune(config, workdir, "--steps", str(STEPS), ranks=ranks)
+            done[kind, variant]["workdir"] = workdir
+        return done[kind, variant]
+
+    return run
+
+
+def test_fuyou_trains_exactly_like_stock_zero3_cpu_offload_and_zero_infinity(runs: Callable[..., Any]) -> None:
+    fuyou, stock_cpu, stock_nvme = runs("fuyou", "base"), runs("stock-cpu", "base"), runs("stock-nvme", "base")
+    assert_losses_equal(fuyou["losses"], stock_cpu["losses"])
+    assert_losses_equal(fuyou["losses"], stock_nvme["losses"])
+    assert fuyou["losses"][-1] < fuyou["losses"][0] - 1.0  # it learns: the comparison is not between two no-ops
+
+
+def test_fuyou_moves_the_bytes_itself_and_leaves_no_swap_file(runs: Callable[..., Any]) -> None:
+    fuyou, stock_nvme = runs("fuyou", "base"), runs("stock-nvme", "base")
+    assert fuyou["ssd_bytes_read"] > 0 and fuyou["ssd_bytes_written"] > 0 and fuyou["pinned_peak_bytes"] > 0
+    assert stock_nvme["ssd_bytes_read"] == stock_nvme["ssd_bytes_written"] == stock_nvme["pinned_peak_bytes"] == 0
+    for stripe in ("ssd0", "ssd1"):
+        assert list((fuyou["workdir"] / stripe).iterdir()) == []
+    assert list((stock_nvme["workdir"] / "stock-swap").iterdir()), "stock leaves its swap folder (we do not)"
+
+
+def test_fuyou_equals_stock_with_gradient_accumulation(runs: Callable[..., Any]) -> None:
+    fuyou = runs("fuyou", "accumulation")
+    assert_losses_equal(fuyou["losses"], runs("stock-cpu", "accumulation")["losses"])
+    assert_losses_equal(fuyou["losses"], runs("stock-nvme", "accumulation")["losses"])
+
+
+def test_fuyou_equals_stock_when_gradient_clipping_binds(runs: Callable[..., Any]) -> None:
+    fuyou = runs("fuyou", "tight-clipping")
+    assert_losses_equal(fuyou["losses"], runs("stock-cpu", "tight-clipping")["losses"])
+    assert_losses_equal(fuyou["losses"], runs("stock-nvme", "tight-clipping")["losses"])
+    unclipped = runs("fuyou", "base")["losses"]
+    # Adam is nearly blind to a uniform gradient scale; at 1e-4 the clipped gradients meet eps and steps change
+    assert fuyou["losses"][2:] != pytest.approx(unclipped[2:], rel=1e-3), "clipping changed nothing"
+
+
+def test_fuyou_equals_stock_with_two_ranks_over_gloo(runs: Callable[..., Any]) -> None:
+    fuyou = runs("fuyou", "two-ranks")
+    assert_losses_equal(fuyou["losses"], runs("stock-cpu", "two-ranks")["losses"])
+    assert_losses_equal(fuyou["losses"], runs("stock-nvme", "two-ranks")["losses"])
+
+
+def test_resuming_from_a_checkpoint_in_a_fresh_process_continues_the_same_run(
+    runs: Callable[..., Any], tmp_path: Path
+) -> None:
+    uninterrupted = runs("fuyou", "base")["losses"]
+    config = config_for("fuyou", tmp_path)
+    first = finetune(config, tmp_path, "--steps", "5")
+    second = finetune(config, tmp_path, "--steps", str(STEPS), "--resume")
+    assert second["first_step"] == 5
+    assert_losses_equal(first["losses"] + second["losses"], uninterrupted)
+    assert (tmp_path / "checkpoints" / "step5").is_dir() and (tmp_path / "checkpoints" / f"step{STEPS}").is_dir()
