@@ -47,6 +47,9 @@ def _register() -> None:
     """Registers, or warns (without breaking stock DeepSpeed) when this DeepSpeed is one fuyou does not support."""
     from deepspeed_fuyou.errors import FuyouError
 
+    importing = sys.modules.get("deepspeed_fuyou.integration")
+    if importing is not None and not hasattr(importing, "register"):
+        return  # `import deepspeed_fuyou.integration` imported deepspeed; it registers when its import completes
     try:
         from deepspeed_fuyou import integration
 

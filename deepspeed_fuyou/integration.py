@@ -21,6 +21,7 @@ from typing import Any
 
 import deepspeed
 import torch._dynamo  # noqa: F401  (see register(): must be imported before zero.Init patches Tensor.__new__)
+from deepspeed.runtime.engine import DeepSpeedEngine
 
 # SuperOffload subclasses the stage-3 class it finds at its first import: bind it to DeepSpeed's before we replace it.
 from deepspeed.runtime.superoffload import superoffload_stage3  # noqa: F401
@@ -72,15 +73,15 @@ def check_deepspeed_internals() -> None:
         "the engine imports stage 3 at call time": (
             "from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3"
         )
-        in inspect.getsource(deepspeed.runtime.engine.DeepSpeedEngine._configure_zero_optimizer),
+        in inspect.getsource(DeepSpeedEngine._configure_zero_optimizer),
         "stage 3 builds its optimizer swapper in _configure_tensor_swapping": "self._configure_tensor_swapping("
         in inspect.getsource(STOCK_STAGE3.__init__),
         "stage 3 pins NVMe parameters in CPU memory through max_params_in_cpu": "self.max_params_in_cpu"
         in inspect.getsource(STOCK_STAGE3._create_param_groups_fp16_flat_cpu_memory),
         "load_checkpoint restores NVMe optimizer state through reset_swap_buffers": "reset_swap_buffers()"
-        in inspect.getsource(deepspeed.runtime.engine.DeepSpeedEngine.load_checkpoint),
+        in inspect.getsource(DeepSpeedEngine.load_checkpoint),
         "save_checkpoint copies optimizer_swapper.swap_folder": "optimizer_swapper.swap_folder"
-        in inspect.getsource(deepspeed.runtime.engine.DeepSpeedEngine.save_checkpoint),
+        in inspect.getsource(DeepSpeedEngine.save_checkpoint),
     }
     for method in (
         "checkpoint_event_prologue",

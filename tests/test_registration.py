@@ -1,0 +1,78 @@
+"""How fuyou gets into DeepSpeed: the installed import hook, the version gate, and the internals it relies on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deepspeed_fuyou.errors import FuyouError
+
+PROBE = """
+import sys
+assert "torch" not in sys.modules, "the start-up hook imported torch"
+import deepspeed
+from deepspeed.runtime.zero import partition_parameters, stage3
+print(partition_parameters.AsyncPartitionedParameterSwapper.__module__, stage3.DeepSpeedZeroOptimizer_Stage3.__module__)
+"""
+
+
+def probe(**env: str) -> list[str]:
+    """What an unchanged script (no `import deepspeed_fuyou`) finds in DeepSpeed's two creation sites."""
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout.split()
+
+
+def test_installed_hook_registers_fuyou_when_an_unchanged_script_imports_deepspeed() -> None:
+    assert probe() == ["deepspeed_fuyou.integration", "deepspeed_fuyou.integration"]
+
+
+def test_fuyou_disable_leaves_deepspeed_stock() -> None:
+    assert probe(FUYOU_DISABLE="1") == [
+        "deepspeed.runtime.swap_tensor.partitioned_param_swapper",
+        "deepspeed.runtime.zero.stage3",
+    ]
+
+
+def test_deepspeed_internals_fuyou_relies_on_are_all_present() -> None:
+    from deepspeed_fuyou import integration
+
+    integration.check_deepspeed_internals()
+
+
+def test_internals_check_fails_loudly_when_deepspeed_drops_a_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepspeed_fuyou import integration
+
+    monkeypatch.delattr(integration.STOCK_STAGE3, "reset_swap_buffers")
+    with pytest.raises(FuyouError, match="reset_swap_buffers"):
+        integration.check_deepspeed_internals()
+
+
+@pytest.mark.parametrize("version", ["0.18.9", "0.20.0", "1.0.0"])
+def test_unsupported_deepspeed_version_is_refused_with_the_range(version: str) -> None:
+    from deepspeed_fuyou import integration
+
+    with pytest.raises(FuyouError, match=r"0\.19\.8 <= version < 0\.20.*FUYOU_DISABLE=1"):
+        integration.check_deepspeed_version(version)
+
+
+def test_unregister_restores_deepspeed_classes_and_register_is_idempotent() -> None:
+    from deepspeed.runtime.zero import partition_parameters, stage3
+
+    from deepspeed_fuyou import integration
+
+    integration.unregister()
+    try:
+        assert stage3.DeepSpeedZeroOptimizer_Stage3 is integration.STOCK_STAGE3
+        assert partition_parameters.AsyncPartitionedParameterSwapper is integration.STOCK_PARAM_SWAPPER
+        assert not integration.is_registered()
+    finally:
+        integration.register()
+        integration.register()
+    assert integration.is_registered()
+    assert stage3.DeepSpeedZeroOptimizer_Stage3 is integration.zero3_optimizer
