@@ -39,13 +39,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=Path("checkpoints"), help="where checkpoints go")
     parser.add_argument("--save-at", type=int, action="append", default=[], help="also save after this step")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    parser.add_argument("--trainer", action="store_true", help="train through the Hugging Face Trainer instead")
     parser.add_argument("--metrics", type=Path, help="write losses and throughput as JSON here (rank 0)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser = deepspeed.add_config_arguments(parser)
     return parser.parse_args()
 
 
-def build_model(model_dir: Path, ds_config: dict) -> torch.nn.Module:
+def build_model(model_dir: Path) -> torch.nn.Module:
     """Random init from config.json, or weights from a local model directory; partitioned as it is built.
 
     `HfDeepSpeedConfig` makes transformers construct the model under `zero.Init` (parameters go straight to their
@@ -66,21 +67,27 @@ def tokenize(model_dir: Path, text: str, vocab_size: int) -> torch.Tensor:
     return torch.tensor(list(text.encode()), dtype=torch.long)
 
 
-class Batches:
-    """Seeded random windows of the token stream; rank r of n takes every n-th micro-batch of one shared order."""
+class Windows:
+    """Seeded random windows of the token stream: sample i is the same in every run, process and rank layout."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, micro_batch: int, seed: int, rank: int, world: int):
+    def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int) -> None:
         if tokens.numel() <= seq_len:
             raise SystemExit(f"the text has {tokens.numel()} tokens; --seq-len {seq_len} needs more")
-        self.tokens, self.seq_len, self.micro_batch = tokens, seq_len, micro_batch
-        self.rank, self.world = rank, world
-        self.generator = torch.Generator().manual_seed(seed)
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
 
-    def micro_batch_at(self, index: int) -> torch.Tensor:
-        """The `index`-th micro-batch of this rank: deterministic, so a resumed run sees the same data."""
-        generator = torch.Generator().manual_seed(self.generator.initial_seed() + index * self.world + self.rank)
-        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (self.micro_batch,), generator=generator)
-        return torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()])
+    def __len__(self) -> int:
+        return self.tokens.numel() - self.seq_len
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + index)
+        start = int(torch.randint(0, len(self), (), generator=generator))
+        window = self.tokens[start : start + self.seq_len]
+        return {"input_ids": window, "labels": window}
+
+    def micro_batch(self, index: int, micro_batch: int, rank: int, world: int) -> torch.Tensor:
+        """Rank `rank`'s share of global micro-batch `index`: deterministic, so a resumed run sees the same data."""
+        first = (index * world + rank) * micro_batch
+        return torch.stack([self[i]["input_ids"] for i in range(first, first + micro_batch)])
 
 
 def memory_report() -> dict[str, int]:
@@ -96,19 +103,14 @@ def memory_report() -> dict[str, int]:
     }
 
 
-def main() -> None:
-    args = parse_args()
-    ds_config = json.loads(Path(args.deepspeed_config).read_text())
-    deepspeed.init_distributed()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    torch.manual_seed(args.seed)
-
+def train_with_engine(args: argparse.Namespace, ds_config: dict, rank: int, world: int) -> dict:
+    """The plain DeepSpeed loop: forward, `engine.backward`, `engine.step`, checkpoints with `save_checkpoint`."""
     hf_deepspeed = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while the model is built)
-    model = build_model(args.model, ds_config)
+    model = build_model(args.model)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
-    tokens = tokenize(args.model, args.data.read_text(), model.config.vocab_size)
-    batches = Batches(tokens, args.seq_len, engine.train_micro_batch_size_per_gpu(), args.seed, rank, world)
+    windows = Windows(tokenize(args.model, args.data.read_text(), model.config.vocab_size), args.seq_len, args.seed)
+    micro_batch = engine.train_micro_batch_size_per_gpu()
     accumulation = engine.gradient_accumulation_steps()
 
     first_step = 0
@@ -117,13 +119,13 @@ def main() -> None:
         first_step = client_state["step"]
 
     losses: list[float] = []
-    tokens_per_step = args.seq_len * engine.train_micro_batch_size_per_gpu() * accumulation * world
+    tokens_per_step = args.seq_len * micro_batch * accumulation * world
     progress = tqdm(range(first_step, args.steps), disable=rank != 0, desc="fine-tune", unit="step")
     start = time.perf_counter()
     for step in progress:
         step_loss = 0.0
         for micro in range(accumulation):
-            input_ids = batches.micro_batch_at(step * accumulation + micro).to(engine.device)
+            input_ids = windows.micro_batch(step * accumulation + micro, micro_batch, rank, world).to(engine.device)
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             engine.backward(loss)
             engine.step()
@@ -140,10 +142,64 @@ def main() -> None:
         if step + 1 in args.save_at and step + 1 != args.steps:
             engine.save_checkpoint(str(args.output_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
     engine.save_checkpoint(str(args.output_dir), tag=f"step{args.steps}", client_state={"step": args.steps})
+    tokens_per_s = tokens_per_step * len(losses) / (time.perf_counter() - start) if losses else 0.0
+    return {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s}
 
+
+def train_with_trainer(args: argparse.Namespace, ds_config: dict) -> dict:
+    """The same job through the Hugging Face `Trainer`, configured only by `TrainingArguments(deepspeed=...)`.
+
+    The Trainer insists that the DeepSpeed config and its own arguments agree, so they are read from the config.
+    It also builds its own learning-rate scheduler (constant here, like the engine loop without a scheduler).
+    """
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    optimizer = ds_config.get("optimizer", {}).get("params", {})
+    beta1, beta2 = optimizer.get("betas", (0.9, 0.999))
+    training_args = TrainingArguments(  # before the model: it turns on zero.Init for the model's construction
+        output_dir=str(args.output_dir),
+        deepspeed=ds_config,
+        per_device_train_batch_size=ds_config["train_micro_batch_size_per_gpu"],
+        gradient_accumulation_steps=ds_config.get("gradient_accumulation_steps", 1),
+        max_grad_norm=ds_config.get("gradient_clipping", 0.0),
+        learning_rate=optimizer.get("lr", 1e-3),
+        adam_beta1=beta1,
+        adam_beta2=beta2,
+        adam_epsilon=optimizer.get("eps", 1e-8),
+        weight_decay=optimizer.get("weight_decay", 0.0),
+        lr_scheduler_type="constant",
+        max_steps=args.steps,
+        save_steps=min(args.save_at or [args.steps]),
+        logging_steps=1,
+        seed=args.seed,
+        report_to=[],
+        disable_tqdm=False,
+    )
+    model = build_model(args.model)
+    windows = Windows(tokenize(args.model, args.data.read_text(), model.config.vocab_size), args.seq_len, args.seed)
+    trainer = Trainer(model=model, args=training_args, train_dataset=windows)
+    first_step = 0
+    if args.resume:
+        first_step = int(get_last_checkpoint(str(args.output_dir)).rsplit("-", 1)[1])
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    # a resumed Trainer's history also holds the losses logged before the checkpoint
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry and entry["step"] > first_step]
+    tokens = args.seq_len * training_args.per_device_train_batch_size * training_args.world_size
+    tokens *= training_args.gradient_accumulation_steps * len(losses)
+    return {"first_step": first_step, "losses": losses, "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+
+def main() -> None:
+    args = parse_args()
+    ds_config = json.loads(Path(args.deepspeed_config).read_text())
+    deepspeed.init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(args.seed)
+    summary = train_with_trainer(args, ds_config) if args.trainer else train_with_engine(args, ds_config, rank, world)
     if rank == 0:
-        tokens_per_s = tokens_per_step * len(losses) / (time.perf_counter() - start) if losses else 0.0
-        summary = {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s, **memory_report()}
+        summary.update(memory_report())
         print(json.dumps(summary))
         if args.metrics:
             args.metrics.write_text(json.dumps(summary))

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
 FUYOU_CONFIG = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
 STEPS = 10
+TRAINER_STEPS = 6
 REL_TOL = 1e-5
 
 Config = dict[str, Any]
@@ -89,19 +90,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, An
     """Runs by (kind, variant), each once per module: several tests compare the same reference runs."""
     root = tmp_path_factory.mktemp("finetune")
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    variants: dict[str, tuple[dict[str, Any], int]] = {
-        "base": ({}, 1),
-        "accumulation": ({"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 1}, 1),
-        "tight-clipping": ({"gradient_clipping": 1e-4}, 1),
-        "two-ranks": ({"train_micro_batch_size_per_gpu": 1}, 2),
+    loop = ("--steps", str(STEPS))
+    variants: dict[str, tuple[dict[str, Any], int, tuple[str, ...]]] = {
+        "base": ({}, 1, loop),
+        "accumulation": ({"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 1}, 1, loop),
+        "tight-clipping": ({"gradient_clipping": 1e-4}, 1, loop),
+        "two-ranks": ({"train_micro_batch_size_per_gpu": 1}, 2, loop),
+        "trainer": ({}, 1, ("--trainer", "--steps", str(TRAINER_STEPS))),
     }
 
     def run(kind: str, variant: str) -> dict[str, Any]:
         if (kind, variant) not in done:
-            overrides, ranks = variants[variant]
+            overrides, ranks, args = variants[variant]
             workdir = root / f"{kind}-{variant}"
             config = config_for(kind, workdir, **overrides)
-            done[kind, variant] = finetune(config, workdir, "--steps", str(STEPS), ranks=ranks)
+            done[kind, variant] = finetune(config, workdir, *args, ranks=ranks)
             done[kind, variant]["workdir"] = workdir
         return done[kind, variant]
 
@@ -155,3 +158,18 @@ def test_resuming_from_a_checkpoint_in_a_fresh_process_continues_the_same_run(
     assert second["first_step"] == 5
     assert_losses_equal(first["losses"] + second["losses"], uninterrupted)
     assert (tmp_path / "checkpoints" / "step5").is_dir() and (tmp_path / "checkpoints" / f"step{STEPS}").is_dir()
+
+
+def test_hf_trainer_runs_the_same_config_like_stock_and_resumes_from_its_checkpoint(
+    runs: Callable[..., Any], tmp_path: Path
+) -> None:
+    """`TrainingArguments(deepspeed=config)`: the Trainer's own loop, saving and resuming, with our swappers."""
+    fuyou = runs("fuyou", "trainer")
+    assert_losses_equal(fuyou["losses"], runs("stock-cpu", "trainer")["losses"])
+    assert fuyou["ssd_bytes_read"] > 0
+    config = config_for("fuyou", tmp_path)
+    half = TRAINER_STEPS // 2
+    first = finetune(config, tmp_path, "--trainer", "--steps", str(half))
+    second = finetune(config, tmp_path, "--trainer", "--steps", str(TRAINER_STEPS), "--resume")
+    assert (tmp_path / "checkpoints" / f"checkpoint-{half}" / f"global_step{half}").is_dir()
+    assert_losses_equal(first["losses"] + second["losses"], fuyou["losses"])
