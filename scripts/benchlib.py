@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import platform
@@ -9,6 +10,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
 
@@ -47,3 +49,31 @@ def append_result(title: str, paths: list[str], body: str) -> None:
         RESULTS.write_text("# Benchmark results\n\nAppended by scripts/bench_*.py; newest last.\n")
     with RESULTS.open("a") as f:
         f.write(section)
+
+
+def comparison_config(
+    fuyou_config: dict[str, Any], kind: str, swap_dirs: list[Path], largest_partition: int = 10**6
+) -> dict[str, Any]:
+    """`fuyou_config` as one side of a comparison: "fuyou" (its block striped over `swap_dirs`), "stock-nvme" (stock
+    ZeRO-Infinity on `swap_dirs[0]`) or "stock-cpu" (stock ZeRO-3 offloading to CPU memory). Same model, data,
+    optimizer and batch on every side. Stock's parameter swap buffers must each hold `largest_partition` elements.
+    """
+    config = copy.deepcopy(fuyou_config)
+    zero = config["zero_optimization"]
+    if kind == "fuyou":
+        config["fuyou"]["nvme_paths"] = [str(d) for d in swap_dirs]
+        for offload in ("offload_param", "offload_optimizer"):
+            zero[offload]["nvme_path"] = str(swap_dirs[0])
+        return config
+    del config["fuyou"]
+    if kind == "stock-cpu":
+        zero["offload_param"] = {"device": "cpu"}
+        zero["offload_optimizer"] = {"device": "cpu"}
+    elif kind == "stock-nvme":
+        # stock's defaults (5 buffers of 1e8 elements) lock 2 GB and fail on small models ("not enough buffers")
+        zero["offload_param"] = {"device": "nvme", "nvme_path": str(swap_dirs[0]), "buffer_count": 8}
+        zero["offload_param"]["buffer_size"] = largest_partition
+        zero["offload_optimizer"] = {"device": "nvme", "nvme_path": str(swap_dirs[0])}
+    else:
+        raise ValueError(f"unknown kind {kind!r}: fuyou, stock-nvme or stock-cpu")
+    return config

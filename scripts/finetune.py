@@ -26,6 +26,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
+from deepspeed_fuyou.swap.runtime import SwapRuntime
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,20 +92,45 @@ class Windows:
         return torch.stack([self[i]["input_ids"] for i in range(first, first + micro_batch)])
 
 
-def memory_report() -> dict[str, int]:
-    """Peak RSS of this process, and the pinned peak and SSD traffic of fuyou's runtimes (0 under stock DeepSpeed)."""
-    from deepspeed_fuyou.swap.runtime import SwapRuntime
+def pinned_bytes(engine: deepspeed.DeepSpeedEngine) -> int:
+    """Page-locked host bytes held for swapping: fuyou's pool peak, or the buffers stock DeepSpeed locked."""
+    runtimes = list(SwapRuntime._instances.values())
+    if runtimes:
+        return sum(runtime.pool.stats().peak_reserved for runtime in runtimes)
+    locked = 0
+    optimizer_swapper = getattr(engine.optimizer, "optimizer_swapper", None)
+    if optimizer_swapper is not None:
+        locked += sum(b.numel() * b.element_size() for b in optimizer_swapper.swap_buffer_manager.all_buffers)
+    param_swapper = next((p.nvme_swapper for p in engine.module.parameters() if p.nvme_swapper), None)
+    if param_swapper is not None:
+        locked += param_swapper.buffers.numel() * param_swapper.buffers.element_size()
+    return locked
 
+
+def storage_io() -> dict[str, int]:
+    """Bytes this process read from and wrote to storage (/proc/self/io): what reached the SSD, for either side."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {"ssd_bytes_read": int(fields["read_bytes"]), "ssd_bytes_written": int(fields["write_bytes"])}
+
+
+def io_since(start: dict[str, int]) -> dict[str, int]:
+    return {key: value - start[key] for key, value in storage_io().items()}
+
+
+def memory_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
+    """Peak RSS, pinned swap buffers, and the bytes fuyou's own swap runtimes moved (0 under stock DeepSpeed)."""
     runtimes = list(SwapRuntime._instances.values())
     return {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "pinned_peak_bytes": sum(runtime.pool.stats().peak_reserved for runtime in runtimes),
-        "ssd_bytes_read": sum(runtime.counters.bytes_read for runtime in runtimes),
-        "ssd_bytes_written": sum(runtime.counters.bytes_written for runtime in runtimes),
+        "pinned_peak_bytes": pinned_bytes(engine),
+        "fuyou_bytes_read": sum(runtime.counters.bytes_read for runtime in runtimes),
+        "fuyou_bytes_written": sum(runtime.counters.bytes_written for runtime in runtimes),
     }
 
 
-def train_with_engine(args: argparse.Namespace, ds_config: dict, rank: int, world: int) -> dict:
+def train_with_engine(
+    args: argparse.Namespace, ds_config: dict, rank: int, world: int
+) -> tuple[dict, deepspeed.DeepSpeedEngine]:
     """The plain DeepSpeed loop: forward, `engine.backward`, `engine.step`, checkpoints with `save_checkpoint`."""
     hf_deepspeed = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while the model is built)
     model = build_model(args.model)
@@ -119,10 +146,12 @@ def train_with_engine(args: argparse.Namespace, ds_config: dict, rank: int, worl
         first_step = client_state["step"]
 
     losses: list[float] = []
+    step_seconds: list[float] = []
     tokens_per_step = args.seq_len * micro_batch * accumulation * world
     progress = tqdm(range(first_step, args.steps), disable=rank != 0, desc="fine-tune", unit="step")
-    start = time.perf_counter()
+    start, io_start = time.perf_counter(), storage_io()
     for step in progress:
+        step_start = time.perf_counter()
         step_loss = 0.0
         for micro in range(accumulation):
             input_ids = windows.micro_batch(step * accumulation + micro, micro_batch, rank, world).to(engine.device)
@@ -131,8 +160,9 @@ def train_with_engine(args: argparse.Namespace, ds_config: dict, rank: int, worl
             engine.step()
             step_loss += loss.item() / accumulation
         losses.append(step_loss)
+        step_seconds.append(time.perf_counter() - step_start)
         elapsed = time.perf_counter() - start
-        memory = memory_report()
+        memory = memory_report(engine)
         progress.set_postfix(
             loss=f"{step_loss:.4f}",
             tok_s=f"{tokens_per_step * len(losses) / elapsed:.0f}",
@@ -141,12 +171,14 @@ def train_with_engine(args: argparse.Namespace, ds_config: dict, rank: int, worl
         )
         if step + 1 in args.save_at and step + 1 != args.steps:
             engine.save_checkpoint(str(args.output_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
-    engine.save_checkpoint(str(args.output_dir), tag=f"step{args.steps}", client_state={"step": args.steps})
     tokens_per_s = tokens_per_step * len(losses) / (time.perf_counter() - start) if losses else 0.0
-    return {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s}
+    summary = {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s, "step_seconds": step_seconds}
+    summary.update(io_since(io_start))  # the steps' swap traffic, not the checkpoint below
+    engine.save_checkpoint(str(args.output_dir), tag=f"step{args.steps}", client_state={"step": args.steps})
+    return summary, engine
 
 
-def train_with_trainer(args: argparse.Namespace, ds_config: dict) -> dict:
+def train_with_trainer(args: argparse.Namespace, ds_config: dict) -> tuple[dict, deepspeed.DeepSpeedEngine]:
     """The same job through the Hugging Face `Trainer`, configured only by `TrainingArguments(deepspeed=...)`.
 
     The Trainer insists that the DeepSpeed config and its own arguments agree, so they are read from the config.
@@ -182,24 +214,32 @@ def train_with_trainer(args: argparse.Namespace, ds_config: dict) -> dict:
     first_step = 0
     if args.resume:
         first_step = int(get_last_checkpoint(str(args.output_dir)).rsplit("-", 1)[1])
-    start = time.perf_counter()
+    start, io_start = time.perf_counter(), storage_io()
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     # a resumed Trainer's history also holds the losses logged before the checkpoint
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry and entry["step"] > first_step]
     tokens = args.seq_len * training_args.per_device_train_batch_size * training_args.world_size
     tokens *= training_args.gradient_accumulation_steps * len(losses)
-    return {"first_step": first_step, "losses": losses, "tokens_per_s": tokens / (time.perf_counter() - start)}
+    summary = {"first_step": first_step, "losses": losses, "tokens_per_s": tokens / (time.perf_counter() - start)}
+    summary.update(io_since(io_start))  # including the Trainer's checkpoints
+    return summary, trainer.model_wrapped
 
 
 def main() -> None:
     args = parse_args()
+    final = args.output_dir / (f"checkpoint-{args.steps}" if args.trainer else f"step{args.steps}")
+    if final.exists() and not args.resume:
+        raise SystemExit(f"{final} exists already: choose another --output-dir, or --resume to continue that run")
     ds_config = json.loads(Path(args.deepspeed_config).read_text())
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(args.seed)
-    summary = train_with_trainer(args, ds_config) if args.trainer else train_with_engine(args, ds_config, rank, world)
+    if args.trainer:
+        summary, engine = train_with_trainer(args, ds_config)
+    else:
+        summary, engine = train_with_engine(args, ds_config, rank, world)
     if rank == 0:
-        summary.update(memory_report())
+        summary.update(memory_report(engine))
         print(json.dumps(summary))
         if args.metrics:
             args.metrics.write_text(json.dumps(summary))
