@@ -83,9 +83,9 @@ class IOFuture:
         """
         if not self._request.wait(-1.0 if timeout is None else timeout):
             raise TimeoutError(f"I/O on {self._paths[0]} did not finish within {timeout} s")
+        self._raise_error()  # on every wait: whoever waits for a failed transfer learns of it
         if not self._checked:
             self._checked = True
-            self._raise_error()
             self._announce_fallback()
             if self._copy_back_to is not None:
                 self._copy_back_to.copy_(self._tensor)

@@ -70,7 +70,6 @@ class FuyouOptimizerSwapper:
         self.dtype = dtype
         self.pipelined = pipelined
         self.groups: dict[str, _SubGroup] = {}
-        self._grad_writes: list[IOFuture] = []
 
     @property
     def swap_folder(self) -> str:
@@ -102,7 +101,6 @@ class FuyouOptimizerSwapper:
         group = self.groups.get(parameter.ds_id)
         if group is None:
             return
-        self._flush_gradient_writes()
         self._discover_states(group)
         resident = group.prefetched or self._start_reads(group)
         group.prefetched = None
@@ -138,8 +136,7 @@ class FuyouOptimizerSwapper:
             return
         for offset, tensor in zip(gradient_offsets, gradient_tensors, strict=True):
             group.grad_pieces[offset] = tensor.numel()
-            future = self._write_cast(tensor.reshape(-1), group.grad_file, offset * self.dtype.itemsize)
-            self._grad_writes.append(future)
+            self._write_cast(tensor.reshape(-1), group.grad_file, offset * self.dtype.itemsize)
 
     def release_swap_buffers(self, parameter: torch.Tensor) -> None:
         """Frees a sub-group's memory without writing (it was only read)."""
@@ -179,10 +176,10 @@ class FuyouOptimizerSwapper:
         log.debug("fuyou swap: %d bytes read, %d written so far", counters.bytes_read, counters.bytes_written)
 
     def pre_backward(self) -> None:
-        """Gradient writes of the previous step were flushed by its swap-ins; nothing to prepare."""
+        """Nothing to prepare: gradient writes need no flush (the runtime orders each read after its writes)."""
 
     def post_backward(self) -> None:
-        """Gradient writes stay in flight until the step's first swap-in needs them."""
+        """Gradient writes stay in flight until a sub-group's swap-in reads those bytes."""
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
@@ -305,11 +302,6 @@ class FuyouOptimizerSwapper:
         view = staging.view(self.dtype).narrow(0, 0, tensor.numel())
         view.copy_(tensor)
         return self.runtime.write(view, name, offset, keep=staging)
-
-    def _flush_gradient_writes(self) -> None:
-        writes, self._grad_writes = self._grad_writes, []
-        for future in writes:
-            future.wait()
 
     def _copy_file(self, numel: int, dtype: torch.dtype, source: list[str], target: list[str]) -> None:
         buffer = self.runtime.staging(numel * dtype.itemsize)

@@ -149,14 +149,17 @@ class FuyouParamSwapper:
     def swap_out_partitioned_params(
         self, dst_fp16_params: list[torch.nn.Parameter], src_fp32_params: list[torch.Tensor]
     ) -> None:
-        """Writes updated master weights, cast to the parameter dtype, into the partitions' files."""
+        """Starts writing updated master weights, cast to the parameter dtype, into the partitions' files.
+
+        Nothing waits here: the writes run behind the rest of the step, and the next read of a partition waits for
+        its own write (the runtime orders them), which is also where a failed write is reported.
+        """
         for param, master in zip(dst_fp16_params, src_fp32_params, strict=True):
             numel = self._numel[param.ds_id]
             staging = self.runtime.staging(numel * self.dtype.itemsize)
             low = staging.view(self.dtype).narrow(0, 0, numel)
             low.copy_(master.reshape(-1)[:numel])
             self.runtime.write(low, self._file(param), keep=staging)
-        self.runtime.flush()
 
     # -- internals ------------------------------------------------------------------------------------------------
 

@@ -3,6 +3,10 @@
 Both swappers draw staging buffers from one budget. A buffer that backs a write in flight cannot be reused until the
 write ends, so a swapper that needs room first waits for the oldest writes rather than for the pool's timeout: the
 pool never deadlocks on buffers that only our own unfinished writes hold.
+
+Writes are never waited for just to be safe: a read (or another write) of a byte range waits only for the writes in
+flight to that same range of that file. So write-back of one step runs behind the next one's compute, and a read
+can never see data older than the last write issued before it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,20 @@ class SwapCounters:
     bytes_read: int = 0
 
 
+@dataclass
+class _Write:
+    """A write in flight: what it covers (for ordering), and what must stay alive until it ends."""
+
+    future: IOFuture
+    name: str
+    start: int
+    end: int
+    keep: object
+
+    def overlaps(self, name: str, start: int, end: int) -> bool:
+        return self.name == name and self.start < end and start < self.end
+
+
 class SwapRuntime:
     """One per process and distinct `"fuyou"` block; created on first use, closed at exit."""
 
@@ -47,7 +65,7 @@ class SwapRuntime:
         self.engine = IOEngine(config.io)
         self.space = SwapSpace([str(p) for p in config.nvme_paths])
         self.counters = SwapCounters()
-        self._writes: collections.deque[tuple[IOFuture, object]] = collections.deque()
+        self._writes: collections.deque[_Write] = collections.deque()
         log.info(
             "fuyou: swapping to %s with %s I/O, pinned budget %s",
             ", ".join(str(d) for d in self.space.dirs),
@@ -82,13 +100,18 @@ class SwapRuntime:
 
     def write(self, tensor: torch.Tensor, name: str, offset: int = 0, keep: object = None) -> IOFuture:
         """Starts writing `tensor` into logical file `name`; `keep` (e.g. its staging buffer) lives until it ends."""
+        nbytes = tensor.numel() * tensor.element_size()
+        self._order_after_writes(name, offset, offset + nbytes)
         future = self.engine.write(tensor, self.files(name), offset)
-        self.counters.bytes_written += tensor.numel() * tensor.element_size()
-        self._writes.append((future, keep))
+        self.counters.bytes_written += nbytes
+        self._writes.append(_Write(future, name, offset, offset + nbytes, keep))
         return future
 
     def read(self, tensor: torch.Tensor, name: str, offset: int = 0) -> IOFuture:
-        self.counters.bytes_read += tensor.numel() * tensor.element_size()
+        """Starts reading logical file `name` at `offset` into `tensor`, after any write in flight to those bytes."""
+        nbytes = tensor.numel() * tensor.element_size()
+        self._order_after_writes(name, offset, offset + nbytes)
+        self.counters.bytes_read += nbytes
         return self.engine.read(tensor, self.files(name), offset)
 
     def flush(self) -> None:
@@ -96,12 +119,18 @@ class SwapRuntime:
         while self._writes:
             self._wait_oldest()
 
+    def _order_after_writes(self, name: str, start: int, end: int) -> None:
+        """Waits for the writes in flight to bytes [start, end) of `name` (a failed one raises here)."""
+        self._reap()
+        for write in self._writes:
+            if write.overlaps(name, start, end):
+                write.future.wait()
+
     def _wait_oldest(self) -> None:
-        future, _ = self._writes.popleft()
-        future.wait()
+        self._writes.popleft().future.wait()
 
     def _reap(self) -> None:
-        while self._writes and self._writes[0][0].done():
+        while self._writes and self._writes[0].future.done():
             self._wait_oldest()
 
     def close(self) -> None:
