@@ -10,15 +10,39 @@ class FuyouError(Exception):
     """Base class of every error deepspeed-fuyou raises on purpose."""
 
 
-class FuyouConfigError(FuyouError):
-    """A setting that cannot work: the JSON path of the field, its value, why, and what to set instead."""
+class FuyouConfigError(FuyouError, ValueError):
+    """A setting that cannot work: the JSON path of the field, its value, why, and what to set instead.
+
+    A config with several problems raises one error that lists them all (`problems`), so that a user fixes
+    everything in one edit instead of one problem per launch; `field`, `value`, `reason` and `fix` are the first's.
+    A ValueError too, so that pydantic collects it with the other problems of a config (see `config.schema`).
+    """
 
     def __init__(self, field: str, value: object, reason: str, fix: str) -> None:
         self.field = field
         self.value = value
         self.reason = reason
         self.fix = fix
-        super().__init__(f"{field} = {value!r}: {reason}. Fix: {fix}")
+        self.problems: list[FuyouConfigError] = [self]
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.field} = {self.value!r}: {self.reason}. Fix: {self.fix}"
+
+    @classmethod
+    def combine(cls, problems: list[FuyouConfigError]) -> FuyouConfigError:
+        """One error for every problem found (at least one)."""
+        if len(problems) == 1:
+            return problems[0]
+        first = problems[0]
+        combined = cls(first.field, first.value, first.reason, first.fix)
+        combined.problems = list(problems)
+        combined.args = (f"{len(problems)} problems in the config:\n" + "\n".join(f"  {p.line()}" for p in problems),)
+        return combined
+
+    @property
+    def fields(self) -> list[str]:
+        return [problem.field for problem in self.problems]
 
 
 # What to do about the errors a swap directory typically produces.

@@ -31,14 +31,12 @@ from packaging.version import Version
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.errors import FuyouError
-from deepspeed_fuyou.swap.param_swapper import FuyouParamSwapper
-from deepspeed_fuyou.swap.runtime import SwapRuntime
-from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
 
 SUPPORTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))  # [low, high): the versions whose internals we checked
 
 STOCK_PARAM_SWAPPER = AsyncPartitionedParameterSwapper
 STOCK_STAGE3 = stage3.DeepSpeedZeroOptimizer_Stage3
+"""DeepSpeed's own ZeRO-3 optimizer, captured before `register()` puts our factory under its name."""
 
 
 def parameter_swapper(ds_config: Any, model_dtype: Any) -> Any:
@@ -46,14 +44,20 @@ def parameter_swapper(ds_config: Any, model_dtype: Any) -> Any:
     config = FuyouConfig.from_ds_config(ds_config._param_dict)
     if config is None:
         return STOCK_PARAM_SWAPPER(ds_config, model_dtype)
+    # The swappers are imported on first use: they import DeepSpeed, whose import may be what is registering us.
+    from deepspeed_fuyou.swap.param_swapper import FuyouParamSwapper
+    from deepspeed_fuyou.swap.runtime import SwapRuntime
+
     return FuyouParamSwapper(SwapRuntime.for_config(config), model_dtype)
 
 
 def zero3_optimizer(module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> Any:
     """Factory in place of `DeepSpeedZeroOptimizer_Stage3(...)` inside the engine."""
-    has_block = FuyouConfig.from_ds_config(kwargs["ds_config"]) is not None
-    optimizer_class = FuyouZeroOptimizer if has_block else STOCK_STAGE3
-    return optimizer_class(module, init_optimizer, param_names, *args, **kwargs)
+    if FuyouConfig.from_ds_config(kwargs["ds_config"]) is None:
+        return STOCK_STAGE3(module, init_optimizer, param_names, *args, **kwargs)
+    from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
+
+    return FuyouZeroOptimizer(module, init_optimizer, param_names, *args, **kwargs)
 
 
 def check_deepspeed_version(version: str = deepspeed.__version__) -> None:

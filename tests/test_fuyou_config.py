@@ -17,14 +17,13 @@ from deepspeed_fuyou.errors import FuyouConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def ds_config(block: dict[str, Any] | None = None, **zero: Any) -> dict[str, Any]:
+def ds_config(swap: Path, block: dict[str, Any] | None = None) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {
             "stage": 3,
-            "offload_param": {"device": "nvme", "nvme_path": "/tmp/a"},
-            "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp/b"},
-            **zero,
+            "offload_param": {"device": "nvme", "nvme_path": str(swap / "a")},
+            "offload_optimizer": {"device": "nvme", "nvme_path": str(swap / "b")},
         },
     }
     if block is not None:
@@ -32,54 +31,70 @@ def ds_config(block: dict[str, Any] | None = None, **zero: Any) -> dict[str, Any
     return config
 
 
-def test_without_a_block_there_is_no_fuyou_config() -> None:
-    assert FuyouConfig.from_ds_config(ds_config()) is None
+@pytest.fixture
+def swap(tmp_path: Path) -> Path:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    return tmp_path
 
 
-def test_empty_block_takes_the_offload_paths_and_working_defaults() -> None:
-    config = FuyouConfig.from_ds_config(ds_config({}))
-    assert config.nvme_paths == (Path("/tmp/a"), Path("/tmp/b"))
+def test_without_a_block_there_is_no_fuyou_config(swap: Path) -> None:
+    assert FuyouConfig.from_ds_config(ds_config(swap)) is None
+
+
+def test_empty_block_takes_the_offload_paths_and_working_defaults(swap: Path) -> None:
+    config = FuyouConfig.from_ds_config(ds_config(swap, {}))
+    assert config.nvme_paths == (swap / "a", swap / "b")
     assert 0 < config.pinned_memory <= 8 << 30
     assert config.params.prefetch_layers == 2
     assert config.optimizer.pipelined
+    assert config.activations.offload == "off"
+    assert config.estimator.validate_at_start
+
+
+def test_sizes_are_read_with_their_units(swap: Path) -> None:
+    block = {"pinned_memory": "1.5GiB", "io": {"block_size": "4KiB"}, "activations": {"min_tensor_size": 8 << 20}}
+    config = FuyouConfig.from_ds_config(ds_config(swap, block))
+    assert (config.pinned_memory, config.io.block_size) == (3 << 29, 4096)
+    assert config.activations.min_tensor_size == 8 << 20
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("fuyou_*.json")), ids=lambda p: p.name)
-def test_shipped_configs_load(path: Path) -> None:
+def test_shipped_configs_validate(path: Path) -> None:
     assert FuyouConfig.from_ds_config(json.loads(path.read_text())) is not None
 
 
-@pytest.mark.parametrize(
-    ("config", "field", "hint"),
-    [
-        (ds_config({"pinned_memroy": "1GiB"}), "fuyou.pinned_memroy", "did you mean 'pinned_memory'"),
-        (ds_config({"io": {"queue_dept": 8}}), "fuyou.io.queue_dept", "did you mean 'queue_depth'"),
-        (ds_config({"params": {"prefetch": 2}}), "fuyou.params.prefetch", "prefetch_layers"),
-        (ds_config({}, stage=2), "zero_optimization.stage", "stage"),
-        (
-            ds_config({}, offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"}),
-            "zero_optimization.offload_param.device",
-            "nvme",
-        ),
-        (
-            ds_config({}, offload_optimizer={"device": "nvme", "nvme_path": "/tmp", "fast_init": True}),
-            "zero_optimization.offload_optimizer.fast_init",
-            "remove fast_init",
-        ),
-        (ds_config({"pinned_memory": "64TiB"}), "fuyou.pinned_memory", "lower it"),
-        (ds_config({"pinned_memory": "lots"}), "fuyou.pinned_memory", "not a size"),
-        (ds_config({"optimizer": {"overlap": "always"}}), "fuyou.optimizer.overlap", "auto"),
-        (ds_config({"params": {"prefetch_layers": -1}}), "fuyou.params.prefetch_layers", "integer >= 0"),
-        (ds_config({"nvme_paths": "/tmp"}), "fuyou.nvme_paths", "list"),
-        (ds_config({"io": "fast"}), "fuyou.io", "JSON object"),
-    ],
-    ids=lambda value: value if isinstance(value, str) else None,
-)
-def test_bad_block_is_rejected_naming_the_field_and_the_fix(config: dict[str, Any], field: str, hint: str) -> None:
+def test_machine_checks_are_skipped_when_validation_is_off(swap: Path) -> None:
+    block = {"nvme_paths": [str(swap / "missing")], "estimator": {"validate": False}}
+    assert FuyouConfig.from_ds_config(ds_config(swap, block)).nvme_paths == (swap / "missing",)
+    with pytest.raises(FuyouConfigError) as caught:  # the block itself is still checked
+        FuyouConfig.from_ds_config(ds_config(swap, {**block, "io": {"threads": 0}}))
+    assert caught.value.fields == ["fuyou.io.threads"]
+
+
+def test_swap_that_does_not_fit_the_free_space_names_the_directory(swap: Path) -> None:
+    config = ds_config(swap, {"nvme_paths": [str(swap / "a"), str(swap / "b")]})
+    assert FuyouConfig.from_ds_config(config, ssd_bytes=1 << 20) is not None
     with pytest.raises(FuyouConfigError) as caught:
-        FuyouConfig.from_ds_config(config)
-    assert caught.value.field == field
-    assert hint in str(caught.value)
+        FuyouConfig.from_ds_config(config, ssd_bytes=1 << 60)
+    # Both directories are on one file system, which needs the whole swap: reported once, at the first of them.
+    assert caught.value.fields == ["fuyou.nvme_paths[0]"]
+    assert "free" in caught.value.reason and "add another SSD" in caught.value.fix
+
+
+def test_fuyou_validate_exits_0_on_a_good_config_and_2_listing_every_problem(swap: Path) -> None:
+    good, bad = swap / "good.json", swap / "bad.json"
+    good.write_text(json.dumps(ds_config(swap, {})))
+    bad.write_text(json.dumps(ds_config(swap, {"io": {"queue_dept": 8}, "params": {"prefetch_layers": -1}})))
+    command = [sys.executable, "-m", "deepspeed_fuyou.cli.main", "validate"]
+    ok = subprocess.run([*command, str(good)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "valid" in ok.stdout, ok.stderr
+    failed = subprocess.run([*command, str(bad)], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2
+    assert "2 problem(s)" in failed.stderr
+    assert "fuyou.io.queue_dept" in failed.stderr and "did you mean 'queue_depth'" in failed.stderr
+    assert "fuyou.params.prefetch_layers = -1" in failed.stderr
+    assert "Traceback" not in failed.stderr
 
 
 def test_a_misspelt_key_stops_an_unchanged_script_before_training(tmp_path: Path) -> None:

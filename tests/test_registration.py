@@ -76,3 +76,18 @@ def test_unregister_restores_deepspeed_classes_and_register_is_idempotent() -> N
         integration.register()
     assert integration.is_registered()
     assert stage3.DeepSpeedZeroOptimizer_Stage3 is integration.zero3_optimizer
+
+
+@pytest.mark.parametrize("module", ["deepspeed_fuyou.swap.zero_optimizer", "deepspeed_fuyou.swap.param_swapper"])
+def test_importing_a_swapper_first_still_registers_and_subclasses_stock_deepspeed(module: str) -> None:
+    """The swappers import DeepSpeed, whose import triggers registration: neither may see the other half-built."""
+    code = f"""
+import {module}
+from deepspeed_fuyou import integration
+from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
+assert integration.is_registered()
+assert FuyouZeroOptimizer.__bases__ == (integration.STOCK_STAGE3,), FuyouZeroOptimizer.__bases__
+assert integration.STOCK_STAGE3.__module__ == "deepspeed.runtime.zero.stage3"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -1,44 +1,29 @@
-"""The `"fuyou"` block of a DeepSpeed config, typed, with the ZeRO fields it depends on cross-checked.
+"""The `"fuyou"` block of a DeepSpeed config, typed, and cross-checked against the ZeRO fields it depends on.
 
 DeepSpeed keeps unknown top-level keys without looking at them, so everything under `"fuyou"` is ours to validate:
 a misspelt key or an impossible value is a FuyouConfigError that names the JSON path, before anything is allocated.
+`FuyouConfig.from_ds_config` is the one entry point: it parses the block, checks the DeepSpeed fields fuyou relies
+on and, unless `estimator.validate` is off, the machine (see `config.checks`), and reports every problem at once.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from deepspeed_fuyou.config.sizes import parse_size
+from pydantic import Field, StrictBool, StrictInt, field_validator
+
+from deepspeed_fuyou.config import checks
+from deepspeed_fuyou.config.schema import FuyouModel, Size, SizeOrAuto, invalid
+from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.errors import FuyouConfigError
 from deepspeed_fuyou.io.engine import IOOptions
 
 BLOCK = "fuyou"
-OVERLAP_MODES = ("auto", "off", "backward", "forward")
-# Sections of the block that later components own; accepted here so configs written for them already load.
-_DEFERRED_SECTIONS = ("activations", "estimator")
-_KEYS = ("nvme_paths", "io", "pinned_memory", "params", "optimizer", *_DEFERRED_SECTIONS)
-_IO_KEYS = ("engine", "block_size", "queue_depth", "threads")
-
-
-def _reject_unknown(section: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> None:
-    if not isinstance(section, Mapping):
-        raise FuyouConfigError(prefix, section, "must be a JSON object", f"write {prefix} as {{...}}")
-    for key in section:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-            raise FuyouConfigError(f"{prefix}.{key}", section[key], "unknown key", hint)
-
-
-def _integer(value: Any, path: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise FuyouConfigError(path, value, f"must be an integer >= {minimum}", f"use e.g. {max(minimum, 2)}")
-    return value
+MIN_PINNED_MEMORY = 16 << 20
+"""The smallest budget that still holds a few staging buffers of every kind."""
 
 
 def host_memory_bytes() -> int:
@@ -51,108 +36,119 @@ def default_pinned_budget() -> int:
     return min(host_memory_bytes() // 4, 8 << 30)
 
 
-@dataclass(frozen=True)
-class ParamsOptions:
+class ParamsOptions(FuyouModel):
     """`fuyou.params`: how far ahead of compute parameters are read from the SSD."""
 
-    prefetch_layers: int = 2
+    json_path: ClassVar[str] = "fuyou.params"
+    prefetch_layers: StrictInt = Field(2, ge=0, examples=[2])
 
 
-@dataclass(frozen=True)
-class OptimizerOptions:
+class OptimizerOptions(FuyouModel):
     """`fuyou.optimizer`: whether optimizer sub-groups are swapped in ahead and written back behind the step."""
 
-    overlap: str = "auto"
+    json_path: ClassVar[str] = "fuyou.optimizer"
+    overlap: Literal["auto", "off", "backward", "forward"] = "auto"
 
     @property
     def pipelined(self) -> bool:
         return self.overlap != "off"
 
 
-@dataclass(frozen=True)
-class FuyouConfig:
-    """The validated block. Hashable, so one process shares one I/O engine and pool per distinct config."""
+class ActivationOptions(FuyouModel):
+    """`fuyou.activations`: which tensors autograd saves for backward go to host memory or the SSD."""
 
-    nvme_paths: tuple[Path, ...]
-    io: IOOptions = field(default_factory=IOOptions)
-    pinned_memory: int = field(default_factory=default_pinned_budget)
-    params: ParamsOptions = field(default_factory=ParamsOptions)
-    optimizer: OptimizerOptions = field(default_factory=OptimizerOptions)
+    json_path: ClassVar[str] = "fuyou.activations"
+    offload: Literal["off", "auto", "all"] = "off"
+    tier: Literal["cpu", "nvme"] = "nvme"
+    min_tensor_size: Size = Field(4 << 20, examples=["4MiB"])
+
+
+class EstimatorOptions(FuyouModel):
+    """`fuyou.estimator`: the checks run before anything is allocated, and the machine they assume."""
+
+    json_path: ClassVar[str] = "fuyou.estimator"
+    # `validate` is a (deprecated) method name of pydantic's BaseModel, so the field takes it as its JSON alias.
+    validate_at_start: StrictBool = Field(True, alias="validate", examples=[True])
+    gpu_memory: SizeOrAuto = Field(None, examples=["auto", "24GiB"])
+    host_memory: SizeOrAuto = Field(None, examples=["auto", "64GiB"])
+    margin: float = Field(0.05, ge=0, lt=0.5, examples=[0.05])
+
+    @property
+    def host_memory_bytes(self) -> int:
+        return self.host_memory if self.host_memory is not None else host_memory_bytes()
+
+
+class FuyouConfig(FuyouModel):
+    """The validated block. Immutable and hashable, so one process shares one I/O engine and pool per config."""
+
+    nvme_paths: tuple[Path, ...] = Field(min_length=1, examples=[["/mnt/nvme0"]])
+    io: IOOptions = IOOptions()
+    pinned_memory: Size = Field(default_factory=default_pinned_budget, examples=["8GiB"])
+    params: ParamsOptions = ParamsOptions()
+    optimizer: OptimizerOptions = OptimizerOptions()
+    activations: ActivationOptions = ActivationOptions()
+    estimator: EstimatorOptions = EstimatorOptions()
+
+    @field_validator("nvme_paths", mode="before")
+    @classmethod
+    def _paths_are_strings(cls, paths: Any) -> Any:
+        if not isinstance(paths, list | tuple) or not paths:
+            raise invalid("must be a non-empty list of directories", 'write e.g. ["/mnt/nvme0", "/mnt/nvme1"]')
+        for path in paths:
+            if not isinstance(path, str | os.PathLike) or not str(path):
+                raise invalid(f"{path!r} is not a directory path", "write each directory as a non-empty string")
+        return paths
+
+    @field_validator("pinned_memory")
+    @classmethod
+    def _holds_a_few_buffers(cls, budget: int) -> int:
+        if budget < MIN_PINNED_MEMORY:
+            raise invalid(
+                f"{format_size(budget)} cannot hold the staging buffers",
+                f"give at least {format_size(MIN_PINNED_MEMORY)}; a quarter of host memory is a good start",
+            )
+        return budget
 
     @classmethod
-    def from_ds_config(cls, ds_config: Mapping[str, Any]) -> FuyouConfig | None:
-        """The block of a DeepSpeed config dict, or None when it has none (then DeepSpeed runs as stock)."""
+    def from_ds_config(cls, ds_config: Mapping[str, Any], ssd_bytes: int | None = None) -> FuyouConfig | None:
+        """The block of a DeepSpeed config dict, or None when it has none (then DeepSpeed runs as stock).
+
+        Raises one FuyouConfigError listing every problem: of the block, of the DeepSpeed fields it depends on and,
+        with `estimator.validate` on, of this machine (`ssd_bytes`, when known, is checked against free space).
+        """
         block = ds_config.get(BLOCK)
         if block is None:
             return None
-        _reject_unknown(block, _KEYS, BLOCK)
-        zero = ds_config.get("zero_optimization") or {}
-        _check_zero(zero)
-        io_block = block.get("io", {})
-        _reject_unknown(io_block, _IO_KEYS, "fuyou.io")
-        params = block.get("params", {})
-        _reject_unknown(params, ("prefetch_layers",), "fuyou.params")
-        optimizer = block.get("optimizer", {})
-        _reject_unknown(optimizer, ("overlap",), "fuyou.optimizer")
-        overlap = optimizer.get("overlap", "auto")
-        if overlap not in OVERLAP_MODES:
-            raise FuyouConfigError("fuyou.optimizer.overlap", overlap, "unknown mode", f"use one of {OVERLAP_MODES}")
-        pinned = block.get("pinned_memory")
-        budget = default_pinned_budget() if pinned is None else parse_size(pinned, "fuyou.pinned_memory")
-        if budget > host_memory_bytes():
-            raise FuyouConfigError(
-                "fuyou.pinned_memory",
-                pinned,
-                f"larger than this machine's memory ({host_memory_bytes()} bytes)",
-                "lower it; a quarter of host memory is a safe start",
-            )
-        return cls(
-            nvme_paths=_nvme_paths(block, zero),
-            io=IOOptions(**io_block),
-            pinned_memory=budget,
-            params=ParamsOptions(_integer(params.get("prefetch_layers", 2), "fuyou.params.prefetch_layers", 0)),
-            optimizer=OptimizerOptions(overlap),
-        )
+        problems = checks.deepspeed_problems(ds_config)
+        if not isinstance(block, Mapping):
+            problems.insert(0, FuyouConfigError(BLOCK, block, "must be a JSON object", 'write "fuyou": {...}'))
+            raise FuyouConfigError.combine(problems)
+        offload_paths = checks.offload_nvme_paths(ds_config)
+        block = {"nvme_paths": offload_paths, **block} if offload_paths else dict(block)
+        try:
+            config = cls.parse(block)
+            block_problems = []
+        except FuyouConfigError as err:
+            block_problems = err.problems
+            config = cls._without_bad_keys(block, block_problems)
+        if config is not None and config.estimator.validate_at_start:
+            reported = {_key_of(problem.field) for problem in block_problems}
+            problems += [p for p in checks.machine_problems(config, ssd_bytes) if _key_of(p.field) not in reported]
+        problems[:0] = block_problems
+        if problems:
+            raise FuyouConfigError.combine(problems)
+        return config
+
+    @classmethod
+    def _without_bad_keys(cls, block: dict[str, Any], problems: list[FuyouConfigError]) -> FuyouConfig | None:
+        """The block less the keys that have problems, so that the machine checks of the rest are reported too."""
+        bad = {_key_of(problem.field) for problem in problems}
+        try:
+            return cls.parse({key: value for key, value in block.items() if key not in bad})
+        except FuyouConfigError:
+            return None
 
 
-def _check_zero(zero: Mapping[str, Any]) -> None:
-    """The block only means something for ZeRO-3 with at least one kind of state offloaded to NVMe."""
-    stage = zero.get("stage", 0)
-    if stage != 3:
-        raise FuyouConfigError(
-            "zero_optimization.stage", stage, "the fuyou block needs ZeRO stage 3", 'set "stage": 3 or remove "fuyou"'
-        )
-    devices = {name: (zero.get(name) or {}).get("device", "none") for name in ("offload_param", "offload_optimizer")}
-    if "nvme" not in devices.values():
-        raise FuyouConfigError(
-            "zero_optimization.offload_param.device",
-            devices["offload_param"],
-            "the fuyou block swaps to NVMe, but neither parameters nor optimizer states are offloaded there",
-            'set offload_param and/or offload_optimizer "device": "nvme", or remove "fuyou"',
-        )
-    if (zero.get("offload_optimizer") or {}).get("fast_init"):
-        raise FuyouConfigError(
-            "zero_optimization.offload_optimizer.fast_init",
-            True,
-            "fast_init reads DeepSpeed's own swap-file layout, which fuyou replaces",
-            "remove fast_init; fuyou initialises optimizer files with pipelined I/O anyway",
-        )
-
-
-def _nvme_paths(block: Mapping[str, Any], zero: Mapping[str, Any]) -> tuple[Path, ...]:
-    paths = block.get("nvme_paths")
-    if paths is None:
-        offload = [(zero.get(name) or {}) for name in ("offload_param", "offload_optimizer")]
-        paths = list(dict.fromkeys(o["nvme_path"] for o in offload if o.get("device") == "nvme" and o.get("nvme_path")))
-        if not paths:
-            raise FuyouConfigError(
-                "fuyou.nvme_paths", None, "no SSD directory given", 'list one, e.g. "nvme_paths": ["/mnt/nvme0"]'
-            )
-    if isinstance(paths, str) or not isinstance(paths, list) or not paths:
-        raise FuyouConfigError(
-            "fuyou.nvme_paths", paths, "must be a non-empty list of directories", 'write e.g. ["/mnt/nvme0"]'
-        )
-    for i, path in enumerate(paths):
-        if not isinstance(path, str) or not path:
-            raise FuyouConfigError(f"fuyou.nvme_paths[{i}]", path, "must be a directory path", "write it as a string")
-    return tuple(Path(p) for p in paths)
+def _key_of(field: str) -> str:
+    """The key of the block a JSON path is under: "fuyou.io.threads" -> "io", "fuyou.nvme_paths[1]" -> "nvme_paths"."""
+    return field.removeprefix(f"{BLOCK}.").split(".")[0].split("[")[0]

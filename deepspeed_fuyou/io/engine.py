@@ -11,45 +11,39 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, StrictInt, field_validator
 
-from deepspeed_fuyou.config.sizes import parse_size
+from deepspeed_fuyou.config.schema import FuyouModel, Size, invalid
 from deepspeed_fuyou.errors import FuyouConfigError, FuyouIOError
 from deepspeed_fuyou.io import native
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "aio", "io_uring", "threads")
 ALIGNMENT: int = native.ALIGNMENT
 
 # Directories already announced as lacking O_DIRECT: the fallback is logged once per directory, not per request.
 _announced_fallback_dirs: set[str] = set()
 
 
-@dataclass(frozen=True)
-class IOOptions:
+class IOOptions(FuyouModel):
     """The `"fuyou".io` block: which kernel interface moves the bytes, and how much is in flight."""
 
-    engine: str = "auto"
-    block_size: int = 1 << 20
-    queue_depth: int = 32
-    threads: int = 4
+    json_path: ClassVar[str] = "fuyou.io"
 
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise FuyouConfigError("fuyou.io.engine", self.engine, "unknown I/O engine", f"use one of {ENGINES}")
-        block = parse_size(self.block_size, "fuyou.io.block_size")
+    engine: Literal["auto", "aio", "io_uring", "threads"] = "auto"
+    block_size: Size = Field(1 << 20, examples=["1MiB"])
+    queue_depth: StrictInt = Field(32, ge=1, examples=[32])
+    threads: StrictInt = Field(4, ge=1, examples=[4])
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, block: int) -> int:
         if block < ALIGNMENT or block & (block - 1):
-            raise FuyouConfigError(
-                "fuyou.io.block_size", self.block_size, "must be a power of two of at least 4KiB", 'use e.g. "1MiB"'
-            )
-        object.__setattr__(self, "block_size", block)
-        for name in ("queue_depth", "threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FuyouConfigError(f"fuyou.io.{name}", value, "must be an integer >= 1", "use e.g. 32 or 4")
+            raise invalid(f"must be a power of two of at least {ALIGNMENT} bytes", 'use e.g. "1MiB"')
+        return block
 
 
 class IOFuture:

@@ -9,6 +9,7 @@ time a SwapSpace is made on the same path.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -48,16 +49,49 @@ def _remove_stale(root: Path) -> None:
 
 
 def check_swap_root(root: str | os.PathLike, field: str) -> Path:
-    """The directory `root` if it exists and is writable; otherwise a FuyouConfigError naming `field`."""
+    """The directory `root` if it exists and files can be created in it; otherwise a FuyouConfigError naming `field`.
+
+    Writability is tried, not read from the mode bits: root passes every permission check, yet cannot write to a
+    read-only file system.
+    """
     path = Path(root)
-    if not path.is_dir():
-        reason = "is not a directory" if path.exists() else "does not exist"
-        raise FuyouConfigError(field, str(root), reason, f"create it (mkdir -p {root}) or choose another directory")
-    if not os.access(path, os.W_OK | os.X_OK):
+    if path.exists() and not path.is_dir():
+        raise FuyouConfigError(field, str(root), "is a file, not a directory", "give a directory on an SSD")
+    if not path.exists():
         raise FuyouConfigError(
-            field, str(root), "is not writable by this user", "fix its permissions or choose another directory"
+            field, str(root), "does not exist", f"create it (mkdir -p {root}) or choose another directory"
         )
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise FuyouConfigError(
+            field,
+            str(root),
+            f"files cannot be created there ({err.strerror})",
+            "make it writable by this user, or choose a directory on a writable SSD",
+        ) from None
     return path
+
+
+def supports_o_direct(root: Path) -> bool:
+    """Whether an aligned O_DIRECT write works in `root` (tmpfs, some network and FUSE file systems refuse it)."""
+    fd, name = tempfile.mkstemp(dir=root, prefix=".fuyou-probe-")
+    os.close(fd)
+    try:
+        direct = os.open(name, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    finally:
+        os.unlink(name)
+    try:
+        with mmap.mmap(-1, 4096) as aligned:  # page-aligned, as O_DIRECT requires
+            os.write(direct, aligned)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(direct)
 
 
 class SwapSpace:

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.integration import STOCK_STAGE3
 from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
 from deepspeed_fuyou.swap.param_swapper import PREFETCH_SHARE
 from deepspeed_fuyou.swap.runtime import SwapRuntime
@@ -31,11 +31,12 @@ _SUBGROUP_TENSORS_IN_FLIGHT = 3 * 4
 
 log = logging.getLogger(__name__)
 
-# DeepSpeed's names (in "zero_optimization") for the three knobs `prefetch_window` derives, with their aliases.
+# DeepSpeed's names (in "zero_optimization") for the knobs `prefetch_window` derives, with their aliases.
 _WINDOW_KEYS = {
     "prefetch_bucket_size": ("stage3_prefetch_bucket_size", "prefetch_bucket_size"),
     "max_live_parameters": ("stage3_max_live_parameters", "max_live_parameters"),
     "max_reuse_distance": ("stage3_max_reuse_distance", "max_reuse_distance"),
+    "reduce_bucket_size": ("reduce_bucket_size",),
 }
 
 
@@ -61,13 +62,16 @@ def prefetch_window(module: torch.nn.Module, prefetch_layers: int) -> dict[str, 
     prefetch bucket is a fraction of a layer of a large model or several small models at once. Here the prefetch
     reaches `prefetch_layers` layers ahead, at most that plus the layer being computed stays gathered, and a
     parameter is kept only when it is reused within one layer's worth of compute (recomputation under activation
-    checkpointing, tied weights in neighbouring modules).
+    checkpointing, tied weights in neighbouring modules). Gradients are reduced one layer at a time: the stock
+    5e8-element bucket holds every gradient of a smaller model in device memory until the end of backward (host
+    memory on the CPU accelerator, 4 bytes per parameter).
     """
     layer = layer_numel(module)
     return {
         "prefetch_bucket_size": prefetch_layers * layer,
         "max_live_parameters": (prefetch_layers + 1) * layer,
         "max_reuse_distance": layer,
+        "reduce_bucket_size": layer,
     }
 
 
@@ -82,7 +86,7 @@ def sub_group_cap(config: FuyouConfig, master_itemsize: int = 4) -> int:
     return max(1, share // (_SUBGROUP_TENSORS_IN_FLIGHT * master_itemsize))
 
 
-class FuyouZeroOptimizer(DeepSpeedZeroOptimizer_Stage3):
+class FuyouZeroOptimizer(STOCK_STAGE3):
     """Stage 3 for configs with a `"fuyou"` block (the registration picks stock stage 3 for all others)."""
 
     def __init__(self, module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,59 @@
+"""`fuyou validate ds.json`: every problem of a DeepSpeed config's `"fuyou"` block, before anything is allocated.
+
+Checks the block itself (types, ranges, unknown keys with a did-you-mean), the DeepSpeed fields it depends on
+(ZeRO stage 3, NVMe offload, one half precision, the micro-batch) and this machine (swap directories exist and are
+writable, O_DIRECT, the pinned budget against host memory). Exits 0 when the config is valid, 2 with every problem
+listed when it is not; warnings (slower but working settings) are printed and do not fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from deepspeed_fuyou.config.checks import FuyouConfigWarning
+from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
+from deepspeed_fuyou.errors import FuyouConfigError
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    try:
+        ds_config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FuyouConfigError(
+            str(path), None, f"cannot read the config ({err})", "give a DeepSpeed JSON file"
+        ) from None
+    if not isinstance(ds_config, dict):
+        raise FuyouConfigError(str(path), ds_config, "not a JSON object", "give a DeepSpeed JSON config")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FuyouConfigWarning)
+        try:
+            config = FuyouConfig.from_ds_config(ds_config)
+        except FuyouConfigError as err:
+            print(f"{path}: {len(err.problems)} problem(s):", file=sys.stderr)
+            for problem in err.problems:
+                print(f"  {problem.line()}", file=sys.stderr)
+            return 2
+        finally:
+            for warning in caught:
+                print(f"{path}: warning: {warning.message}", file=sys.stderr)
+    if config is None:
+        print(f'{path}: no "{BLOCK}" block: DeepSpeed runs as stock, nothing of fuyou to validate')
+    else:
+        print(f"{path}: valid")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a DeepSpeed config's fuyou block, its ZeRO settings and this machine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="the DeepSpeed JSON config")
+    parser.set_defaults(run=run)

@@ -1,0 +1,159 @@
+"""What the `"fuyou"` block cannot check about itself: the DeepSpeed fields it relies on, and this machine.
+
+`deepspeed_problems` always runs: a fuyou block on a config fuyou cannot serve is a mistake whatever the machine.
+`machine_problems` runs when `estimator.validate` is on (the default): swap directories that are missing, not
+writable or too small, and a pinned budget the host cannot give. Each returns every problem it finds, so that
+`FuyouConfig.from_ds_config` and `fuyou validate` report them all at once; what only costs speed (no O_DIRECT)
+is a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepspeed_fuyou.config.sizes import format_size
+from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.io.swap_space import check_swap_root, supports_o_direct
+
+if TYPE_CHECKING:
+    from deepspeed_fuyou.config.fuyou import FuyouConfig
+
+_OFFLOADS = ("offload_param", "offload_optimizer")
+
+
+class FuyouConfigWarning(UserWarning):
+    """A setting that works, but slower or differently than the user probably expects."""
+
+
+def _section(ds_config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = ds_config.get(name)
+    return value if isinstance(value, Mapping) else {}
+
+
+def offload_nvme_paths(ds_config: Mapping[str, Any]) -> list[str]:
+    """The `nvme_path`s of the ZeRO offload blocks that point at NVMe: where `fuyou.nvme_paths` defaults to."""
+    zero = _section(ds_config, "zero_optimization")
+    offloads = [_section(zero, name) for name in _OFFLOADS]
+    return list(dict.fromkeys(o["nvme_path"] for o in offloads if o.get("device") == "nvme" and o.get("nvme_path")))
+
+
+def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
+    """The DeepSpeed fields a fuyou block depends on: ZeRO-3 with NVMe offload, one half precision, a micro-batch."""
+    problems = []
+    zero = _section(ds_config, "zero_optimization")
+    stage = zero.get("stage", 0)
+    if stage != 3:
+        problems.append(
+            FuyouConfigError(
+                "zero_optimization.stage",
+                stage,
+                "the fuyou block needs ZeRO stage 3",
+                'set "stage": 3 or remove "fuyou"',
+            )
+        )
+    devices = {name: _section(zero, name).get("device", "none") for name in _OFFLOADS}
+    if "nvme" not in devices.values():
+        problems.append(
+            FuyouConfigError(
+                "zero_optimization.offload_param.device",
+                devices["offload_param"],
+                "the fuyou block swaps to NVMe, but neither parameters nor optimizer states are offloaded there",
+                'set offload_param and/or offload_optimizer "device": "nvme", or remove "fuyou"',
+            )
+        )
+    if _section(zero, "offload_optimizer").get("fast_init"):
+        problems.append(
+            FuyouConfigError(
+                "zero_optimization.offload_optimizer.fast_init",
+                True,
+                "fast_init reads DeepSpeed's own swap-file layout, which fuyou replaces",
+                "remove fast_init; fuyou initialises optimizer files with pipelined I/O anyway",
+            )
+        )
+    if _section(ds_config, "fp16").get("enabled") and _section(ds_config, "bf16").get("enabled"):
+        problems.append(
+            FuyouConfigError(
+                "bf16.enabled", True, "fp16 and bf16 are both enabled", "enable one of them (bf16 on GPUs that have it)"
+            )
+        )
+    micro_batch = ds_config.get("train_micro_batch_size_per_gpu")
+    if micro_batch not in (None, "auto") and (type(micro_batch) is not int or micro_batch < 1):
+        problems.append(
+            FuyouConfigError(
+                "train_micro_batch_size_per_gpu", micro_batch, "must be an integer >= 1", "use e.g. 1 or 4"
+            )
+        )
+    return problems
+
+
+def machine_problems(config: FuyouConfig, ssd_bytes: int | None = None) -> list[FuyouConfigError]:
+    """Swap directories and host memory of this machine against the config (and `ssd_bytes` of swap, when known)."""
+    problems = []
+    usable: dict[int, list[Path]] = defaultdict(list)  # file system (st_dev) -> swap directories on it
+    seen: dict[Path, int] = {}
+    for i, path in enumerate(config.nvme_paths):
+        field = f"fuyou.nvme_paths[{i}]"
+        resolved = path.resolve()
+        if resolved in seen:
+            problems.append(
+                FuyouConfigError(
+                    field, str(path), f"the same directory as fuyou.nvme_paths[{seen[resolved]}]", "list it once"
+                )
+            )
+            continue
+        seen[resolved] = i
+        try:
+            check_swap_root(path, field)
+        except FuyouConfigError as err:
+            problems.append(err)
+            continue
+        usable[os.stat(path).st_dev].append(path)
+        if not supports_o_direct(path):
+            warnings.warn(
+                f"{field} = {str(path)!r}: the file system does not support O_DIRECT; fuyou falls back to buffered "
+                "I/O there, which is slower and fills the page cache. Put swap directories on an SSD file system "
+                "such as ext4 or xfs.",
+                FuyouConfigWarning,
+                stacklevel=2,
+            )
+    if ssd_bytes is not None:
+        problems += _space_problems(config, usable, ssd_bytes)
+    host = config.estimator.host_memory_bytes
+    usable_host = int(host * (1 - config.estimator.margin))
+    if config.pinned_memory > usable_host:
+        problems.append(
+            FuyouConfigError(
+                "fuyou.pinned_memory",
+                format_size(config.pinned_memory),
+                f"more than this machine's {format_size(host)} of memory, less the {config.estimator.margin:.0%} "
+                "margin (pinned memory cannot be swapped out)",
+                f"lower it; a quarter of host memory ({format_size(host // 4)}) is a safe start",
+            )
+        )
+    return problems
+
+
+def _space_problems(config: FuyouConfig, usable: dict[int, list[Path]], ssd_bytes: int) -> list[FuyouConfigError]:
+    """Files are striped evenly over the paths: each file system needs its paths' share of `ssd_bytes`."""
+    problems = []
+    share = ssd_bytes / len(config.nvme_paths)
+    for paths in usable.values():
+        need = int(share * len(paths))
+        free = shutil.disk_usage(paths[0]).free
+        if need > free:
+            i = config.nvme_paths.index(paths[0])
+            problems.append(
+                FuyouConfigError(
+                    f"fuyou.nvme_paths[{i}]",
+                    str(paths[0]),
+                    f"needs {format_size(need)} of swap space, has {format_size(free)} free",
+                    "free space there, or add another SSD to fuyou.nvme_paths (files are striped over all of them)",
+                )
+            )
+    return problems
