@@ -29,7 +29,7 @@ from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartiti
 from deepspeed.runtime.zero import partition_parameters, stage3
 from packaging.version import Version
 
-from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
 from deepspeed_fuyou.errors import FuyouError
 
 SUPPORTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))  # [low, high): the versions whose internals we checked
@@ -53,7 +53,7 @@ def parameter_swapper(ds_config: Any, model_dtype: Any) -> Any:
 
 def zero3_optimizer(module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> Any:
     """Factory in place of `DeepSpeedZeroOptimizer_Stage3(...)` inside the engine."""
-    if FuyouConfig.from_ds_config(kwargs["ds_config"]) is None:
+    if kwargs["ds_config"].get(BLOCK) is None:  # FuyouZeroOptimizer validates the block itself
         return STOCK_STAGE3(module, init_optimizer, param_names, *args, **kwargs)
     from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
 

@@ -81,7 +81,7 @@ class EstimatorOptions(FuyouModel):
 class FuyouConfig(FuyouModel):
     """The validated block. Immutable and hashable, so one process shares one I/O engine and pool per config."""
 
-    nvme_paths: tuple[Path, ...] = Field(min_length=1, examples=[["/mnt/nvme0"]])
+    nvme_paths: tuple[Path, ...] = Field(examples=[["/mnt/nvme0"]])  # non-empty: see _paths_are_strings
     io: IOOptions = IOOptions()
     pinned_memory: Size = Field(default_factory=default_pinned_budget, examples=["8GiB"])
     params: ParamsOptions = ParamsOptions()

@@ -55,12 +55,12 @@ class FuyouModel(BaseModel):
             raise config_error(err, type(self), self.json_path) from None
 
     @classmethod
-    def parse(cls, data: Any, json_path: str | None = None) -> FuyouModel:
+    def parse(cls, data: Any) -> FuyouModel:
         """Validates raw JSON data, raising one FuyouConfigError that lists every problem."""
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise config_error(err, cls, json_path or cls.json_path) from None
+            raise config_error(err, cls, cls.json_path) from None
 
 
 def config_error(err: ValidationError, model: type[BaseModel], json_path: str) -> FuyouConfigError:
