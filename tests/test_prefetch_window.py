@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from deepspeed_fuyou.swap.zero_optimizer import _explicit_window_settings, layer_numel, prefetch_window
+from deepspeed_fuyou.swap.sizing import explicit_window_settings, layer_numel, prefetch_window
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-tiny"
 
@@ -43,9 +43,9 @@ def test_window_reaches_prefetch_layers_ahead_and_reduces_one_layer_at_a_time(mo
 
 def test_deepspeed_knobs_the_user_set_are_kept() -> None:
     zero = {"stage": 3, "stage3_max_live_parameters": 10, "prefetch_bucket_size": 5, "reduce_bucket_size": 7}
-    assert _explicit_window_settings({"zero_optimization": zero}) == {
+    assert explicit_window_settings({"zero_optimization": zero}) == {
         "max_live_parameters",
         "prefetch_bucket_size",
         "reduce_bucket_size",
     }
-    assert _explicit_window_settings({}) == set()
+    assert explicit_window_settings({}) == set()

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from deepspeed_fuyou.cli import bench_io, validate
+from deepspeed_fuyou.cli import bench_io, estimate, validate
 from deepspeed_fuyou.errors import FuyouError
 
 
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuyou", description="deepspeed-fuyou tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
     bench_io.add_parser(subparsers)
+    estimate.add_parser(subparsers)
     validate.add_parser(subparsers)
     return parser
 

@@ -9,11 +9,11 @@ listed when it is not; warnings (slower but working settings) are printed and do
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
 
+from deepspeed_fuyou.cli.args import add_model_arguments, read_ds_config
 from deepspeed_fuyou.config.checks import FuyouConfigWarning
 from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
 from deepspeed_fuyou.errors import FuyouConfigError
@@ -21,14 +21,7 @@ from deepspeed_fuyou.errors import FuyouConfigError
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.config)
-    try:
-        ds_config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FuyouConfigError(
-            str(path), None, f"cannot read the config ({err})", "give a DeepSpeed JSON file"
-        ) from None
-    if not isinstance(ds_config, dict):
-        raise FuyouConfigError(str(path), ds_config, "not a JSON object", "give a DeepSpeed JSON config")
+    ds_config = read_ds_config(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FuyouConfigWarning)
         try:
@@ -43,9 +36,27 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{path}: warning: {warning.message}", file=sys.stderr)
     if config is None:
         print(f'{path}: no "{BLOCK}" block: DeepSpeed runs as stock, nothing of fuyou to validate')
-    else:
+    elif args.model is None:
         print(f"{path}: valid")
+    else:
+        return _fits(path, args)
     return 0
+
+
+def _fits(path: Path, args: argparse.Namespace) -> int:
+    """With --model, a valid config must also fit: the estimate's problems are validation errors."""
+    from deepspeed_fuyou.cli.estimate import estimate_from_args
+
+    result = estimate_from_args(args)
+    if result.fits:
+        print(f"{path}: valid, and {args.model} fits ({result.chosen.name})")
+        return 0
+    print(f"{path}: {args.model} does not fit, {len(result.problems)} problem(s):", file=sys.stderr)
+    for problem in result.problems:
+        print(f"  {problem}", file=sys.stderr)
+    for suggestion in result.suggestions:
+        print(f"  fix: {suggestion}", file=sys.stderr)
+    return 2
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -56,4 +67,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="the DeepSpeed JSON config")
+    add_model_arguments(parser, required=False)
     parser.set_defaults(run=run)

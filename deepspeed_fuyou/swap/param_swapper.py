@@ -22,10 +22,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned
-
-# Share of the pinned budget that parameter reads in flight may hold; the rest stays for optimizer sub-groups
-# and write-back staging, which run while prefetched parameters are still held.
-PREFETCH_SHARE = 0.5
+from deepspeed_fuyou.swap.sizing import PREFETCH_SHARE
 
 
 class FuyouParamSwapper:

@@ -1,0 +1,87 @@
+"""`fuyou estimate --model M --config ds.json`: will this training setup fit, on which device, and what to change.
+
+The model (a Hugging Face id, a config.json or a model directory) is built on fake tensors: no weights are
+downloaded or allocated, and one fake forward pass gives the activations autograd will save. Prints stock
+ZeRO-Infinity and fuyou side by side, per rank: accelerator, pinned host, pageable host and SSD peaks with their
+breakdown, then the verdict for the plan the config selects. Exits 0 when it fits, 3 when it does not, 2 when the
+config or model is invalid. `--json` prints one JSON object instead (see the README for its keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from deepspeed_fuyou.cli.args import add_model_arguments, read_ds_config
+from deepspeed_fuyou.config.sizes import format_size
+from deepspeed_fuyou.estimator.estimate import Estimate, estimate
+from deepspeed_fuyou.estimator.memory import COMPONENTS, DEVICES
+
+DOES_NOT_FIT = 3
+DEVICE_NAMES = {"gpu": "accelerator", "pinned_host": "pinned host", "pageable_host": "pageable host", "ssd": "SSD"}
+
+
+def run(args: argparse.Namespace) -> int:
+    result = estimate_from_args(args)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(render(result))
+    return 0 if result.fits else DOES_NOT_FIT
+
+
+def estimate_from_args(args: argparse.Namespace) -> Estimate:
+    return estimate(
+        args.model,
+        read_ds_config(args.config),
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        world_size=args.world_size,
+    )
+
+
+def render(result: Estimate) -> str:
+    """The side-by-side table and the verdict, for people."""
+    inputs = result.inputs
+    plans = [plan for plan in (result.stock, result.fuyou) if plan is not None]
+    lines = [
+        f"{inputs['model']}: {inputs['parameters'] / 1e6:.1f}M parameters, {inputs['dtype']}, micro-batch "
+        f"{inputs['micro_batch']} x {inputs['seq_len']} tokens, {inputs['world_size']} rank(s); bytes per rank",
+        "",
+        f"{'':32}" + "".join(f"{plan.name + (' (selected)' if plan is result.chosen else ''):>20}" for plan in plans),
+    ]
+    for device in DEVICES:
+        lines.append(
+            f"{DEVICE_NAMES[device] + ' peak':32}"
+            + "".join(f"{format_size(p.device(device).total):>20}" for p in plans)
+        )
+        for component in COMPONENTS:
+            values = [getattr(p.device(device), component) for p in plans]
+            if any(values):
+                lines.append(f"  {component:30}" + "".join(f"{format_size(v):>20}" for v in values))
+    machine = result.machine
+    accelerator = "shares host memory" if machine.gpu_memory is None else format_size(machine.gpu_memory)
+    lines += [
+        "",
+        f"machine: accelerator {accelerator}, host {format_size(machine.host_memory)}, margin {machine.margin:.0%}",
+    ]
+    if result.fits:
+        lines.append(f"verdict: fits ({result.chosen.name})")
+    else:
+        lines.append(f"verdict: does NOT fit ({result.chosen.name})")
+        lines += [f"  - {problem}" for problem in result.problems]
+        lines += ["what to change:", *[f"  - {suggestion}" for suggestion in result.suggestions]]
+    return "\n".join(lines)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "estimate",
+        help="predict accelerator, host and SSD memory of a model + DeepSpeed config, stock vs fuyou",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(parser, required=True)
+    parser.add_argument("--config", required=True, help="the DeepSpeed JSON config")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)

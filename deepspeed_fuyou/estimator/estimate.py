@@ -1,0 +1,209 @@
+"""The estimate of one training setup: both plans, the machine's limits, and a verdict with what to change.
+
+`estimate(model, ds_config, seq_len=...)` builds the model on fake tensors, traces one forward for its activations,
+lays out ZeRO-3 for the world size, and prices stock ZeRO-Infinity and fuyou side by side. The plan the config
+selects (fuyou when it has a `"fuyou"` block) is judged against the machine: each device's peak against its memory
+less `estimator.margin`, each SSD path's bytes against its free space. When something does not fit, the
+suggestions name the cheapest change that does, computed from the same model (activations scale with the
+micro-batch, so the largest micro-batch that fits is exact to one sequence).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from deepspeed_fuyou.config.checks import machine_problems
+from deepspeed_fuyou.config.fuyou import EstimatorOptions, host_memory_bytes
+from deepspeed_fuyou.config.sizes import format_size
+from deepspeed_fuyou.estimator.memory import DEVICES, ModelFacts, Plan, fuyou_plan, stock_plan
+from deepspeed_fuyou.estimator.model import ModelSpec, build_fake_model, load_model_config
+from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout
+from deepspeed_fuyou.swap.sizing import layer_numel, stage3_overrides
+
+RUNTIME_OVERHEAD_HOST = 512 << 20
+"""Pageable host memory of the training process before any model state: Python, torch, DeepSpeed, transformers
+and the collective backend (measured on the CPU accelerator, see benchmarks/RESULTS.md)."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The limits the verdict uses. `gpu_memory` None: the accelerator is the host (DeepSpeed's CPU accelerator)."""
+
+    gpu_memory: int | None
+    host_memory: int
+    margin: float = 0.05
+
+    @classmethod
+    def detect(cls, options: EstimatorOptions | None = None) -> Machine:
+        """This machine, with what `fuyou.estimator` states explicitly taking precedence."""
+        options = options or EstimatorOptions()
+        gpu = options.gpu_memory
+        if gpu is None and torch.cuda.is_available():
+            gpu = torch.cuda.get_device_properties(0).total_memory
+        return cls(gpu, options.host_memory_bytes, options.margin)
+
+    def usable(self, nbytes: int) -> int:
+        return int(nbytes * (1 - self.margin))
+
+
+@dataclass
+class Estimate:
+    """Both plans, the one the config selects, and whether (and how) it fits the machine."""
+
+    inputs: dict[str, Any]
+    stock: Plan
+    fuyou: Plan | None
+    machine: Machine
+    problems: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> Plan:
+        return self.fuyou or self.stock
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        """The `fuyou estimate --json` object: the chosen plan's peaks at top level, both plans in `plans`."""
+        return {
+            **_plan_json(self.chosen),
+            "plan": self.chosen.name,
+            "fits": self.fits,
+            "problems": self.problems,
+            "suggestions": self.suggestions,
+            "inputs": self.inputs,
+            "machine": asdict(self.machine),
+            "plans": {plan.name: _plan_json(plan) for plan in (self.stock, self.fuyou) if plan is not None},
+        }
+
+
+def _plan_json(plan: Plan) -> dict[str, Any]:
+    return {
+        "gpu_peak_bytes": plan.gpu.total,
+        "pinned_host_peak_bytes": plan.pinned_host.total,
+        "pageable_host_peak_bytes": plan.pageable_host.total,
+        "ssd_bytes": plan.ssd.total,
+        "ssd_bytes_per_path": dict(plan.ssd_per_path),
+        "breakdown": {device: asdict(plan.device(device)) for device in DEVICES},
+    }
+
+
+def estimate(
+    model: ModelSpec,
+    ds_config: Mapping[str, Any],
+    seq_len: int,
+    micro_batch: int | None = None,
+    world_size: int = 1,
+    machine: Machine | None = None,
+) -> Estimate:
+    """Prices one training step of `model` under `ds_config` per rank; nothing real is allocated."""
+    setup = TrainingSetup.from_ds_config(ds_config, seq_len, micro_batch, world_size)
+    fake = build_fake_model(load_model_config(model), setup.dtype)
+    facts = ModelFacts(
+        numels=tuple(p.numel for p in fake.params),
+        layer_numel=layer_numel(fake.module),
+        saved=fake.saved_tensors(setup.micro_batch, seq_len),
+    )
+    zero = setup.zero
+    stock = stock_plan(ZeroLayout.build(facts.numels, world_size, zero.sub_group_size), setup, facts)
+    plan = None
+    if setup.fuyou is not None:
+        window = {"max_live_parameters": zero.max_live_parameters, "reduce_bucket_size": zero.reduce_bucket_size}
+        window.update(stage3_overrides(fake.module, setup.fuyou, ds_config, zero.sub_group_size))
+        layout = ZeroLayout.build(facts.numels, world_size, window["sub_group_size"])
+        plan = fuyou_plan(layout, setup, facts, window, [str(p) for p in setup.fuyou.nvme_paths])
+    for each in (stock, plan):
+        if each is not None:
+            each.pageable_host.overhead = RUNTIME_OVERHEAD_HOST
+    machine = machine or Machine.detect(setup.fuyou.estimator if setup.fuyou else None)
+    result = Estimate(
+        inputs={
+            "model": getattr(fake.module.config, "name_or_path", "") or str(model),
+            "parameters": sum(facts.numels),
+            "micro_batch": setup.micro_batch,
+            "seq_len": seq_len,
+            "world_size": world_size,
+            "dtype": str(setup.dtype).removeprefix("torch."),
+        },
+        stock=stock,
+        fuyou=plan,
+        machine=machine,
+    )
+    _judge(result, setup)
+    return result
+
+
+def _judge(result: Estimate, setup: TrainingSetup) -> None:
+    """Fills `problems` (what exceeds which limit, by how much) and `suggestions` (the cheapest fixes)."""
+    plan, machine = result.chosen, result.machine
+    activations = plan.gpu.activations + plan.gpu.temporaries
+    host = plan.pinned_host.total + plan.pageable_host.total
+    if machine.gpu_memory is None:  # the accelerator's bytes are host bytes
+        host += plan.gpu.total
+        accelerator_limit, accelerator_need, where = machine.host_memory, host, "host memory"
+    else:
+        accelerator_limit, accelerator_need, where = machine.gpu_memory, plan.gpu.total, "GPU memory"
+        if host > machine.usable(machine.host_memory):
+            _over(result, "host memory", host, machine.host_memory)
+            _suggest_host(result, setup)
+    if accelerator_need > machine.usable(accelerator_limit):
+        _over(result, where, accelerator_need, accelerator_limit)
+        room = machine.usable(accelerator_limit) - (accelerator_need - activations)
+        per_sequence = activations / setup.micro_batch
+        fitting = int(room // per_sequence) if per_sequence else 0
+        if 1 <= fitting < setup.micro_batch:
+            result.suggestions.append(
+                f"lower train_micro_batch_size_per_gpu from {setup.micro_batch} to {fitting} (activations and "
+                f"their gradients: {format_size(activations)} -> {format_size(int(per_sequence * fitting))})"
+            )
+        elif fitting < 1:
+            result.suggestions.append(
+                f"one sequence of {setup.seq_len} tokens needs {format_size(int(per_sequence))} of activations: "
+                "shorten the sequences or enable gradient checkpointing (model.gradient_checkpointing_enable())"
+            )
+        if machine.gpu_memory is None:
+            _suggest_host(result, setup)
+    if result.fuyou is not None:
+        for problem in machine_problems(setup.fuyou, plan.ssd.total):
+            result.problems.append(problem.line())
+            result.suggestions.append(problem.fix)
+    else:
+        _check_stock_paths(result)
+
+
+def _over(result: Estimate, where: str, need: int, limit: int) -> None:
+    margin = result.machine.margin
+    result.problems.append(
+        f"{where}: needs {format_size(need)}, has {format_size(limit)} ({margin:.0%} kept free): "
+        f"{format_size(need - result.machine.usable(limit))} over"
+    )
+
+
+def _suggest_host(result: Estimate, setup: TrainingSetup) -> None:
+    if result.fuyou is None:
+        fuyou_host = 'add a "fuyou" block: its swappers stage everything through one pinned budget'
+        result.suggestions.append(fuyou_host)
+    else:
+        quarter = host_memory_bytes() // 4
+        if setup.fuyou.pinned_memory > quarter:
+            result.suggestions.append(f"lower fuyou.pinned_memory to {format_size(quarter)}")
+
+
+def _check_stock_paths(result: Estimate) -> None:
+    for path, need in result.stock.ssd_per_path.items():
+        if not os.path.isdir(path):
+            result.problems.append(f"{path}: the NVMe offload directory does not exist")
+            result.suggestions.append(f"create {path} on an SSD, or point nvme_path at one")
+            continue
+        free = shutil.disk_usage(path).free
+        if need > free:
+            result.problems.append(f"{path}: needs {format_size(need)} of swap space, has {format_size(free)} free")
+            result.suggestions.append(f"free {format_size(need - free)} on {path}, or use another SSD")

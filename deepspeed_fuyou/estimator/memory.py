@@ -1,0 +1,176 @@
+"""Where each byte of a training step lives, per rank: accelerator, pinned host, pageable host and SSD.
+
+Two plans for the same model and config: stock ZeRO-Infinity (DeepSpeed's own swappers and buffers) and fuyou (our
+swappers, everything staged through the one pinned budget). Each device gets a `Breakdown` by what the bytes hold.
+The stock plan follows DeepSpeed 0.19's allocations (module `stage3.py`, `partitioned_param_swapper.py`,
+`optimizer_utils.py`); the fuyou plan follows ours (`swap/`).
+
+`gpu` is the accelerator, whatever DeepSpeed's accelerator is: on the CPU accelerator it is host memory too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from deepspeed_fuyou.estimator.activations import SavedTensors
+from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout, aligned
+from deepspeed_fuyou.io.engine import ALIGNMENT
+
+FP32 = 4
+COMPONENTS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "temporaries", "overhead")
+DEVICES = ("gpu", "pinned_host", "pageable_host", "ssd")
+
+
+@dataclass
+class Breakdown:
+    """Peak bytes on one device, by what they hold."""
+
+    parameters: int = 0
+    gradients: int = 0
+    optimizer_states: int = 0
+    activations: int = 0
+    buffers: int = 0  # staging and swap buffers, reduce buckets
+    temporaries: int = 0  # short-lived copies around the peak (gradients of the largest activation, init copies)
+    overhead: int = 0  # the runtime itself
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the fake model tells the plans: parameter sizes, the largest layer, and what forward saves."""
+
+    numels: tuple[int, ...]
+    layer_numel: int
+    saved: SavedTensors
+
+
+@dataclass
+class Plan:
+    """One way of running the step (stock or fuyou) and its bytes on every device."""
+
+    name: str
+    gpu: Breakdown = field(default_factory=Breakdown)
+    pinned_host: Breakdown = field(default_factory=Breakdown)
+    pageable_host: Breakdown = field(default_factory=Breakdown)
+    ssd: Breakdown = field(default_factory=Breakdown)
+    ssd_per_path: dict[str, int] = field(default_factory=dict)
+
+    def device(self, name: str) -> Breakdown:
+        return getattr(self, name)
+
+
+def gathered_numel(numels: Sequence[int], layer: int, max_live: int, persistence_threshold: int) -> int:
+    """Elements stage 3 keeps gathered on the accelerator at most: persistent (small) parameters for good, and
+    the others up to `max_live_parameters`, never less than the largest layer it must compute with."""
+    persistent = sum(n for n in numels if n <= persistence_threshold)
+    return persistent + min(sum(numels) - persistent, max(max_live, layer))
+
+
+def _accelerator(plan: Plan, layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict) -> None:
+    """What both plans hold on the accelerator: gathered parameters, the reduce bucket, activations."""
+    zero = setup.zero
+    plan.gpu.parameters = setup.itemsize * gathered_numel(
+        facts.numels, facts.layer_numel, window["max_live_parameters"], zero.param_persistence_threshold
+    )
+    if zero.offload_param is None or zero.offload_param.device == "none":
+        plan.gpu.parameters += layout.partition_total * setup.itemsize
+    if zero.contiguous_gradients:
+        plan.gpu.buffers = window["reduce_bucket_size"] * setup.itemsize
+    plan.gpu.activations = facts.saved.nbytes
+    # Backward of the operator that saved the largest tensor holds its input and output gradients at once.
+    plan.gpu.temporaries = 2 * facts.saved.largest
+    grads = layout.partition_total * setup.grad_accum_dtype.itemsize
+    if _device(zero.offload_optimizer) == "none":
+        plan.gpu.gradients = grads
+        master = 0 if setup.itemsize == FP32 else layout.partition_total * FP32
+        plan.gpu.optimizer_states = master + setup.optimizer_states * layout.partition_total * FP32
+    else:
+        host = plan.pinned_host if zero.offload_optimizer.pin_memory else plan.pageable_host
+        host.gradients = grads  # stage 3's grad_partitions_flat_buffer
+
+
+def _device(offload) -> str:
+    return "none" if offload is None else str(getattr(offload.device, "value", offload.device))
+
+
+def stock_plan(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts) -> Plan:
+    """DeepSpeed's own ZeRO-3 / ZeRO-Infinity with this config."""
+    zero = setup.zero
+    plan = Plan("stock")
+    window = {"max_live_parameters": zero.max_live_parameters, "reduce_bucket_size": zero.reduce_bucket_size}
+    _accelerator(plan, layout, setup, facts, window)
+    lp, alignment = setup.itemsize, setup.aio_alignment_bytes
+
+    param_device = _device(zero.offload_param)
+    if param_device == "cpu":
+        host = plan.pinned_host if zero.offload_param.pin_memory else plan.pageable_host
+        host.parameters = layout.partition_total * lp
+    elif param_device == "nvme":
+        swap = zero.offload_param
+        plan.pinned_host.buffers += swap.buffer_count * aligned(int(swap.buffer_size) * lp, alignment)
+        in_cpu = min(layout.partition_total, int(swap.max_in_cpu))  # stage 3 keeps these in a pinned copy
+        plan.pinned_host.parameters = in_cpu * lp
+        if in_cpu < layout.partition_total:  # the write-back buffer of `reserve_partitioned_swap_space`
+            plan.pinned_host.buffers += layout.largest_sub_group_full * lp
+        files = [aligned(n * lp, alignment) for n in layout.partitions if n * lp >= alignment]
+        plan.ssd.parameters = sum(files)
+        _on_path(plan, str(swap.nvme_path), plan.ssd.parameters)
+
+    optimizer_device = _device(zero.offload_optimizer)
+    states = setup.optimizer_states * layout.partition_total * FP32
+    if optimizer_device == "cpu":
+        plan.pageable_host.optimizer_states = layout.partition_total * FP32 + states
+    elif optimizer_device == "nvme":
+        swap = zero.offload_optimizer
+        largest = max(layout.sub_group_numels)
+        plan.pinned_host.buffers += swap.buffer_count * aligned(largest * FP32, alignment)
+        per_tensor = sum(aligned(n * FP32, alignment) for n in layout.sub_group_numels)
+        plan.ssd.optimizer_states = (1 + setup.optimizer_states) * per_tensor
+        plan.ssd.gradients = per_tensor
+        # initialize_optimizer_states zero-fills a gradient buffer of the largest sub-group's full size.
+        plan.pageable_host.temporaries = layout.largest_sub_group_full * FP32
+        _on_path(plan, str(swap.nvme_path), plan.ssd.optimizer_states + plan.ssd.gradients)
+    return plan
+
+
+def fuyou_plan(
+    layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict, nvme_paths: Sequence[str]
+) -> Plan:
+    """Our swappers: parameters and optimizer on the SSD, every staging buffer drawn from the pinned budget."""
+    assert setup.fuyou is not None
+    plan = Plan("fuyou")
+    _accelerator(plan, layout, setup, facts, window)
+    plan.pinned_host.buffers = setup.fuyou.pinned_memory  # the pool reserves up to its budget, never more
+    block = setup.fuyou.io.block_size
+    param_files = [n * setup.itemsize for n in layout.partitions if n * setup.itemsize >= ALIGNMENT]
+    tensor_files = [n * FP32 for n in layout.sub_group_numels if n * FP32 >= ALIGNMENT]
+    optimizer_files = (1 + setup.optimizer_states) * tensor_files
+    for files, component in ((param_files, "parameters"), (optimizer_files, "optimizer_states")):
+        _striped(plan, files, component, block, nvme_paths)
+    _striped(plan, tensor_files, "gradients", block, nvme_paths)
+    # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
+    plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
+    return plan
+
+
+def striped_member_bytes(nbytes: int, stripe: int, paths: int) -> list[int]:
+    """Disk bytes each path holds of one file striped in `stripe`-sized pieces, rounded to filesystem blocks."""
+    full, tail = divmod(nbytes, stripe)
+    members = [(full // paths + (1 if k < full % paths else 0)) * stripe for k in range(paths)]
+    members[full % paths] += tail
+    return [aligned(m, ALIGNMENT) for m in members]
+
+
+def _striped(plan: Plan, files: Sequence[int], component: str, stripe: int, paths: Sequence[str]) -> None:
+    for nbytes in files:
+        for path, member in zip(paths, striped_member_bytes(nbytes, stripe, len(paths)), strict=True):
+            setattr(plan.ssd, component, getattr(plan.ssd, component) + member)
+            _on_path(plan, path, member)
+
+
+def _on_path(plan: Plan, path: str, nbytes: int) -> None:
+    plan.ssd_per_path[path] = plan.ssd_per_path.get(path, 0) + nbytes

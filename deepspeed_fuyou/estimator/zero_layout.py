@@ -1,0 +1,150 @@
+"""How ZeRO-3 lays a model out on one rank: the DeepSpeed settings that matter, partitions and sub-groups.
+
+The arithmetic is DeepSpeed's (0.19): a parameter of n elements is padded to a multiple of the world size and each
+rank holds n / world of it (`Init._partition_param`); stage 3 cuts the rank's partitions, in parameter order, into
+sub-groups that close once they reach `sub_group_size` elements (`_create_fp16_sub_groups`), and steps the
+optimizer one sub-group at a time, so fp32 master weights and optimizer states exist per sub-group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
+from deepspeed_fuyou.errors import FuyouConfigError
+
+DS_AIO_ALIGNED_BYTES = 1024
+"""Stock swap files pad every tensor to this many bytes times the aio `intra_op_parallelism`."""
+
+OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "fusedadam": 2, "cpuadam": 2, "lamb": 2, "lion": 1, "adagrad": 1}
+"""fp32 tensors per parameter element that each optimizer keeps besides the master weights."""
+
+
+def partition_numel(numel: int, world_size: int) -> int:
+    """Elements of one rank's partition of a parameter: padded to a multiple of the world size, then split."""
+    return -(-numel // world_size)
+
+
+def sub_groups(partitions: Sequence[int], sub_group_size: int) -> list[range]:
+    """Parameter index ranges of stage 3's sub-groups: each closes at the parameter that reaches the size."""
+    if sub_group_size >= sum(partitions):
+        return [range(len(partitions))]
+    groups, start, size = [], 0, 0
+    for index, numel in enumerate(partitions):
+        size += numel
+        if size >= sub_group_size or index == len(partitions) - 1:
+            groups.append(range(start, index + 1))
+            start, size = index + 1, 0
+    return groups
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What the estimate needs from the DeepSpeed config and the command line."""
+
+    zero: Any  # deepspeed.runtime.zero.config.DeepSpeedZeroConfig: its defaults are the ones training will use
+    fuyou: FuyouConfig | None
+    dtype: torch.dtype
+    micro_batch: int
+    seq_len: int
+    world_size: int
+    optimizer_states: int
+    grad_accum_dtype: torch.dtype
+    aio_alignment_bytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @classmethod
+    def from_ds_config(
+        cls,
+        ds_config: Mapping[str, Any],
+        seq_len: int,
+        micro_batch: int | None = None,
+        world_size: int = 1,
+        fuyou: FuyouConfig | None = None,
+    ) -> TrainingSetup:
+        """Reads the config as DeepSpeed will. `"auto"` values (the HF Trainer fills them in) take the defaults."""
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        zero_block = _without_auto(ds_config.get("zero_optimization") or {})
+        try:
+            zero = DeepSpeedZeroConfig(**zero_block)
+        except ValueError as err:
+            raise FuyouConfigError(
+                "zero_optimization", zero_block, f"DeepSpeed rejects it: {err}", "fix the ZeRO block"
+            ) from None
+        if micro_batch is None:
+            micro_batch = ds_config.get("train_micro_batch_size_per_gpu")
+        if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
+            raise FuyouConfigError(
+                "train_micro_batch_size_per_gpu",
+                micro_batch,
+                "the estimate needs the micro-batch per rank",
+                "set it in the config or pass --micro-batch",
+            )
+        optimizer = str((ds_config.get("optimizer") or {}).get("type", "adamw")).lower()
+        aio = ds_config.get("aio") or {}
+        grad_accum = (ds_config.get("data_types") or {}).get("grad_accum_dtype")
+        return cls(
+            zero=zero,
+            fuyou=fuyou if fuyou is not None or BLOCK not in ds_config else FuyouConfig.from_ds_config(ds_config),
+            dtype=_training_dtype(ds_config),
+            micro_batch=micro_batch,
+            seq_len=seq_len,
+            world_size=world_size,
+            optimizer_states=OPTIMIZER_STATES.get(optimizer, 2),
+            grad_accum_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(grad_accum, torch.float32),
+            aio_alignment_bytes=DS_AIO_ALIGNED_BYTES * int(aio.get("intra_op_parallelism", 1)),
+        )
+
+
+def _without_auto(block: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        key: _without_auto(value) if isinstance(value, Mapping) else value
+        for key, value in block.items()
+        if value != "auto"
+    }
+
+
+def _training_dtype(ds_config: Mapping[str, Any]) -> torch.dtype:
+    for key, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
+        if (ds_config.get(key) or {}).get("enabled") is True:
+            return dtype
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class ZeroLayout:
+    """One rank's share of the model under ZeRO-3."""
+
+    full: tuple[int, ...]  # elements of each trainable parameter
+    partitions: tuple[int, ...]  # this rank's elements of each
+    groups: tuple[range, ...]  # sub-groups, as parameter index ranges
+
+    @classmethod
+    def build(cls, numels: Sequence[int], world_size: int, sub_group_size: int) -> ZeroLayout:
+        partitions = tuple(partition_numel(n, world_size) for n in numels)
+        return cls(tuple(numels), partitions, tuple(sub_groups(partitions, sub_group_size)))
+
+    @property
+    def partition_total(self) -> int:
+        return sum(self.partitions)
+
+    @property
+    def sub_group_numels(self) -> list[int]:
+        return [sum(self.partitions[i] for i in group) for group in self.groups]
+
+    @property
+    def largest_sub_group_full(self) -> int:
+        """Full (unpartitioned) elements of the largest sub-group: stock sizes some host buffers by it."""
+        return max(sum(self.full[i] for i in group) for group in self.groups)
+
+
+def aligned(nbytes: int, alignment: int) -> int:
+    return -(-nbytes // alignment) * alignment

@@ -1,0 +1,207 @@
+"""The estimator against the real thing: activations of a real CPU forward, and what DeepSpeed really allocates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from deepspeed_fuyou.cli.main import main as fuyou
+from deepspeed_fuyou.estimator.activations import saved_tensors
+from deepspeed_fuyou.estimator.estimate import Machine, estimate
+from deepspeed_fuyou.estimator.memory import striped_member_bytes
+from deepspeed_fuyou.estimator.model import build_fake_model
+from deepspeed_fuyou.estimator.zero_layout import ZeroLayout, sub_groups
+from tests.estimator_models import FAMILIES, transformers_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = ROOT / "tests" / "programs" / "zero_state_probe.py"
+TINY_LLAMA = ROOT / "configs" / "models" / "llama-tiny"
+ACTIVATION_TOLERANCE = 0.03
+
+
+def stock_config(micro_batch: int = 2, **zero: Any) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {
+            "stage": 3,
+            "offload_param": {"device": "cpu"},
+            "offload_optimizer": {"device": "cpu"},
+            **zero,
+        },
+    }
+
+
+def fuyou_config(swap: Path, micro_batch: int = 2, **estimator: Any) -> dict[str, Any]:
+    config = stock_config(micro_batch)
+    config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(swap)}
+    config["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": str(swap)}
+    config["fuyou"] = {"pinned_memory": "64MiB", "estimator": estimator}
+    return config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("micro_batch,seq_len", [(1, 16), (2, 48), (3, 100)])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fake_forward_saves_the_activation_bytes_of_a_real_cpu_forward(
+    family: str, micro_batch: int, seq_len: int, dtype: torch.dtype
+) -> None:
+    config = transformers_config(family)
+    estimated = build_fake_model(config, dtype).saved_tensors(micro_batch, seq_len)
+    torch.manual_seed(0)
+    real = AutoModelForCausalLM.from_config(config, dtype=dtype).train()
+    measured = saved_tensors(real, torch.randint(0, config.vocab_size, (micro_batch, seq_len)))
+    assert measured.nbytes > 0
+    assert abs(estimated.nbytes - measured.nbytes) <= ACTIVATION_TOLERANCE * measured.nbytes
+    assert estimated.largest == measured.largest
+
+
+def test_views_and_parameters_are_not_counted_as_activations() -> None:
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    class Twice(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Any:
+            h = linear(x)  # saves x and the weight (a parameter)
+            y = h * h  # saves h twice: one storage
+            return type("Out", (), {"loss": y.sum()})()
+
+    twice = Twice()
+    twice.register_module("linear", linear)
+    saved = saved_tensors(twice, torch.zeros(1))
+    assert saved.nbytes == x.nbytes + 4 * 8 * 4
+    assert saved.storages == 2
+
+
+def test_sub_groups_close_at_the_parameter_that_reaches_the_size_like_deepspeed() -> None:
+    assert sub_groups([5, 5, 5, 5], 100) == [range(0, 4)]
+    assert sub_groups([5, 5, 5, 5], 10) == [range(0, 2), range(2, 4)]
+    assert sub_groups([5, 5, 5, 5, 1], 9) == [range(0, 2), range(2, 4), range(4, 5)]
+    layout = ZeroLayout.build([7, 3, 10], world_size=2, sub_group_size=4)
+    assert layout.partitions == (4, 2, 5)
+    assert layout.sub_group_numels == [4, 7]
+
+
+def test_a_striped_file_is_spread_over_every_path_in_whole_blocks() -> None:
+    members = striped_member_bytes(5 * 4096 + 100, 4096, 2)
+    assert members == [3 * 4096, 3 * 4096]  # stripes 0, 2, 4 | 1, 3 and the 100-byte tail, rounded to a block
+    assert sum(striped_member_bytes(10 << 20, 1 << 20, 3)) == 10 << 20
+
+
+@pytest.fixture(scope="module")
+def deepspeed_allocations(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every family trained one step by real DeepSpeed on two ranks (gloo), with small sub-groups."""
+    out = tmp_path_factory.mktemp("probe")
+    (out / "models.json").write_text(json.dumps(FAMILIES))
+    (out / "ds.json").write_text(json.dumps(stock_config(sub_group_size=9000)))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(PROBE)]
+    command += ["--models", "models.json", "--config", "ds.json", "--out", str(out)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_state_bytes_equal_what_deepspeed_allocates_on_each_of_two_ranks(
+    family: str, deepspeed_allocations: Path
+) -> None:
+    result = estimate(transformers_config(family), stock_config(sub_group_size=9000), seq_len=16, world_size=2)
+    numels = [p.numel for p in build_fake_model(transformers_config(family)).params]
+    layout = ZeroLayout.build(numels, world_size=2, sub_group_size=9000)
+    for rank in (0, 1):
+        real = json.loads((deepspeed_allocations / f"{family}-rank{rank}.json").read_text())
+        assert real["partitions"] == list(layout.partitions)
+        assert real["sub_groups"] == real["master"] == layout.sub_group_numels
+        assert real["gradient_buffer"] == layout.partition_total
+        assert real["optimizer_states"] == 2 * layout.partition_total
+    stock = result.stock
+    padded = layout.partition_total
+    assert padded >= -(-sum(numels) // 2)
+    assert stock.pinned_host.parameters == 4 * padded  # offload_param cpu, pinned
+    assert stock.pinned_host.gradients == 4 * padded  # grad_partitions_flat_buffer, pinned
+    assert stock.pageable_host.optimizer_states == 4 * padded + 2 * 4 * padded  # master + Adam's two moments
+
+
+def test_the_suggested_micro_batch_fits_when_estimated_again(tmp_path: Path) -> None:
+    config = fuyou_config(tmp_path, micro_batch=8)
+    roomy = estimate(TINY_LLAMA, config, seq_len=256, machine=Machine(gpu_memory=1 << 40, host_memory=1 << 40))
+    activations = roomy.chosen.gpu.activations + roomy.chosen.gpu.temporaries
+    gpu = roomy.chosen.gpu.total - activations // 2  # room for about half the micro-batch
+    tight = Machine(gpu_memory=int(gpu / 0.95), host_memory=1 << 40)
+    result = estimate(TINY_LLAMA, config, seq_len=256, machine=tight)
+    assert not result.fits
+    assert result.problems[0].startswith("GPU memory")
+    suggested = int(result.suggestions[0].split(" to ")[1].split(" ")[0])
+    assert 1 <= suggested < 8
+    assert estimate(TINY_LLAMA, config, seq_len=256, micro_batch=suggested, machine=tight).fits
+    assert not estimate(TINY_LLAMA, config, seq_len=256, micro_batch=suggested + 1, machine=tight).fits
+
+
+def test_a_host_smaller_than_the_pinned_budget_is_reported_with_the_fix(tmp_path: Path) -> None:
+    result = estimate(
+        TINY_LLAMA,
+        fuyou_config(tmp_path, validate=False),
+        seq_len=64,
+        machine=Machine(gpu_memory=None, host_memory=256 << 20),
+    )
+    assert not result.fits
+    assert result.problems[0].startswith("host memory")
+
+
+def test_cli_json_has_every_documented_key_and_gpu_activations_are_the_traced_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = tmp_path / "ds.json"
+    config_path.write_text(json.dumps(fuyou_config(tmp_path)))
+    code = fuyou(["estimate", "--model", str(TINY_LLAMA), "--config", str(config_path), "--seq-len", "64", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["fits"] is True and report["plan"] == "fuyou"
+    for key in ("gpu_peak_bytes", "pinned_host_peak_bytes", "pageable_host_peak_bytes", "ssd_bytes", "suggestions"):
+        assert key in report
+    components = {"parameters", "gradients", "optimizer_states", "activations", "buffers", "temporaries", "overhead"}
+    assert set(report["breakdown"]) == {"gpu", "pinned_host", "pageable_host", "ssd"}
+    assert all(set(device) == components for device in report["breakdown"].values())
+    assert set(report["plans"]) == {"stock", "fuyou"}
+    fake = build_fake_model(transformers_config_of(TINY_LLAMA))
+    assert report["breakdown"]["gpu"]["activations"] == fake.saved_tensors(2, 64).nbytes
+    assert report["gpu_peak_bytes"] == sum(report["breakdown"]["gpu"].values())
+
+
+def transformers_config_of(path: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def test_validate_with_a_model_fails_with_exit_2_when_it_does_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = fuyou_config(tmp_path, gpu_memory="1MiB")
+    config_path = tmp_path / "ds.json"
+    config_path.write_text(json.dumps(config))
+    base = ["validate", str(config_path), "--model", str(TINY_LLAMA), "--seq-len", "64"]
+    assert fuyou(base) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "GPU memory" in err
+    config["fuyou"]["estimator"] = {}
+    config_path.write_text(json.dumps(config))
+    assert fuyou(base) == 0
+    assert fuyou(["estimate", "--model", str(TINY_LLAMA), "--config", str(config_path), "--seq-len", "64"]) == 0
