@@ -205,3 +205,27 @@ def test_validate_with_a_model_fails_with_exit_2_when_it_does_not_fit(
     config_path.write_text(json.dumps(config))
     assert fuyou(base) == 0
     assert fuyou(["estimate", "--model", str(TINY_LLAMA), "--config", str(config_path), "--seq-len", "64"]) == 0
+
+
+def test_training_refuses_to_start_when_the_ssd_cannot_hold_the_optimizer_swap(tmp_path: Path, mounted: Any) -> None:
+    """The parameters (13 MB) fit on a 24 MiB file system, master weights, Adam moments and gradients do not."""
+    small = mounted("tmpfs", "size=24m")
+    config = fuyou_config(small)
+    config_path = tmp_path / "ds.json"
+    config_path.write_text(json.dumps(config))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [
+        str(launcher),
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "scripts" / "finetune.py"),
+    ]
+    command += ["--deepspeed_config", str(config_path), "--steps", "1", "--output-dir", str(tmp_path / "out")]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "FuyouConfigError" in output and "fuyou.nvme_paths[0]" in output and "of swap space" in output
+    assert not list(small.rglob("optim-*")), "no optimizer swap file may be written before the check"

@@ -123,7 +123,7 @@ def machine_problems(config: FuyouConfig, ssd_bytes: int | None = None) -> list[
                 stacklevel=2,
             )
     if ssd_bytes is not None:
-        problems += _space_problems(config, usable, ssd_bytes)
+        problems += _space_problems(config, list(usable.values()), ssd_bytes)
     host = config.estimator.host_memory_bytes
     usable_host = int(host * (1 - config.estimator.margin))
     if config.pinned_memory > usable_host:
@@ -139,11 +139,20 @@ def machine_problems(config: FuyouConfig, ssd_bytes: int | None = None) -> list[
     return problems
 
 
-def _space_problems(config: FuyouConfig, usable: dict[int, list[Path]], ssd_bytes: int) -> list[FuyouConfigError]:
+def space_problems(config: FuyouConfig, ssd_bytes: int) -> list[FuyouConfigError]:
+    """`ssd_bytes` of swap files against the free space of the (already checked) swap directories."""
+    usable: dict[int, list[Path]] = defaultdict(list)
+    distinct = {path.resolve(): path for path in reversed(config.nvme_paths)}  # the first spelling of each
+    for path in distinct.values():
+        usable[os.stat(path).st_dev].append(path)
+    return _space_problems(config, list(usable.values()), ssd_bytes)
+
+
+def _space_problems(config: FuyouConfig, usable: list[list[Path]], ssd_bytes: int) -> list[FuyouConfigError]:
     """Files are striped evenly over the paths: each file system needs its paths' share of `ssd_bytes`."""
     problems = []
     share = ssd_bytes / len(config.nvme_paths)
-    for paths in usable.values():
+    for paths in usable:
         need = int(share * len(paths))
         free = shutil.disk_usage(paths[0]).free
         if need > free:

@@ -137,6 +137,18 @@ def stock_plan(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts) -> P
     return plan
 
 
+def fuyou_swap_files(layout: ZeroLayout, itemsize: int, optimizer_states: int) -> dict[str, list[int]]:
+    """Bytes of each file our swappers write, by what it holds: a file per parameter partition of at least a page
+    (smaller ones stay in memory), and per sub-group one for the master weights, one per optimizer state and one
+    for the gradients."""
+    per_sub_group = [n * FP32 for n in layout.sub_group_numels if n * FP32 >= ALIGNMENT]
+    return {
+        "parameters": [n * itemsize for n in layout.partitions if n * itemsize >= ALIGNMENT],
+        "optimizer_states": (1 + optimizer_states) * per_sub_group,
+        "gradients": per_sub_group,
+    }
+
+
 def fuyou_plan(
     layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict, nvme_paths: Sequence[str]
 ) -> Plan:
@@ -146,12 +158,11 @@ def fuyou_plan(
     _accelerator(plan, layout, setup, facts, window)
     plan.pinned_host.buffers = setup.fuyou.pinned_memory  # the pool reserves up to its budget, never more
     block = setup.fuyou.io.block_size
-    param_files = [n * setup.itemsize for n in layout.partitions if n * setup.itemsize >= ALIGNMENT]
-    tensor_files = [n * FP32 for n in layout.sub_group_numels if n * FP32 >= ALIGNMENT]
-    optimizer_files = (1 + setup.optimizer_states) * tensor_files
-    for files, component in ((param_files, "parameters"), (optimizer_files, "optimizer_states")):
-        _striped(plan, files, component, block, nvme_paths)
-    _striped(plan, tensor_files, "gradients", block, nvme_paths)
+    for component, files in fuyou_swap_files(layout, setup.itemsize, setup.optimizer_states).items():
+        for nbytes in files:
+            for path, member in zip(nvme_paths, striped_member_bytes(nbytes, block, len(nvme_paths)), strict=True):
+                setattr(plan.ssd, component, getattr(plan.ssd, component) + member)
+                _on_path(plan, path, member)
     # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
     plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
     return plan
@@ -163,13 +174,6 @@ def striped_member_bytes(nbytes: int, stripe: int, paths: int) -> list[int]:
     members = [(full // paths + (1 if k < full % paths else 0)) * stripe for k in range(paths)]
     members[full % paths] += tail
     return [aligned(m, ALIGNMENT) for m in members]
-
-
-def _striped(plan: Plan, files: Sequence[int], component: str, stripe: int, paths: Sequence[str]) -> None:
-    for nbytes in files:
-        for path, member in zip(paths, striped_member_bytes(nbytes, stripe, len(paths)), strict=True):
-            setattr(plan.ssd, component, getattr(plan.ssd, component) + member)
-            _on_path(plan, path, member)
 
 
 def _on_path(plan: Plan, path: str, nbytes: int) -> None:

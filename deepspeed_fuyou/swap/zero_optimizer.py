@@ -7,6 +7,8 @@ Only what differs is overridden (DeepSpeed's `SuperOffloadOptimizer_Stage3` is t
 - sub-groups are capped so that three of them (prefetch, step, write-back) fit in the pinned budget;
 - `fuyou.params.prefetch_layers` sets how many parameters stage 3 keeps gathered and prefetches, in layers of the
   model (see `swap.sizing`), unless the config sets DeepSpeed's own knobs explicitly;
+- with `estimator.validate` on, the SSDs must have room for every swap file (the estimator's arithmetic) before
+  the optimizer writes any;
 - checkpoints export and import our striped state through the folder DeepSpeed copies.
 """
 
@@ -15,7 +17,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from deepspeed import comm as dist
+
+from deepspeed_fuyou.config.checks import space_problems
 from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.estimator.memory import fuyou_swap_files
+from deepspeed_fuyou.estimator.zero_layout import OPTIMIZER_STATES, ZeroLayout
 from deepspeed_fuyou.integration import STOCK_STAGE3
 from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
 from deepspeed_fuyou.swap.runtime import SwapRuntime
@@ -35,8 +43,22 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             module, self.fuyou_config, kwargs["ds_config"], kwargs.get("sub_group_size", 10**12)
         )
         kwargs.update(overrides)
+        if self.fuyou_config.estimator.validate_at_start:
+            self._check_swap_space(module, init_optimizer, overrides["sub_group_size"], kwargs.get("dp_process_group"))
         log.info("fuyou: stage 3 sized for the model and pinned budget: %s", overrides)
         super().__init__(module, init_optimizer, param_names, *args, **kwargs)
+
+    def _check_swap_space(self, module: Any, optimizer: Any, sub_group_size: int, dp_group: Any) -> None:
+        """Raises, before any swap file of the optimizer is written, when the SSDs cannot hold all of them."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        layout = ZeroLayout.build(
+            [getattr(p, "ds_numel", p.numel()) for p in params], dist.get_world_size(group=dp_group), sub_group_size
+        )
+        states = OPTIMIZER_STATES.get(type(optimizer).__name__.lower(), 2)
+        files = fuyou_swap_files(layout, params[0].dtype.itemsize, states)
+        problems = space_problems(self.fuyou_config, sum(sum(sizes) for sizes in files.values()))
+        if problems:
+            raise FuyouConfigError.combine(problems)
 
     def _configure_offloading(self, offload_optimizer_config: Any, offload_param_config: Any) -> None:
         super()._configure_offloading(offload_optimizer_config, offload_param_config)
