@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from deepspeed_fuyou.cli.main import main as fuyou
 from deepspeed_fuyou.estimator.activations import saved_tensors
+from deepspeed_fuyou.estimator.auto import auto_configure
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.memory import striped_member_bytes
 from deepspeed_fuyou.estimator.model import build_fake_model
@@ -229,3 +230,28 @@ def test_training_refuses_to_start_when_the_ssd_cannot_hold_the_optimizer_swap(t
     assert result.returncode != 0
     assert "FuyouConfigError" in output and "fuyou.nvme_paths[0]" in output and "of swap space" in output
     assert not list(small.rglob("optim-*")), "no optimizer swap file may be written before the check"
+
+
+def test_auto_keeps_the_global_batch_and_picks_the_largest_micro_batch_that_fits(tmp_path: Path) -> None:
+    config = fuyou_config(tmp_path, micro_batch=8)
+    roomy = estimate(TINY_LLAMA, config, seq_len=256, machine=Machine(gpu_memory=1 << 40, host_memory=1 << 40))
+    activations = roomy.chosen.gpu.activations + roomy.chosen.gpu.temporaries
+    tight = Machine(gpu_memory=int((roomy.chosen.gpu.total - activations * 0.6) / 0.95), host_memory=1 << 40)
+    proposal = auto_configure(TINY_LLAMA, config, seq_len=256, machine=tight)
+    chosen = proposal.ds_config
+    assert proposal.estimate.fits
+    assert chosen["train_micro_batch_size_per_gpu"] * chosen["gradient_accumulation_steps"] == 8
+    assert chosen["train_micro_batch_size_per_gpu"] in (2, 4)
+    larger = {**chosen, "train_micro_batch_size_per_gpu": 2 * chosen["train_micro_batch_size_per_gpu"]}
+    assert not estimate(TINY_LLAMA, larger, seq_len=256, machine=tight).fits
+    assert "train_micro_batch_size_per_gpu: 8 -> " in proposal.changes[0]
+
+
+def test_auto_writes_a_config_that_validates_with_the_model(tmp_path: Path) -> None:
+    source, written = tmp_path / "ds.json", tmp_path / "auto.json"
+    source.write_text(json.dumps(fuyou_config(tmp_path, micro_batch=4)))
+    model = ["--model", str(TINY_LLAMA), "--seq-len", "64"]
+    assert fuyou(["estimate", "--auto", "--config", str(source), *model, "--write", str(written)]) == 0
+    assert json.loads(written.read_text())["fuyou"]["params"]["prefetch_layers"] == 2
+    assert fuyou(["validate", str(written), *model]) == 0
+    assert fuyou(["estimate", "--config", str(source), *model, "--write", str(written)]) == 2  # --write needs --auto

@@ -4,16 +4,21 @@ The model (a Hugging Face id, a config.json or a model directory) is built on fa
 downloaded or allocated, and one fake forward pass gives the activations autograd will save. Prints stock
 ZeRO-Infinity and fuyou side by side, per rank: accelerator, pinned host, pageable host and SSD peaks with their
 breakdown, then the verdict for the plan the config selects. Exits 0 when it fits, 3 when it does not, 2 when the
-config or model is invalid. `--json` prints one JSON object instead (see the README for its keys).
+config or model is invalid. `--json` prints one JSON object instead (see the README for its keys). `--auto` searches
+the fastest micro-batch, prefetch depth and pinned budget that fit at the same global batch, and `--write` saves
+the resulting config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from deepspeed_fuyou.cli.args import add_model_arguments, read_ds_config
 from deepspeed_fuyou.config.sizes import format_size
+from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.estimator.auto import auto_configure
 from deepspeed_fuyou.estimator.estimate import Estimate, estimate
 from deepspeed_fuyou.estimator.memory import COMPONENTS, DEVICES
 
@@ -22,11 +27,23 @@ DEVICE_NAMES = {"gpu": "accelerator", "pinned_host": "pinned host", "pageable_ho
 
 
 def run(args: argparse.Namespace) -> int:
-    result = estimate_from_args(args)
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+    if args.write and not args.auto:
+        raise FuyouConfigError("--write", args.write, "only --auto proposes a config to write", "add --auto")
+    if not args.auto:
+        result, extra, header = estimate_from_args(args), {}, ""
     else:
-        print(render(result))
+        proposal = auto_configure(
+            args.model, read_ds_config(args.config), seq_len=args.seq_len, world_size=args.world_size
+        )
+        result, extra = proposal.estimate, {"config": proposal.ds_config, "changes": proposal.changes}
+        header = "proposed by --auto:\n" + "".join(f"  {change}\n" for change in proposal.changes or ["no change"])
+        if args.write:
+            Path(args.write).write_text(json.dumps(proposal.ds_config, indent=2) + "\n")
+            header += f"  written to {args.write}\n"
+    if args.json:
+        print(json.dumps({**result.to_json(), **extra}, indent=2))
+    else:
+        print(header + render(result))
     return 0 if result.fits else DOES_NOT_FIT
 
 
@@ -84,4 +101,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser, required=True)
     parser.add_argument("--config", required=True, help="the DeepSpeed JSON config")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="propose the fastest micro-batch, prefetch depth and pinned budget that fit (same global batch)",
+    )
+    parser.add_argument("--write", metavar="PATH", help="with --auto: write the proposed DeepSpeed config here")
     parser.set_defaults(run=run)

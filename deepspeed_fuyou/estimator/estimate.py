@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from deepspeed_fuyou.config.checks import machine_problems
-from deepspeed_fuyou.config.fuyou import EstimatorOptions, host_memory_bytes
+from deepspeed_fuyou.config.fuyou import MIN_PINNED_MEMORY, EstimatorOptions
 from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.estimator.memory import DEVICES, ModelFacts, Plan, fuyou_plan, stock_plan
-from deepspeed_fuyou.estimator.model import ModelSpec, build_fake_model, load_model_config
+from deepspeed_fuyou.estimator.model import FakeModel, ModelSpec, build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout
 from deepspeed_fuyou.swap.sizing import layer_numel, stage3_overrides
 
@@ -62,6 +62,7 @@ class Estimate:
     machine: Machine
     problems: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    exceeded: dict[str, int] = field(default_factory=dict)  # "accelerator" / "host" / "ssd" -> bytes over
 
     @property
     def chosen(self) -> Plan:
@@ -104,9 +105,15 @@ def estimate(
     world_size: int = 1,
     machine: Machine | None = None,
 ) -> Estimate:
-    """Prices one training step of `model` under `ds_config` per rank; nothing real is allocated."""
+    """Prices one training step of `model` under `ds_config` per rank; nothing real is allocated.
+
+    `model` may also be a `FakeModel` already built (`auto_configure` estimates one model many times).
+    """
     setup = TrainingSetup.from_ds_config(ds_config, seq_len, micro_batch, world_size)
-    fake = build_fake_model(load_model_config(model), setup.dtype)
+    if isinstance(model, FakeModel):
+        fake = model if model.dtype == setup.dtype else build_fake_model(model.module.config, setup.dtype)
+    else:
+        fake = build_fake_model(load_model_config(model), setup.dtype)
     facts = ModelFacts(
         numels=tuple(p.numel for p in fake.params),
         layer_numel=layer_numel(fake.module),
@@ -126,7 +133,7 @@ def estimate(
     machine = machine or Machine.detect(setup.fuyou.estimator if setup.fuyou else None)
     result = Estimate(
         inputs={
-            "model": getattr(fake.module.config, "name_or_path", "") or str(model),
+            "model": str(model) if isinstance(model, str | os.PathLike) else fake.name,
             "parameters": sum(facts.numels),
             "micro_batch": setup.micro_batch,
             "seq_len": seq_len,
@@ -152,10 +159,10 @@ def _judge(result: Estimate, setup: TrainingSetup) -> None:
     else:
         accelerator_limit, accelerator_need, where = machine.gpu_memory, plan.gpu.total, "GPU memory"
         if host > machine.usable(machine.host_memory):
-            _over(result, "host memory", host, machine.host_memory)
+            _over(result, "host", "host memory", host, machine.host_memory)
             _suggest_host(result, setup)
     if accelerator_need > machine.usable(accelerator_limit):
-        _over(result, where, accelerator_need, accelerator_limit)
+        _over(result, "accelerator", where, accelerator_need, accelerator_limit)
         room = machine.usable(accelerator_limit) - (accelerator_need - activations)
         per_sequence = activations / setup.micro_batch
         fitting = int(room // per_sequence) if per_sequence else 0
@@ -175,12 +182,14 @@ def _judge(result: Estimate, setup: TrainingSetup) -> None:
         for problem in machine_problems(setup.fuyou, plan.ssd.total):
             result.problems.append(problem.line())
             result.suggestions.append(problem.fix)
+            result.exceeded.setdefault("ssd", 0)
     else:
         _check_stock_paths(result)
 
 
-def _over(result: Estimate, where: str, need: int, limit: int) -> None:
+def _over(result: Estimate, kind: str, where: str, need: int, limit: int) -> None:
     margin = result.machine.margin
+    result.exceeded[kind] = need - result.machine.usable(limit)
     result.problems.append(
         f"{where}: needs {format_size(need)}, has {format_size(limit)} ({margin:.0%} kept free): "
         f"{format_size(need - result.machine.usable(limit))} over"
@@ -188,22 +197,25 @@ def _over(result: Estimate, where: str, need: int, limit: int) -> None:
 
 
 def _suggest_host(result: Estimate, setup: TrainingSetup) -> None:
+    """Host memory is short by `exceeded`: fuyou's pinned budget can give it back, or more memory is needed."""
+    over = max(result.exceeded.values())
     if result.fuyou is None:
-        fuyou_host = 'add a "fuyou" block: its swappers stage everything through one pinned budget'
-        result.suggestions.append(fuyou_host)
-    else:
-        quarter = host_memory_bytes() // 4
-        if setup.fuyou.pinned_memory > quarter:
-            result.suggestions.append(f"lower fuyou.pinned_memory to {format_size(quarter)}")
+        result.suggestions.append('add a "fuyou" block: its swappers stage everything through one pinned budget')
+    elif setup.fuyou.pinned_memory - over >= MIN_PINNED_MEMORY:
+        lower = format_size(setup.fuyou.pinned_memory - over)
+        result.suggestions.append(f"lower fuyou.pinned_memory to {lower} (fuyou estimate --auto finds it)")
+    result.suggestions.append(f"run on a machine with {format_size(over)} more host memory")
 
 
 def _check_stock_paths(result: Estimate) -> None:
     for path, need in result.stock.ssd_per_path.items():
         if not os.path.isdir(path):
+            result.exceeded.setdefault("ssd", 0)
             result.problems.append(f"{path}: the NVMe offload directory does not exist")
             result.suggestions.append(f"create {path} on an SSD, or point nvme_path at one")
             continue
         free = shutil.disk_usage(path).free
         if need > free:
+            result.exceeded["ssd"] = result.exceeded.get("ssd", 0) + need - free
             result.problems.append(f"{path}: needs {format_size(need)} of swap space, has {format_size(free)} free")
             result.suggestions.append(f"free {format_size(need - free)} on {path}, or use another SSD")

@@ -75,8 +75,9 @@ class FakeModel:
         return [Param(name, p.numel()) for name, p in self.module.named_parameters() if p.requires_grad]
 
     @property
-    def vocab_size(self) -> int:
-        return self.module.config.vocab_size
+    def name(self) -> str:
+        config = self.module.config
+        return getattr(config, "name_or_path", "") or config.model_type
 
     def saved_tensors(self, micro_batch: int, seq_len: int) -> SavedTensors:
         """What a training forward of `micro_batch` sequences of `seq_len` tokens saves for backward."""

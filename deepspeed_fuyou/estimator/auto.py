@@ -1,0 +1,110 @@
+"""`fuyou estimate --auto`: the fastest settings that fit, found with the estimator itself.
+
+What is searched, and why in this order:
+- the micro-batch, over the divisors of the global batch per rank (micro-batch x gradient accumulation steps), so
+  the optimizer sees the same batch and training is unchanged: a larger micro-batch keeps the accelerator busier
+  and swaps parameters fewer times per optimizer step, which is what makes NVMe offload fast;
+- `fuyou.params.prefetch_layers`, 2 then 1 then 0: deeper prefetch hides SSD reads behind compute but holds more
+  gathered layers, so it gives way only when even a micro-batch of one does not fit;
+- `fuyou.pinned_memory`: kept when given and it fits, else a quarter of host memory (at most 8 GiB), lowered
+  when the host cannot hold it next to everything else.
+Offload placement stays as configured: fuyou needs parameters and optimizer states on NVMe.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from deepspeed_fuyou.config.fuyou import BLOCK, MIN_PINNED_MEMORY, default_pinned_budget
+from deepspeed_fuyou.config.sizes import format_size, parse_size
+from deepspeed_fuyou.estimator.estimate import Estimate, Machine, estimate
+from deepspeed_fuyou.estimator.model import ModelSpec, build_fake_model, load_model_config
+from deepspeed_fuyou.estimator.zero_layout import TrainingSetup
+
+PREFETCH_DEPTHS = (2, 1, 0)
+
+
+@dataclass
+class AutoConfig:
+    """The proposed DeepSpeed config, its estimate, and what changed from the given one."""
+
+    ds_config: dict[str, Any]
+    estimate: Estimate
+    changes: list[str]
+
+
+def auto_configure(
+    model: ModelSpec,
+    ds_config: Mapping[str, Any],
+    seq_len: int,
+    world_size: int = 1,
+    machine: Machine | None = None,
+) -> AutoConfig:
+    """Searches micro-batch, prefetch depth and pinned budget (see above) for the first setting whose accelerator
+    memory fits; what no setting here can fix (SSD space, host memory taken by model states) stays in the
+    estimate's problems. When nothing fits, the smallest setting is returned with its problems."""
+    config = copy.deepcopy(dict(ds_config))
+    block = config.setdefault(BLOCK, {})
+    setup = TrainingSetup.from_ds_config(config, seq_len, world_size=world_size)
+    fake = build_fake_model(load_model_config(model), setup.dtype)
+    per_rank_batch = setup.micro_batch * int(config.get("gradient_accumulation_steps", 1))
+    if "pinned_memory" not in block:
+        block["pinned_memory"] = default_pinned_budget()
+    result = None
+    for depth in PREFETCH_DEPTHS:
+        for micro_batch in sorted((d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True):
+            _apply(config, micro_batch, per_rank_batch // micro_batch, depth)
+            result = estimate(fake, config, seq_len, world_size=world_size, machine=machine)
+            if "host" in result.exceeded or "accelerator" in result.exceeded:
+                result = _with_smaller_pinned_budget(fake, config, seq_len, world_size, machine, result)
+            if "accelerator" not in result.exceeded:  # what is still over (SSD space, ...) no setting here fixes
+                return AutoConfig(config, result, _changes(ds_config, config))
+    return AutoConfig(config, result, _changes(ds_config, config))
+
+
+def _apply(config: dict[str, Any], micro_batch: int, accumulation: int, depth: int) -> None:
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = accumulation
+    config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
+    config[BLOCK].setdefault("params", {})["prefetch_layers"] = depth
+
+
+def _with_smaller_pinned_budget(
+    fake: Any, config: dict[str, Any], seq_len: int, world_size: int, machine: Machine | None, result: Estimate
+) -> Estimate:
+    """When host memory is short, the pinned budget gives back what is missing, down to the pool's minimum (on the
+    CPU accelerator, host memory is also the accelerator's)."""
+    host_is_short = "host" in result.exceeded or result.machine.gpu_memory is None
+    over = max(result.exceeded.get("host", 0), result.exceeded.get("accelerator", 0))
+    budget = parse_size(config[BLOCK]["pinned_memory"], "fuyou.pinned_memory") - over
+    if not host_is_short or budget < MIN_PINNED_MEMORY:
+        return result
+    config[BLOCK]["pinned_memory"] = int(budget)
+    return estimate(fake, config, seq_len, world_size=world_size, machine=machine)
+
+
+def _changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """`key: old -> new` for every setting the search changed."""
+
+    def get(config: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+        for key in path:
+            config = config.get(key) if isinstance(config, Mapping) else None
+        return config
+
+    paths = [
+        ("train_micro_batch_size_per_gpu",),
+        ("gradient_accumulation_steps",),
+        ("train_batch_size",),
+        (BLOCK, "params", "prefetch_layers"),
+        (BLOCK, "pinned_memory"),
+    ]
+    changes = []
+    for path in paths:
+        old, new = get(before, path), get(after, path)
+        if old != new:
+            shown = format_size(new) if path[-1] == "pinned_memory" and isinstance(new, int) else new
+            changes.append(f"{'.'.join(path)}: {old if old is not None else '(default)'} -> {shown}")
+    return changes
