@@ -255,3 +255,17 @@ def test_auto_writes_a_config_that_validates_with_the_model(tmp_path: Path) -> N
     assert json.loads(written.read_text())["fuyou"]["params"]["prefetch_layers"] == 2
     assert fuyou(["validate", str(written), *model]) == 0
     assert fuyou(["estimate", "--config", str(source), *model, "--write", str(written)]) == 2  # --write needs --auto
+
+
+def test_machine_limits_given_on_the_command_line_replace_the_detected_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = tmp_path / "ds.json"
+    config_path.write_text(json.dumps(fuyou_config(tmp_path)))
+    base = ["estimate", "--model", str(TINY_LLAMA), "--config", str(config_path), "--seq-len", "64", "--json"]
+    assert fuyou([*base, "--gpu-memory", "1MiB", "--host-memory", "1TiB"]) == 3
+    report = json.loads(capsys.readouterr().out)
+    assert report["machine"]["gpu_memory"] == 1 << 20 and report["machine"]["host_memory"] == 1 << 40
+    assert report["fits"] is False and report["problems"][0].startswith("GPU memory")
+    with pytest.raises(SystemExit):
+        fuyou([*base, "--gpu-memory", "lots"])

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deepspeed_fuyou.config.sizes import parse_size
 from deepspeed_fuyou.errors import FuyouConfigError
 
 
@@ -29,3 +30,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     parser.add_argument("--micro-batch", type=int, help="sequences per rank and step (default: from the config)")
     parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
+    parser.add_argument(
+        "--gpu-memory",
+        type=size_argument,
+        help="plan for this accelerator memory (default: from fuyou.estimator, else detected)",
+    )
+    parser.add_argument(
+        "--host-memory", type=size_argument, help="plan for this host memory (default: fuyou.estimator or detected)"
+    )
+
+
+def size_argument(text: str) -> int:
+    """A size on the command line, as in the config: "24GiB", "512MiB" or bytes."""
+    try:
+        return parse_size(int(text) if text.isdigit() else text, "size")
+    except FuyouConfigError as err:
+        raise argparse.ArgumentTypeError(err.reason) from None

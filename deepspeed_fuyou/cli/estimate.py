@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from deepspeed_fuyou.cli.args import add_model_arguments, read_ds_config
+from deepspeed_fuyou.config.fuyou import BLOCK, EstimatorOptions
 from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.errors import FuyouConfigError
 from deepspeed_fuyou.estimator.auto import auto_configure
-from deepspeed_fuyou.estimator.estimate import Estimate, estimate
+from deepspeed_fuyou.estimator.estimate import Estimate, Machine, estimate
 from deepspeed_fuyou.estimator.memory import COMPONENTS, DEVICES
 
 DOES_NOT_FIT = 3
@@ -32,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.auto:
         result, extra, header = estimate_from_args(args), {}, ""
     else:
+        ds_config = read_ds_config(args.config)
+        machine = machine_from_args(args, ds_config)
         proposal = auto_configure(
-            args.model, read_ds_config(args.config), seq_len=args.seq_len, world_size=args.world_size
+            args.model, ds_config, seq_len=args.seq_len, world_size=args.world_size, machine=machine
         )
         result, extra = proposal.estimate, {"config": proposal.ds_config, "changes": proposal.changes}
         header = "proposed by --auto:\n" + "".join(f"  {change}\n" for change in proposal.changes or ["no change"])
@@ -48,12 +52,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def estimate_from_args(args: argparse.Namespace) -> Estimate:
+    ds_config = read_ds_config(args.config)
     return estimate(
         args.model,
-        read_ds_config(args.config),
+        ds_config,
         seq_len=args.seq_len,
         micro_batch=args.micro_batch,
         world_size=args.world_size,
+        machine=machine_from_args(args, ds_config),
+    )
+
+
+def machine_from_args(args: argparse.Namespace, ds_config: dict) -> Machine:
+    """The machine planned for: `--gpu-memory` / `--host-memory`, else `fuyou.estimator`, else this one."""
+    block = ds_config.get(BLOCK)
+    options = EstimatorOptions.parse((block or {}).get("estimator") or {}) if isinstance(block, dict) else None
+    machine = Machine.detect(options)
+    return replace(
+        machine,
+        gpu_memory=args.gpu_memory or machine.gpu_memory,
+        host_memory=args.host_memory or machine.host_memory,
     )
 
 
