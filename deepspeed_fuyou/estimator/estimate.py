@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -110,6 +110,8 @@ def estimate(
     `model` may also be a `FakeModel` already built (`auto_configure` estimates one model many times).
     """
     setup = TrainingSetup.from_ds_config(ds_config, seq_len, micro_batch, world_size)
+    machine = machine or Machine.detect(setup.fuyou.estimator if setup.fuyou else None)
+    setup = replace(setup, cpu_accelerator=machine.gpu_memory is None)
     if isinstance(model, FakeModel):
         fake = model if model.dtype == setup.dtype else build_fake_model(model.module.config, setup.dtype)
     else:
@@ -130,7 +132,6 @@ def estimate(
     for each in (stock, plan):
         if each is not None:
             each.pageable_host.overhead = RUNTIME_OVERHEAD_HOST
-    machine = machine or Machine.detect(setup.fuyou.estimator if setup.fuyou else None)
     result = Estimate(
         inputs={
             "model": str(model) if isinstance(model, str | os.PathLike) else fake.name,

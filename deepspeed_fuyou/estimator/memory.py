@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout, aligned
 from deepspeed_fuyou.io.engine import ALIGNMENT
+from deepspeed_fuyou.swap.sizing import PREFETCH_SHARE
 
 FP32 = 4
 COMPONENTS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "temporaries", "overhead")
@@ -79,7 +80,10 @@ def _accelerator(plan: Plan, layout: ZeroLayout, setup: TrainingSetup, facts: Mo
     if zero.offload_param is None or zero.offload_param.device == "none":
         plan.gpu.parameters += layout.partition_total * setup.itemsize
     if zero.contiguous_gradients:
-        plan.gpu.buffers = window["reduce_bucket_size"] * setup.itemsize
+        bucket = window["reduce_bucket_size"]
+        if setup.cpu_accelerator:  # pages of the bucket are resident once a gradient is written there, not before
+            bucket = min(bucket, sum(facts.numels))
+        plan.gpu.buffers = bucket * setup.itemsize
     plan.gpu.activations = facts.saved.nbytes
     # Backward of the operator that saved the largest tensor holds its input and output gradients at once.
     plan.gpu.temporaries = 2 * facts.saved.largest
@@ -156,7 +160,7 @@ def fuyou_plan(
     assert setup.fuyou is not None
     plan = Plan("fuyou")
     _accelerator(plan, layout, setup, facts, window)
-    plan.pinned_host.buffers = setup.fuyou.pinned_memory  # the pool reserves up to its budget, never more
+    plan.pinned_host.buffers = pinned_pool_peak(layout, setup, facts, window)
     block = setup.fuyou.io.block_size
     for component, files in fuyou_swap_files(layout, setup.itemsize, setup.optimizer_states).items():
         for nbytes in files:
@@ -166,6 +170,22 @@ def fuyou_plan(
     # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
     plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
     return plan
+
+
+def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict) -> int:
+    """What our pool reserves at most: the larger of its two busiest phases, never more than the budget.
+
+    Forward/backward: the partitions of the gathered window (reads in flight may hold up to `PREFETCH_SHARE` of the
+    budget) and the staging of one layer's gradients on their way to the SSD. Optimizer step: up to three
+    sub-groups resident at once (read ahead, stepped, written back), each with master, states and gradient in fp32,
+    and the staging of its new low-precision parameters.
+    """
+    budget = setup.fuyou.pinned_memory
+    window_bytes = window["max_live_parameters"] * setup.itemsize
+    forward_backward = min(int(budget * PREFETCH_SHARE), window_bytes) + facts.layer_numel * FP32
+    in_flight = sorted(layout.sub_group_numels, reverse=True)[:3]
+    step = sum(aligned(n * FP32, ALIGNMENT) * (2 + setup.optimizer_states) + n * setup.itemsize for n in in_flight)
+    return min(budget, max(forward_backward, step))
 
 
 def striped_member_bytes(nbytes: int, stripe: int, paths: int) -> list[int]:

@@ -55,6 +55,7 @@ class TrainingSetup:
     optimizer_states: int
     grad_accum_dtype: torch.dtype
     aio_alignment_bytes: int
+    cpu_accelerator: bool = False  # DeepSpeed's CPU accelerator: "device" memory is host memory, counted resident
 
     @property
     def itemsize(self) -> int:
