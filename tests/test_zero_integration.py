@@ -20,12 +20,16 @@ from typing import Any
 import pytest
 from benchlib import comparison_config
 
+from deepspeed_fuyou.config.fuyou import host_memory_bytes
+from deepspeed_fuyou.estimator.estimate import Machine, estimate
+
 ROOT = Path(__file__).resolve().parent.parent
 GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
 FUYOU_CONFIG = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
 STEPS = 10
 TRAINER_STEPS = 6
 REL_TOL = 1e-5
+HOST_ESTIMATE_TOLERANCE = 0.2
 
 Config = dict[str, Any]
 
@@ -96,6 +100,22 @@ def test_fuyou_trains_exactly_like_stock_zero3_cpu_offload_and_zero_infinity(run
     assert_losses_equal(fuyou["losses"], stock_cpu["losses"])
     assert_losses_equal(fuyou["losses"], stock_nvme["losses"])
     assert fuyou["losses"][-1] < fuyou["losses"][0] - 1.0  # it learns: the comparison is not between two no-ops
+
+
+@pytest.mark.parametrize("kind", ["fuyou", "stock-nvme"])
+def test_host_memory_estimate_matches_the_pool_counters_and_peak_rss_of_the_run(
+    runs: Callable[..., Any], kind: str
+) -> None:
+    """`fuyou estimate` for the run's model and config against what the process held (CPU accelerator)."""
+    run = runs(kind, "base")
+    config = json.loads((run["workdir"] / "ds_config.json").read_text())
+    machine = Machine(gpu_memory=None, host_memory=host_memory_bytes())
+    plan = estimate(ROOT / "configs" / "models" / "llama-tiny", config, seq_len=128, machine=machine).chosen
+    host = plan.gpu.total + plan.pinned_host.total + plan.pageable_host.total
+    assert host == pytest.approx(run["peak_rss_bytes"], rel=HOST_ESTIMATE_TOLERANCE)
+    assert run["pinned_peak_bytes"] <= plan.pinned_host.total
+    if kind == "fuyou":  # the pool's own peak counter
+        assert run["pinned_peak_bytes"] == pytest.approx(plan.pinned_host.buffers, rel=HOST_ESTIMATE_TOLERANCE)
 
 
 def test_fuyou_moves_the_bytes_itself_and_leaves_no_swap_file(runs: Callable[..., Any]) -> None:
