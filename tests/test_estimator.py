@@ -269,3 +269,11 @@ def test_machine_limits_given_on_the_command_line_replace_the_detected_ones(
     assert report["fits"] is False and report["problems"][0].startswith("GPU memory")
     with pytest.raises(SystemExit):
         fuyou([*base, "--gpu-memory", "lots"])
+
+
+def test_model_states_too_large_for_the_accelerator_suggest_nvme_offload_not_a_smaller_batch() -> None:
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}
+    result = estimate(TINY_LLAMA, config, seq_len=64, machine=Machine(gpu_memory=20 << 20, host_memory=1 << 40))
+    assert result.stock.gpu.optimizer_states > 20 << 20
+    assert not result.fits
+    assert "offload parameters and optimizer states to NVMe" in result.suggestions[0]

@@ -167,7 +167,13 @@ def _judge(result: Estimate, setup: TrainingSetup) -> None:
         room = machine.usable(accelerator_limit) - (accelerator_need - activations)
         per_sequence = activations / setup.micro_batch
         fitting = int(room // per_sequence) if per_sequence else 0
-        if 1 <= fitting < setup.micro_batch:
+        if room <= 0:
+            result.suggestions.append(
+                f"without any activation this needs {format_size(accelerator_need - activations)}: offload "
+                'parameters and optimizer states to NVMe (offload_param/offload_optimizer "nvme" and a "fuyou" '
+                "block), or spread them over more ranks"
+            )
+        elif 1 <= fitting < setup.micro_batch:
             result.suggestions.append(
                 f"lower train_micro_batch_size_per_gpu from {setup.micro_batch} to {fitting} (activations and "
                 f"their gradients: {format_size(activations)} -> {format_size(int(per_sequence * fitting))})"

@@ -77,7 +77,7 @@ def _accelerator(plan: Plan, layout: ZeroLayout, setup: TrainingSetup, facts: Mo
     plan.gpu.parameters = setup.itemsize * gathered_numel(
         facts.numels, facts.layer_numel, window["max_live_parameters"], zero.param_persistence_threshold
     )
-    if zero.offload_param is None or zero.offload_param.device == "none":
+    if _device(zero.offload_param) == "none":
         plan.gpu.parameters += layout.partition_total * setup.itemsize
     if zero.contiguous_gradients:
         bucket = window["reduce_bucket_size"]
