@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -47,6 +48,13 @@ def run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess[s
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent
     )
+
+
+def free_port() -> int:
+    """A TCP port free right now, for a `deepspeed` launcher's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -18,8 +18,9 @@ from deepspeed_fuyou.estimator.activations import saved_tensors
 from deepspeed_fuyou.estimator.auto import auto_configure
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.memory import striped_member_bytes
-from deepspeed_fuyou.estimator.model import build_fake_model
+from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.zero_layout import ZeroLayout, sub_groups
+from tests.conftest import free_port
 from tests.estimator_models import FAMILIES, transformers_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,20 +105,12 @@ def deepspeed_allocations(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (out / "models.json").write_text(json.dumps(FAMILIES))
     (out / "ds.json").write_text(json.dumps(stock_config(sub_group_size=9000)))
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(PROBE)]
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(PROBE)]
     command += ["--models", "models.json", "--config", "ds.json", "--out", str(out)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -181,15 +174,9 @@ def test_cli_json_has_every_documented_key_and_gpu_activations_are_the_traced_by
     assert set(report["breakdown"]) == {"gpu", "pinned_host", "pageable_host", "ssd"}
     assert all(set(device) == components for device in report["breakdown"].values())
     assert set(report["plans"]) == {"stock", "fuyou"}
-    fake = build_fake_model(transformers_config_of(TINY_LLAMA))
+    fake = build_fake_model(load_model_config(TINY_LLAMA))
     assert report["breakdown"]["gpu"]["activations"] == fake.saved_tensors(2, 64).nbytes
     assert report["gpu_peak_bytes"] == sum(report["breakdown"]["gpu"].values())
-
-
-def transformers_config_of(path: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path)
 
 
 def test_validate_with_a_model_fails_with_exit_2_when_it_does_not_fit(
@@ -220,7 +207,7 @@ def test_training_refuses_to_start_when_the_ssd_cannot_hold_the_optimizer_swap(t
         "--num_gpus",
         "1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(ROOT / "scripts" / "finetune.py"),
     ]
     command += ["--deepspeed_config", str(config_path), "--steps", "1", "--output-dir", str(tmp_path / "out")]

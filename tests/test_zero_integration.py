@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from benchlib import comparison_config
 
 from deepspeed_fuyou.config.fuyou import host_memory_bytes
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
@@ -40,12 +40,6 @@ def config_for(kind: str, root: Path, **top_level: Any) -> Config:
     for directory in swap_dirs:
         directory.mkdir(parents=True, exist_ok=True)
     return comparison_config({**FUYOU_CONFIG, **top_level}, kind, swap_dirs)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def finetune(config: Config, workdir: Path, *args: str, ranks: int = 1) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def render(result: Estimate) -> str:
             if any(values):
                 lines.append(f"  {component:30}" + "".join(f"{format_size(v):>20}" for v in values))
     machine = result.machine
-    accelerator = "shares host memory" if machine.gpu_memory is None else format_size(machine.gpu_memory)
+    accelerator = "shares host memory" if machine.accelerator_is_host else format_size(machine.gpu_memory)
     lines += [
         "",
         f"machine: accelerator {accelerator}, host {format_size(machine.host_memory)}, margin {machine.margin:.0%}",

@@ -77,7 +77,7 @@ def _with_smaller_pinned_budget(
 ) -> Estimate:
     """When host memory is short, the pinned budget gives back what is missing, down to the pool's minimum (on the
     CPU accelerator, host memory is also the accelerator's)."""
-    host_is_short = "host" in result.exceeded or result.machine.gpu_memory is None
+    host_is_short = "host" in result.exceeded or result.machine.accelerator_is_host
     over = max(result.exceeded.get("host", 0), result.exceeded.get("accelerator", 0))
     budget = parse_size(config[BLOCK]["pinned_memory"], "fuyou.pinned_memory") - over
     if not host_is_short or budget < MIN_PINNED_MEMORY:

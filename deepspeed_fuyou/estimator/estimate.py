@@ -21,7 +21,7 @@ import torch
 from deepspeed_fuyou.config.checks import machine_problems
 from deepspeed_fuyou.config.fuyou import MIN_PINNED_MEMORY, EstimatorOptions
 from deepspeed_fuyou.config.sizes import format_size
-from deepspeed_fuyou.estimator.memory import DEVICES, ModelFacts, Plan, fuyou_plan, stock_plan
+from deepspeed_fuyou.estimator.memory import DEVICES, ModelFacts, Plan, fuyou_plan, stock_plan, stock_window
 from deepspeed_fuyou.estimator.model import FakeModel, ModelSpec, build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout
 from deepspeed_fuyou.swap.sizing import layer_numel, stage3_overrides
@@ -47,6 +47,10 @@ class Machine:
         if gpu is None and torch.cuda.is_available():
             gpu = torch.cuda.get_device_properties(0).total_memory
         return cls(gpu, options.host_memory_bytes, options.margin)
+
+    @property
+    def accelerator_is_host(self) -> bool:
+        return self.gpu_memory is None
 
     def usable(self, nbytes: int) -> int:
         return int(nbytes * (1 - self.margin))
@@ -111,7 +115,7 @@ def estimate(
     """
     setup = TrainingSetup.from_ds_config(ds_config, seq_len, micro_batch, world_size)
     machine = machine or Machine.detect(setup.fuyou.estimator if setup.fuyou else None)
-    setup = replace(setup, cpu_accelerator=machine.gpu_memory is None)
+    setup = replace(setup, cpu_accelerator=machine.accelerator_is_host)
     if isinstance(model, FakeModel):
         fake = model if model.dtype == setup.dtype else build_fake_model(model.module.config, setup.dtype)
     else:
@@ -125,8 +129,7 @@ def estimate(
     stock = stock_plan(ZeroLayout.build(facts.numels, world_size, zero.sub_group_size), setup, facts)
     plan = None
     if setup.fuyou is not None:
-        window = {"max_live_parameters": zero.max_live_parameters, "reduce_bucket_size": zero.reduce_bucket_size}
-        window.update(stage3_overrides(fake.module, setup.fuyou, ds_config, zero.sub_group_size))
+        window = stock_window(zero) | stage3_overrides(fake.module, setup.fuyou, ds_config, zero.sub_group_size)
         layout = ZeroLayout.build(facts.numels, world_size, window["sub_group_size"])
         plan = fuyou_plan(layout, setup, facts, window, [str(p) for p in setup.fuyou.nvme_paths])
     for each in (stock, plan):
@@ -154,7 +157,7 @@ def _judge(result: Estimate, setup: TrainingSetup) -> None:
     plan, machine = result.chosen, result.machine
     activations = plan.gpu.activations + plan.gpu.temporaries
     host = plan.pinned_host.total + plan.pageable_host.total
-    if machine.gpu_memory is None:  # the accelerator's bytes are host bytes
+    if machine.accelerator_is_host:  # the accelerator's bytes are host bytes
         host += plan.gpu.total
         accelerator_limit, accelerator_need, where = machine.host_memory, host, "host memory"
     else:
@@ -183,7 +186,7 @@ def _judge(result: Estimate, setup: TrainingSetup) -> None:
                 f"one sequence of {setup.seq_len} tokens needs {format_size(int(per_sequence))} of activations: "
                 "shorten the sequences or enable gradient checkpointing (model.gradient_checkpointing_enable())"
             )
-        if machine.gpu_memory is None:
+        if machine.accelerator_is_host:
             _suggest_host(result, setup)
     if result.fuyou is not None:
         for problem in machine_problems(setup.fuyou, plan.ssd.total):

@@ -64,6 +64,11 @@ class Plan:
         return getattr(self, name)
 
 
+def stock_window(zero) -> dict[str, int]:
+    """Stage 3's gather and reduce limits as the DeepSpeed config sets them (fuyou replaces them, see swap.sizing)."""
+    return {"max_live_parameters": zero.max_live_parameters, "reduce_bucket_size": zero.reduce_bucket_size}
+
+
 def gathered_numel(numels: Sequence[int], layer: int, max_live: int, persistence_threshold: int) -> int:
     """Elements stage 3 keeps gathered on the accelerator at most: persistent (small) parameters for good, and
     the others up to `max_live_parameters`, never less than the largest layer it must compute with."""
@@ -105,8 +110,7 @@ def stock_plan(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts) -> P
     """DeepSpeed's own ZeRO-3 / ZeRO-Infinity with this config."""
     zero = setup.zero
     plan = Plan("stock")
-    window = {"max_live_parameters": zero.max_live_parameters, "reduce_bucket_size": zero.reduce_bucket_size}
-    _accelerator(plan, layout, setup, facts, window)
+    _accelerator(plan, layout, setup, facts, stock_window(zero))
     lp, alignment = setup.itemsize, setup.aio_alignment_bytes
 
     param_device = _device(zero.offload_param)
