@@ -26,6 +26,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
+from deepspeed_fuyou.activations import ActivationStats
 from deepspeed_fuyou.swap.runtime import SwapRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +126,18 @@ def memory_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
         "pinned_peak_bytes": pinned_bytes(engine),
         "fuyou_bytes_read": sum(runtime.counters.bytes_read for runtime in runtimes),
         "fuyou_bytes_written": sum(runtime.counters.bytes_written for runtime in runtimes),
+        **activation_report(engine),
+    }
+
+
+def activation_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
+    """What activation offload moved (`"fuyou".activations`), all zero when it is off."""
+    offloader = getattr(engine.optimizer, "activation_offloader", None)
+    stats = offloader.stats if offloader is not None else ActivationStats()
+    return {
+        "activation_offloaded_bytes": stats.offloaded_bytes,
+        "activation_read_bytes": stats.read_bytes,
+        "activation_peak_resident_bytes": stats.peak_resident_bytes,
     }
 
 

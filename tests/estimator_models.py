@@ -49,8 +49,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def transformers_config(family: str):
+def transformers_config(family: str, **overrides: Any):
     from transformers import AutoConfig
 
-    fields = dict(FAMILIES[family])
+    fields = {**FAMILIES[family], **overrides}
     return AutoConfig.for_model(fields.pop("model_type"), **fields)

@@ -30,6 +30,7 @@ STEPS = 10
 TRAINER_STEPS = 6
 REL_TOL = 1e-5
 HOST_ESTIMATE_TOLERANCE = 0.2
+OFFLOAD_EVERY_ACTIVATION = {"offload": "all", "tier": "nvme", "min_tensor_size": 0}
 
 Config = dict[str, Any]
 
@@ -75,6 +76,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, An
         "tight-clipping": ({"gradient_clipping": 1e-4}, 1, loop),
         "two-ranks": ({"train_micro_batch_size_per_gpu": 1}, 2, loop),
         "trainer": ({}, 1, ("--trainer", "--steps", str(TRAINER_STEPS))),
+        "activations": ({"fuyou": {**FUYOU_CONFIG["fuyou"], "activations": OFFLOAD_EVERY_ACTIVATION}}, 1, loop),
     }
 
     def run(kind: str, variant: str) -> dict[str, Any]:
@@ -120,6 +122,15 @@ def test_fuyou_moves_the_bytes_itself_and_leaves_no_swap_file(runs: Callable[...
     for stripe in ("ssd0", "ssd1"):
         assert list((fuyou["workdir"] / stripe).iterdir()) == []
     assert list((stock_nvme["workdir"] / "stock-swap").iterdir()), "stock leaves its swap folder (we do not)"
+
+
+def test_activation_offload_under_deepspeed_changes_no_loss_and_leaves_no_file(runs: Callable[..., Any]) -> None:
+    offloaded, base = runs("fuyou", "activations"), runs("fuyou", "base")
+    assert offloaded["losses"] == base["losses"]  # bit for bit: the same bytes come back
+    assert offloaded["activation_offloaded_bytes"] > 0 and offloaded["activation_read_bytes"] > 0
+    assert base["activation_offloaded_bytes"] == 0
+    for stripe in ("ssd0", "ssd1"):
+        assert list((offloaded["workdir"] / stripe).iterdir()) == []
 
 
 def test_fuyou_equals_stock_with_gradient_accumulation(runs: Callable[..., Any]) -> None:

@@ -61,6 +61,7 @@ class ActivationOptions(FuyouModel):
     offload: Literal["off", "auto", "all"] = "off"
     tier: Literal["cpu", "nvme"] = "nvme"
     min_tensor_size: Size = Field(4 << 20, examples=["4MiB"])
+    prefetch_layers: StrictInt = Field(2, ge=1, examples=[2])
 
 
 class EstimatorOptions(FuyouModel):

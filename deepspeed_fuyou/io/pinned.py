@@ -82,6 +82,12 @@ class PinnedPool:
             )
         return buffer
 
+    def try_acquire(self, nbytes: int) -> torch.Tensor | None:
+        """A buffer as `acquire` gives it if the budget has room now, else None (for callers with a fallback)."""
+        if nbytes > self.budget:
+            return None
+        return self._pool.acquire(nbytes, 0.0)
+
     def acquire_tensor(
         self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, timeout: float | None = None
     ) -> torch.Tensor:

@@ -9,7 +9,9 @@ Only what differs is overridden (DeepSpeed's `SuperOffloadOptimizer_Stage3` is t
   model (see `swap.sizing`), unless the config sets DeepSpeed's own knobs explicitly;
 - with `estimator.validate` on, the SSDs must have room for every swap file (the estimator's arithmetic) before
   the optimizer writes any;
-- checkpoints export and import our striped state through the folder DeepSpeed copies.
+- checkpoints export and import our striped state through the folder DeepSpeed copies;
+- with `fuyou.activations.offload` on, the model's forward passes offload their activations through the same I/O
+  engine, pinned pool and swap directories (see `deepspeed_fuyou.activations`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from deepspeed import comm as dist
 
+from deepspeed_fuyou.activations import ActivationOffloader
 from deepspeed_fuyou.config.checks import space_problems
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.errors import FuyouConfigError
@@ -47,6 +50,15 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             self._check_swap_space(module, init_optimizer, overrides["sub_group_size"], kwargs.get("dp_process_group"))
         log.info("fuyou: stage 3 sized for the model and pinned budget: %s", overrides)
         super().__init__(module, init_optimizer, param_names, *args, **kwargs)
+        self.activation_offloader = self._offload_activations(module)
+
+    def _offload_activations(self, module: Any) -> ActivationOffloader | None:
+        """Attached after stage 3's own module hooks, so ours see the layer's parameters already gathered."""
+        options = self.fuyou_config.activations
+        if options.offload == "off":
+            return None
+        runtime = self.fuyou_runtime
+        return ActivationOffloader(module, options, runtime.engine, runtime.space, runtime.pool).attach(module)
 
     def _check_swap_space(self, module: Any, optimizer: Any, sub_group_size: int, dp_group: Any) -> None:
         """Raises, before any swap file of the optimizer is written, when the SSDs cannot hold all of them."""

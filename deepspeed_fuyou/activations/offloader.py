@@ -1,0 +1,606 @@
+"""Activation offload: the tensors autograd saves for backward go to host memory or the SSD, and come back in time.
+
+Built on `torch.autograd.graph.saved_tensors_hooks`. Autograd hands the pack hook a detached alias of every tensor it
+saves; the hook returns a small handle that the graph keeps instead, and the unpack hook turns the handle back into
+a tensor with the same bytes when backward needs it.
+
+* What moves: the storage under a saved tensor, when it is at least `min_tensor_size` bytes and is not a parameter's
+  (a linear layer saves its weight, or a transposed view of it; under ZeRO-3 the gathered weight). Parameters are
+  recognised by storage identity, checked against the parameters of the layer being run (cheap, and right under
+  ZeRO-3, whose gathered storages change every step).
+* Deduplication: a storage saved several times in one forward (a view saved by two operators, a tensor saved as
+  the output of one and the input of the next) is moved once; every handle rebuilds its own view of it.
+* Forwarding: a handle holds the storage only weakly once it is written; if anything still holds the storage when
+  backward needs it, the handle uses it and reads nothing.
+* Overlap: writes start in the pack hook and run behind the forward (device -> pinned on a side stream, then the
+  I/O engine); backward reads run `prefetch_layers` layers ahead of the layer whose backward is starting, signalled
+  by a gradient hook on each layer's output (it fires just before that layer's backward).
+* Release: a handle lives exactly as long as autograd needs the saved tensor; when the last handle of a storage goes,
+  its host copy, staging buffer and restored copy go with it, and when every storage of a forward pass is gone, so
+  is that pass's file.
+* Failure: a write that fails raises FuyouIOError from the next hook that runs (the same forward, or at the latest
+  the backward that would have needed the data), and a storage whose write failed can never be unpacked.
+
+Nesting: our hooks are pushed when the model's forward starts, so hooks pushed inside it are innermost and win:
+inside a region under non-reentrant activation checkpointing (torch's `use_reentrant=False`), the checkpoint's hooks
+decide, it saves nothing and recomputes in backward, and we move nothing; what the region's caller saves is ours.
+Reentrant checkpointing (torch's `use_reentrant=True`, DeepSpeed's `checkpointing.checkpoint`) saves each region's
+inputs with `save_for_backward` under our hooks: those are offloaded, and the recomputation in backward, which runs
+after our forward has ended, keeps its activations on the device as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deepspeed_fuyou.activations.policy import Measurements, layers_to_keep
+from deepspeed_fuyou.activations.transfers import DeviceCopies, aligned_host_bytes, storage_bytes
+from deepspeed_fuyou.config.fuyou import ActivationOptions
+from deepspeed_fuyou.errors import FuyouIOError
+from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
+from deepspeed_fuyou.io.pinned import PinnedPool
+from deepspeed_fuyou.io.swap_space import SwapSpace
+
+log = logging.getLogger(__name__)
+
+HEAD = -1
+"""Layer index of what is saved before the first layer (embeddings): its backward comes last."""
+
+
+@dataclass
+class ActivationStats:
+    """Counters of the hooks since the offloader was made; bytes are storage bytes."""
+
+    saved: int = 0  # tensors autograd saved, parameters excluded
+    offloaded: int = 0  # storages sent to the tier
+    offloaded_bytes: int = 0
+    deduplicated: int = 0  # saves served by a storage already saved in the same forward
+    forwarded: int = 0  # unpacks of an offloaded storage served by the still-alive original: nothing read
+    reads: int = 0
+    read_bytes: int = 0
+    waited_seconds: float = 0.0  # time backward spent waiting for a read that was not finished
+    kept_layers: int = 0  # last layers the policy keeps in device memory (auto)
+    resident_bytes: int = 0  # saved bytes the hooks hold in device memory now
+    peak_resident_bytes: int = 0
+
+
+# Where a record's bytes are (the states of the transfer state machine).
+KEPT, COPYING, WRITING, STORED, READING, UPLOADING, RESTORED, FAILED = range(8)
+_IN_FLIGHT = (COPYING, WRITING, READING, UPLOADING)
+
+
+class _Pass:
+    """The saved tensors of one forward pass: its own file on the SSDs, removed once backward has consumed them."""
+
+    def __init__(self, number: int, files: list[str]) -> None:
+        self.number = number
+        self.files = files
+        self.end = 0  # bump allocator over the file: a pass only ever appends
+        self.live = 0  # records of this pass still referenced
+        self.open = True
+        self.layers: dict[int, list[weakref.ref[_Record]]] = {}
+        self.layer_seconds: dict[int, float] = {}
+        self.layer_bytes: dict[int, int] = {}
+
+    def allocate(self, nbytes: int) -> int:
+        offset = self.end
+        self.end += -(-nbytes // ALIGNMENT) * ALIGNMENT
+        return offset
+
+    def remove_files(self) -> None:
+        for path in self.files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+class _Record:
+    """One saved storage of one forward pass, and where its bytes are."""
+
+    def __init__(self, owner: ActivationOffloader, fpass: _Pass, storage: torch.UntypedStorage, layer: int) -> None:
+        self.owner = owner
+        self.fpass = fpass
+        self.layer = layer
+        self.nbytes = storage.nbytes()
+        self.device = storage.device
+        self._weak = storage._weak_ref()  # keeps the storage's identity reserved, not its memory
+        self.state = KEPT
+        self.source: torch.Tensor | None = None  # the storage's bytes, held while they must stay on the device
+        self.host: torch.Tensor | None = None  # cpu tier: the copy; nvme tier: a staging buffer in transit
+        self.offset = -1
+        self.future: IOFuture | None = None
+        self.event: torch.cuda.Event | None = None
+        self.restored: torch.Tensor | None = None  # bytes back on the device, with their offset in their storage
+        self.restored_delta = 0
+        self.error: BaseException | None = None
+        self.resident = 0
+        fpass.live += 1
+
+    def live_storage(self) -> torch.UntypedStorage | None:
+        """The original storage if anything still holds it (forwarding), else None."""
+        if self.source is not None:
+            return self.source.untyped_storage()
+        if torch.UntypedStorage._expired(self._weak):
+            return None
+        return torch.UntypedStorage._new_with_weak_ptr(self._weak)  # None if it died since the line above
+
+    def __del__(self) -> None:
+        self.owner._forget(self)
+        torch.UntypedStorage._free_weak_ref(self._weak)
+
+
+class _Saved:
+    """What the autograd graph holds instead of a saved tensor: its record and how to rebuild the view."""
+
+    __slots__ = ("dtype", "kept", "offset", "record", "shape", "stride")
+
+    def __init__(self, record: _Record, tensor: torch.Tensor, kept: bool) -> None:
+        self.record = record
+        self.kept = tensor if kept else None
+        self.dtype = tensor.dtype
+        self.shape = tensor.shape
+        self.stride = tensor.stride()
+        self.offset = tensor.storage_offset()
+
+    def view(self, storage: torch.UntypedStorage, delta: int = 0) -> torch.Tensor:
+        """The saved tensor rebuilt on `storage`, whose bytes start `delta` bytes into it."""
+        offset = self.offset + delta // self.dtype.itemsize
+        return torch.empty(0, dtype=self.dtype, device=storage.device).set_(storage, offset, self.shape, self.stride)
+
+
+def find_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the ModuleList holding the most parameters (decoder layers of a causal LM)."""
+    best: list[torch.nn.Module] = []
+    best_params = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())  # ZeRO-3: full size
+            if params > best_params:
+                best, best_params = list(module), params
+    return best
+
+
+class ActivationOffloader:
+    """Offloads the activations of `model`'s forward passes run inside `with offloader:` (or `offload_module`).
+
+    `engine` and `space` are needed for the nvme tier; `pool` gives pinned staging buffers when tensors live on a GPU.
+    One offloader serves every forward pass of its model; `close()` waits for its transfers and removes its files.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        options: ActivationOptions,
+        engine: IOEngine | None = None,
+        space: SwapSpace | None = None,
+        pool: PinnedPool | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        if options.tier == "nvme" and (engine is None or space is None):
+            raise ValueError("the nvme tier needs an I/O engine and a swap space")
+        self.options = options
+        self.engine = engine
+        self.space = space
+        self.pool = pool
+        self.stats = ActivationStats()
+        self._on_close = on_close
+        self._copies = DeviceCopies()
+        self._lock = threading.RLock()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._depth = 0
+        self._passes = 0
+        self._pass: _Pass | None = None
+        self._in_flight: list[_Record] = []
+        self._by_storage: weakref.WeakValueDictionary[int, _Record] = weakref.WeakValueDictionary()
+        self._layers = find_layers(model)
+        self._layer = HEAD
+        self._layer_started = 0.0
+        layer_params = {id(p) for layer in self._layers for p in layer.parameters()}
+        self._outside_params = [p for p in model.parameters() if id(p) not in layer_params]
+        self._measured = options.offload != "auto" or not self._layers
+        self.stats.kept_layers = 1 if options.offload == "auto" and self._layers else 0
+        self._module_hooks = [h for i, layer in enumerate(self._layers) for h in self._hook_layer(i, layer)]
+
+    # ----- forward passes -------------------------------------------------------------------------------------
+
+    def __enter__(self) -> ActivationOffloader:
+        if self._depth == 0:
+            self._begin_pass()
+            self._hooks.__enter__()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._hooks.__exit__(*exc)
+            self._end_pass(report_failures=exc[0] is None)
+
+    def attach(self, module: torch.nn.Module) -> ActivationOffloader:
+        """Offloads every forward of `module` from now on (until `remove()`): the module form of `with offloader:`."""
+
+        def enter(module: torch.nn.Module, args: Any) -> None:
+            self.__enter__()
+
+        def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self.__exit__(*sys.exc_info())
+
+        self._module_hooks += [
+            module.register_forward_pre_hook(enter),
+            module.register_forward_hook(leave, always_call=True),  # also when forward raises: the stack stays right
+        ]
+        return self
+
+    def _begin_pass(self) -> None:
+        with self._lock:
+            self._reap()
+            name = f"activations-{self._passes}"
+            files = self.space.files(name) if self.space is not None else []
+            self._pass = _Pass(self._passes, files)
+            self._passes += 1
+            self._layer = HEAD
+
+    def _end_pass(self, report_failures: bool) -> None:
+        """Closes the pass; a write already known to have failed is raised here, so the forward itself fails."""
+        with self._lock:
+            fpass, self._pass = self._pass, None
+            if fpass is None:
+                return
+            fpass.open = False
+            if fpass.live == 0:
+                fpass.remove_files()
+            if report_failures:
+                self._reap()
+            if not self._measured:
+                self._measured = True
+                self.stats.kept_layers = layers_to_keep(self._measure(fpass))
+                log.info("fuyou: activation offload keeps the last %d layer(s) in place", self.stats.kept_layers)
+
+    def _hook_layer(self, index: int, layer: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        def before(module: torch.nn.Module, args: Any) -> None:
+            if self._pass is None:  # a recomputation in backward, or a forward without offload
+                return
+            if not self._measured and self._layer_timed():
+                torch.cuda.synchronize()
+            self._layer = index
+            self._layer_started = time.perf_counter()
+
+        def after(module: torch.nn.Module, args: Any, output: Any) -> None:
+            fpass = self._pass
+            if fpass is None:
+                return
+            if not self._measured:
+                if self._layer_timed():
+                    torch.cuda.synchronize()
+                fpass.layer_seconds[index] = time.perf_counter() - self._layer_started
+            self._layer = index + 1  # the last layer's successor is the tail (head, loss)
+            first = output[0] if isinstance(output, tuple | list) and output else output
+            if isinstance(first, torch.Tensor) and first.requires_grad:
+                first.register_hook(lambda grad: self._backward_reaches(fpass, index))
+
+        return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+
+    def _layer_timed(self) -> bool:
+        return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+    # ----- pack: forward --------------------------------------------------------------------------------------
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        if not self._may_offload(tensor) or self._is_parameter(tensor):
+            return tensor
+        with self._lock:
+            self._reap()
+            fpass = self._pass
+            storage = tensor.untyped_storage()
+            record = self._by_storage.get(storage._cdata)
+            self.stats.saved += 1
+            if record is not None and record.fpass is fpass:
+                self.stats.deduplicated += 1
+            else:
+                record = self._by_storage[storage._cdata] = _Record(self, fpass, storage, self._layer)
+                fpass.layers.setdefault(self._layer, []).append(weakref.ref(record))
+                if record.nbytes >= self.options.min_tensor_size:
+                    fpass.layer_bytes[self._layer] = fpass.layer_bytes.get(self._layer, 0) + record.nbytes
+                if self._offloads(record):
+                    self._offload(record, storage)
+                else:
+                    record.source = storage_bytes(storage)
+                    self._hold(record, record.nbytes)
+            return _Saved(record, tensor, kept=record.state == KEPT)
+
+    @staticmethod
+    def _may_offload(tensor: torch.Tensor) -> bool:
+        return (
+            type(tensor) is torch.Tensor
+            and tensor.layout == torch.strided
+            and tensor.device.type in ("cpu", "cuda")
+            and not tensor.is_quantized
+            and not tensor.is_conj()
+            and not tensor.is_neg()
+        )
+
+    def _is_parameter(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` shares its storage with a parameter of the layer being run (or of no layer)."""
+        in_layer = 0 <= self._layer < len(self._layers)
+        params = self._layers[self._layer].parameters() if in_layer else self._outside_params
+        key = tensor.untyped_storage()._cdata
+        return any(p.untyped_storage()._cdata == key for p in params)
+
+    def _offloads(self, record: _Record) -> bool:
+        if record.nbytes < self.options.min_tensor_size:
+            return False
+        if self.options.offload == "all" or not self._layers:
+            return True
+        return record.layer < len(self._layers) - self.stats.kept_layers
+
+    def _offload(self, record: _Record, storage: torch.UntypedStorage) -> None:
+        """Starts moving the storage off the device; the record holds it until its bytes are safe elsewhere."""
+        source = storage_bytes(storage)
+        self.stats.offloaded += 1
+        self.stats.offloaded_bytes += record.nbytes
+        if self.options.tier == "cpu":
+            record.host = self._host_buffer(record.nbytes, pinned=record.device.type == "cuda")
+        elif record.device.type == "cuda":
+            record.host = self._staging(record.nbytes)
+        else:  # the nvme tier from host memory: write straight from the tensor
+            record.source = source
+            self._hold(record, record.nbytes)
+            self._write(record, source)
+            return
+        record.event = self._copies.to_host(source, record.host[: record.nbytes])
+        if record.event is None:  # a host "device": the copy is done
+            self._stored_on_host(record)
+        else:
+            record.source = source
+            self._hold(record, record.nbytes)
+            record.state = COPYING
+            self._in_flight.append(record)
+
+    def _stored_on_host(self, record: _Record) -> None:
+        if self.options.tier == "cpu":
+            record.state = STORED
+            if record.device.type == "cpu":  # the host copy takes the place of the original in the same memory
+                self._hold(record, record.nbytes)
+        else:
+            self._write(record, record.host[: record.nbytes])
+
+    def _write(self, record: _Record, data: torch.Tensor) -> None:
+        record.offset = record.fpass.allocate(record.nbytes)
+        record.future = self.engine.write(data, record.fpass.files, record.offset)
+        record.state = WRITING
+        if record not in self._in_flight:
+            self._in_flight.append(record)
+
+    def _host_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        """Host memory for a cpu-tier copy: pinned from the pool while it has room (fast, async), else pageable."""
+        if pinned and self.pool is not None:
+            buffer = self.pool.try_acquire(nbytes)
+            if buffer is not None:
+                return buffer
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        """A pinned staging buffer; while the pool is full, our own oldest transfers are finished first."""
+        assert self.pool is not None, "offloading GPU tensors to the SSD needs a pinned pool"
+        while (buffer := self.pool.try_acquire(nbytes)) is None and self._in_flight:
+            self._advance(self._in_flight[0], block=True)
+            self._in_flight.pop(0)
+            self._reap()
+        return buffer if buffer is not None else self.pool.acquire(nbytes)
+
+    # ----- unpack: backward -----------------------------------------------------------------------------------
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if not isinstance(saved, _Saved):
+            return saved
+        with self._lock:
+            self._reap()
+            record = saved.record
+            if record.error is not None:
+                raise record.error
+            if saved.kept is not None:
+                return saved.kept
+            storage = record.live_storage()
+            if storage is not None and record.state != RESTORED:
+                self.stats.forwarded += 1
+                return saved.view(storage)
+            if record.state == STORED:
+                self._read(record)
+            if record.state in _IN_FLIGHT:
+                started = time.perf_counter()
+                self._advance(record, block=True)
+                self.stats.waited_seconds += time.perf_counter() - started
+            if record.error is not None:
+                raise record.error
+            assert record.restored is not None
+            DeviceCopies.use_on_current_stream(record.restored, record.event)
+            return saved.view(record.restored.untyped_storage(), record.restored_delta)
+
+    def _backward_reaches(self, fpass: _Pass, index: int) -> None:
+        """Backward is about to run layer `index`: start reading the layers below it, `prefetch_layers` deep."""
+        with self._lock:
+            self._reap()
+            for layer in range(index - 1, max(index - 1 - self.options.prefetch_layers, HEAD - 1), -1):
+                for ref in fpass.layers.get(layer, []):
+                    record = ref()
+                    if record is not None and record.state == STORED and record.live_storage() is None:
+                        self._read(record)
+
+    def _read(self, record: _Record) -> None:
+        """Starts bringing a stored record back to its device."""
+        self.stats.reads += 1
+        self.stats.read_bytes += record.nbytes
+        if self.options.tier == "cpu":
+            self._upload(record)
+            return
+        if record.device.type == "cuda":
+            record.host = self._staging(record.nbytes)
+            target = record.host[: record.nbytes]
+        else:
+            target, record.restored_delta = aligned_host_bytes(record.nbytes)
+            record.restored = target
+            self._hold(record, record.nbytes)
+        record.future = self.engine.read(target, record.fpass.files, record.offset)
+        record.state = READING
+        self._in_flight.append(record)
+
+    def _upload(self, record: _Record) -> None:
+        """Host bytes -> device: on a GPU an async copy; on a host device the host copy is the tensor."""
+        assert record.host is not None
+        if record.device.type == "cpu":
+            record.restored, record.restored_delta = record.host[: record.nbytes], 0
+            record.host = None
+            record.state = RESTORED
+        else:
+            record.restored, record.event = self._copies.to_device(record.host[: record.nbytes], record.device)
+            record.state = UPLOADING
+            if record not in self._in_flight:
+                self._in_flight.append(record)
+        self._hold(record, record.nbytes)
+
+    # ----- the transfer state machine -------------------------------------------------------------------------
+
+    def _advance(self, record: _Record, block: bool) -> None:
+        """Moves a record's transfer on as far as it can go (all the way with `block`); raises its I/O error."""
+        try:
+            while record.state in _IN_FLIGHT:
+                if record.state in (COPYING, UPLOADING):
+                    assert record.event is not None
+                    if not block and not record.event.query():
+                        return
+                    record.event.synchronize()
+                    if record.state == COPYING:
+                        self._drop_source(record)
+                        self._stored_on_host(record)
+                    else:
+                        record.host = None  # the pinned buffer goes back to the pool; the event stays for users
+                        record.state = RESTORED
+                else:
+                    assert record.future is not None
+                    if not block and not record.future.done():
+                        return
+                    record.future.wait()
+                    record.future = None
+                    if record.state == WRITING:
+                        self._drop_source(record)
+                        record.host = None
+                        record.state = STORED
+                    elif record.device.type == "cuda":
+                        self._upload(record)
+                    else:
+                        record.state = RESTORED
+        except BaseException as err:
+            record.state, record.error = FAILED, err
+            self._drop_source(record)
+            record.host = record.restored = None
+            raise
+
+    def _reap(self) -> None:
+        """Advances every transfer in flight without waiting; raises the first failure found."""
+        still: list[_Record] = []
+        failure: BaseException | None = None
+        for record in self._in_flight:
+            try:
+                self._advance(record, block=False)
+            except BaseException as err:
+                failure = failure or err
+                continue
+            if record.state in _IN_FLIGHT:
+                still.append(record)
+        self._in_flight = still
+        if failure is not None:
+            raise failure
+
+    def _drop_source(self, record: _Record) -> None:
+        if record.source is not None:
+            record.source = None
+            self._hold(record, 0)
+
+    def _hold(self, record: _Record, nbytes: int) -> None:
+        """Sets the device bytes counted for `record` (resident saved bytes) and the peak."""
+        self.stats.resident_bytes += nbytes - record.resident
+        record.resident = nbytes
+        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.stats.resident_bytes)
+
+    def _forget(self, record: _Record) -> None:
+        """A record's last handle is gone: its memory goes, and with the pass's last record, the pass's file."""
+        with self._lock:
+            self.stats.resident_bytes -= record.resident
+            fpass = record.fpass
+            fpass.live -= 1
+            if fpass.live == 0 and not fpass.open:
+                fpass.remove_files()
+
+    # ----- measurement ----------------------------------------------------------------------------------------
+
+    def _measure(self, fpass: _Pass) -> Measurements:
+        layers = len(self._layers)
+        seconds = [fpass.layer_seconds.get(i, 0.0) for i in range(layers)]
+        per_layer = [fpass.layer_bytes.get(i, 0) for i in range(layers)]
+        write, read = self._bandwidth(max(per_layer, default=0))
+        return Measurements(
+            layers=layers,
+            forward_seconds_per_layer=sum(seconds) / max(layers, 1),
+            offloadable_bytes_per_layer=sum(per_layer) / max(layers, 1),
+            write_bytes_per_second=write,
+            read_bytes_per_second=read,
+        )
+
+    def _bandwidth(self, nbytes: int) -> tuple[float, float]:
+        """Write and read bandwidth of the tier, probed with one layer's worth of bytes (at least 16 MiB)."""
+        nbytes = max(nbytes, 16 << 20)
+        probe, _ = aligned_host_bytes(nbytes)
+        if self.options.tier == "cpu":
+            started = time.perf_counter()
+            torch.empty_like(probe).copy_(probe)
+            seconds = time.perf_counter() - started
+            return nbytes / seconds, nbytes / seconds
+        files = self.space.files(f"activations-probe-{os.getpid()}")
+        try:
+            started = time.perf_counter()
+            self.engine.write(probe, files).wait()
+            written = time.perf_counter()
+            self.engine.read(probe, files).wait()
+            done = time.perf_counter()
+        finally:
+            for path in files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return nbytes / (written - started), nbytes / (done - written)
+
+    # ----- end of life ----------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Waits for every transfer in flight; raises the first failure."""
+        with self._lock:
+            while self._in_flight:
+                record = self._in_flight.pop(0)
+                self._advance(record, block=True)
+
+    def remove(self) -> None:
+        """Detaches the layer hooks from the model (what is saved already still comes back)."""
+        for handle in self._module_hooks:
+            handle.remove()
+        self._module_hooks = []
+
+    def close(self) -> None:
+        """Detaches from the model, finishes transfers in flight and releases what the offloader owns."""
+        self.remove()
+        try:
+            self.flush()
+        except FuyouIOError as err:  # nothing will read these bytes any more; say so, do not fail the shutdown
+            log.warning("fuyou: an activation transfer failed while closing: %s", err)
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+                self._on_close = None

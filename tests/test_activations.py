@@ -1,0 +1,222 @@
+"""Activation offload: same gradients, one write per storage, no reads for live tensors, nothing left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from transformers import AutoModelForCausalLM
+
+from deepspeed_fuyou.activations import ActivationOffloader, make_offloader, offload_activations, offload_module
+from deepspeed_fuyou.activations.policy import Measurements, layers_to_keep
+from deepspeed_fuyou.errors import FuyouIOError
+from tests.estimator_models import FAMILIES, transformers_config
+
+
+def causal_lm(family: str, layers: int = 3, **overrides: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    key = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    config = transformers_config(family, **{key: layers}, **overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+
+
+def loss_and_grads(
+    model: torch.nn.Module, ids: torch.Tensor, around_forward: contextlib.AbstractContextManager | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # the same dropout masks in every run (they are saved tensors too)
+    with around_forward or contextlib.nullcontext():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def assert_bit_identical(expected: tuple[torch.Tensor, list[torch.Tensor]], got: tuple[torch.Tensor, list]) -> None:
+    assert torch.equal(expected[0], got[0])
+    assert len(expected[1]) == len(got[1])
+    for want, have in zip(expected[1], got[1], strict=True):
+        assert torch.equal(want, have)
+
+
+def files_under(offloader: ActivationOffloader) -> list[str]:
+    return [name for d in (offloader.space.dirs if offloader.space else []) for name in os.listdir(d)]
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, FAMILIES["llama"]["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize("tier", ["nvme", "cpu"])
+def test_gradients_with_offload_are_bit_identical_to_gradients_without(
+    family: str, tier: str, ids: torch.Tensor, tmp_path: Path
+) -> None:
+    model = causal_lm(family)
+    expected = loss_and_grads(model, ids)
+    offloader = make_offloader(model, tier=tier, path=str(tmp_path), offload="all", min_tensor_size=0)
+    try:
+        for _ in range(2):  # the second pass reuses the offloader: nothing of the first may leak into it
+            assert_bit_identical(expected, loss_and_grads(model, ids, offloader))
+        assert offloader.stats.offloaded_bytes > 0
+        assert offloader.stats.reads > 0
+    finally:
+        offloader.close()
+
+
+def test_auto_policy_keeps_the_last_layer_and_moves_the_rest_with_the_same_gradients(
+    ids: torch.Tensor, tmp_path: Path
+) -> None:
+    model = causal_lm("llama", layers=4)
+    expected = loss_and_grads(model, ids)
+    with contextlib.closing(make_offloader(model, path=str(tmp_path), min_tensor_size=0)) as offloader:
+        for _ in range(3):
+            assert_bit_identical(expected, loss_and_grads(model, ids, offloader))
+        # 4 tiny layers on a CPU: compute is slow next to the disk, so one layer is enough to hide the reads.
+        assert offloader.stats.kept_layers == 1
+        assert offloader.stats.offloaded_bytes > 0
+
+
+def test_a_storage_saved_twice_is_written_once(tmp_path: Path) -> None:
+    x = torch.randn(256, 1024, requires_grad=True)
+    with contextlib.closing(make_offloader(torch.nn.Linear(1, 1), path=str(tmp_path), min_tensor_size=0)) as off:
+        with off:
+            y = x * 2  # saves nothing: the factor is a Python number
+            z = (y * y).sum()  # saves y as both operands: one storage, two saves
+        del y  # only the graph's handles refer to it now: backward must read it back
+        off.flush()
+        z.backward()
+        assert (off.stats.saved, off.stats.deduplicated, off.stats.offloaded) == (2, 1, 1)
+        assert off.engine.bytes_written == x.numel() * 4
+        assert off.stats.reads == 1
+    torch.testing.assert_close(x.grad, 8 * x.detach(), rtol=0, atol=0)
+
+
+def test_a_tensor_still_alive_in_backward_is_forwarded_and_nothing_is_read(tmp_path: Path) -> None:
+    x = torch.randn(512, 512, requires_grad=True)
+    with contextlib.closing(make_offloader(torch.nn.Linear(1, 1), path=str(tmp_path), min_tensor_size=0)) as off:
+        with off:
+            hidden = x.sin()  # saves x
+            out = hidden.exp()  # saves its output
+            loss = (out * hidden).sum()  # saves both operands
+        off.flush()  # every write has finished: the handles now hold their storages only weakly
+        loss.backward()  # x, hidden and out are all still referenced here
+        assert off.stats.offloaded == 3
+        assert off.stats.reads == 0
+        assert off.stats.forwarded == 4
+    leaf = x.detach().requires_grad_()
+    hidden = leaf.sin()
+    (hidden.exp() * hidden).sum().backward()
+    assert torch.equal(x.grad, leaf.grad)
+
+
+def test_after_backward_no_file_buffer_or_record_is_left(ids: torch.Tensor, tmp_path: Path) -> None:
+    model = causal_lm("gpt2")
+    offloader = make_offloader(model, path=str(tmp_path), offload="all", min_tensor_size=0)
+    try:
+        for _ in range(3):
+            with offloader:
+                loss = model(input_ids=ids, labels=ids).loss
+            assert files_under(offloader), "the pass's activations should be on the SSD during the step"
+            loss.backward()
+            del loss
+            assert files_under(offloader) == []
+            assert offloader.stats.resident_bytes == 0
+            assert len(offloader._by_storage) == 0
+            assert offloader._in_flight == []
+    finally:
+        offloader.close()
+
+
+def test_a_graph_dropped_without_backward_releases_its_file(ids: torch.Tensor, tmp_path: Path) -> None:
+    model = causal_lm("llama")
+    with contextlib.closing(make_offloader(model, path=str(tmp_path), offload="all", min_tensor_size=0)) as off:
+        with off:
+            loss = model(input_ids=ids, labels=ids).loss
+        off.flush()
+        del loss
+        assert files_under(off) == []
+        assert off.stats.resident_bytes == 0
+
+
+def test_thousands_of_steps_leak_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    batch = torch.randn(32, 64)
+    with contextlib.closing(offload_module(model, path=str(tmp_path), offload="all", min_tensor_size=0)) as off:
+        for _ in range(2000):
+            model(batch).square().mean().backward()
+        assert off.stats.offloaded >= 2000 * 2
+        assert files_under(off) == []
+        assert off.stats.resident_bytes == 0
+        assert len(off._by_storage) == 0
+
+
+def test_full_disk_during_forward_raises_in_that_step_and_no_gradient_is_written(
+    ids: torch.Tensor, mounted: object
+) -> None:
+    tiny = mounted("tmpfs", "size=256k")
+    model = causal_lm("llama", layers=2, hidden_size=132, intermediate_size=346)
+    offloader = make_offloader(model, path=str(tiny), offload="all", min_tensor_size=0)
+    with contextlib.closing(offloader), pytest.raises(FuyouIOError) as raised:
+        loss_and_grads(model, ids, offloader)
+    assert raised.value.errno == 28  # ENOSPC
+    assert "No space left" in str(raised.value)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_offload_composes_with_activation_checkpointing(use_reentrant: bool, ids: torch.Tensor, tmp_path: Path) -> None:
+    model = causal_lm("llama", layers=3)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    expected = loss_and_grads(model, ids)
+    with contextlib.closing(make_offloader(model, path=str(tmp_path), offload="all", min_tensor_size=0)) as off:
+        assert_bit_identical(expected, loss_and_grads(model, ids, off))
+        if use_reentrant:  # the checkpoints' inputs are saved under our hooks and moved
+            assert off.stats.offloaded_bytes > 0
+        assert files_under(off) == []
+
+
+def test_offload_activations_is_one_offloader_per_model_usable_as_a_decorator(
+    ids: torch.Tensor, tmp_path: Path
+) -> None:
+    model = causal_lm("opt")
+    expected = loss_and_grads(model, ids)
+    settings = {"path": str(tmp_path), "offload": "all", "min_tensor_size": 0}
+    first = offload_activations(model, **settings)
+    assert offload_activations(model, **settings) is first
+
+    @offload_activations(model, **settings)
+    def forward() -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    loss = forward()
+    loss.backward()
+    assert_bit_identical(expected, (loss.detach(), [p.grad for p in model.parameters()]))
+    assert first.offloader.stats.offloaded > 0
+
+
+def test_parameters_and_their_views_are_never_offloaded(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    x = torch.randn(4, 512)
+    with contextlib.closing(make_offloader(model, path=str(tmp_path), offload="all", min_tensor_size=0)) as off:
+        with off:
+            loss = model(x).sum()
+        loss.backward()
+        parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
+        assert 0 < off.stats.offloaded_bytes < parameter_bytes / 10  # inputs and hidden states only
+
+
+def test_policy_keeps_more_layers_when_the_tier_is_slow_next_to_compute() -> None:
+    fast_disk = Measurements(8, 0.010, 100e6, 20e9, 20e9)
+    assert layers_to_keep(fast_disk) == 1
+    slow_disk = Measurements(8, 0.010, 100e6, 5e9, 5e9)  # a layer takes 20 ms to write, 10 to compute
+    assert layers_to_keep(slow_disk) == 4
+    hopeless = Measurements(8, 0.001, 100e6, 1e9, 1e9)
+    assert layers_to_keep(hopeless) == 8
