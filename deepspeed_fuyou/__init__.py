@@ -10,7 +10,7 @@ from typing import Any
 from deepspeed_fuyou import _hook
 from deepspeed_fuyou.errors import FuyouConfigError, FuyouError, FuyouIOError
 
-__all__ = ["FuyouConfigError", "FuyouError", "FuyouIOError", "initialize"]
+__all__ = ["FuyouConfigError", "FuyouError", "FuyouIOError", "initialize", "offload_activations"]
 __version__ = "0.1.0"
 
 
@@ -19,6 +19,13 @@ def initialize(*args: Any, **kwargs: Any) -> Any:
     from deepspeed_fuyou.integration import initialize as initialize_with_fuyou
 
     return initialize_with_fuyou(*args, **kwargs)
+
+
+def offload_activations(model: Any, **settings: Any) -> Any:
+    """Offload the activations of `model`'s forward passes run inside `with` (see `deepspeed_fuyou.activations`)."""
+    from deepspeed_fuyou.activations import offload_activations as offload
+
+    return offload(model, **settings)
 
 
 _hook.install()

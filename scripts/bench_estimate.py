@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from bench_step import model_config, run_side
-from benchlib import append_result, comparison_config
+from benchlib import append_result, comparison_config, table
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from deepspeed_fuyou.estimator.activations import saved_tensors
@@ -140,12 +140,6 @@ def parse_args() -> argparse.Namespace:
 def transformers_config(fields: dict[str, Any]):
     fields = dict(fields)
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, *rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
 
 
 def activation_rows() -> list[list[str]]:

@@ -39,6 +39,13 @@ def machine(paths: list[str] = ()) -> str:
     return "; ".join(parts)
 
 
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    lines = [header, *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
+
+
 def append_result(title: str, paths: list[str], body: str) -> None:
     """Adds a dated section with the machine, the exact command and `body` (a table) to benchmarks/RESULTS.md."""
     command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM
 
-from deepspeed_fuyou.activations import ActivationOffloader, make_offloader, offload_activations, offload_module
+from deepspeed_fuyou import offload_activations
+from deepspeed_fuyou.activations import ActivationOffloader, make_offloader, offload_module
 from deepspeed_fuyou.activations.policy import Measurements, layers_to_keep
+from deepspeed_fuyou.config.fuyou import ActivationOptions
 from deepspeed_fuyou.errors import FuyouIOError
+from deepspeed_fuyou.estimator.model import build_fake_model
 from tests.estimator_models import FAMILIES, transformers_config
 
 
@@ -220,3 +222,21 @@ def test_policy_keeps_more_layers_when_the_tier_is_slow_next_to_compute() -> Non
     assert layers_to_keep(slow_disk) == 4
     hopeless = Measurements(8, 0.001, 100e6, 1e9, 1e9)
     assert layers_to_keep(hopeless) == 8
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize(("offload", "min_tensor_size", "prefetch_layers"), [("all", 0, 2), ("auto", 64 << 10, 1)])
+def test_estimator_predicts_the_moved_bytes_exactly_and_the_device_peak_of_a_real_run(
+    family: str, offload: str, min_tensor_size: int, prefetch_layers: int, tmp_path: Path
+) -> None:
+    model = causal_lm(family, layers=6)
+    ids = torch.randint(0, FAMILIES[family]["vocab_size"], (4, 96))
+    options = ActivationOptions(offload=offload, min_tensor_size=min_tensor_size, prefetch_layers=prefetch_layers)
+    predicted = build_fake_model(model.config).saved_tensors(4, 96)
+    settings = {"offload": offload, "min_tensor_size": min_tensor_size, "prefetch_layers": prefetch_layers}
+    with contextlib.closing(make_offloader(model, path=str(tmp_path), **settings)) as offloader:
+        loss_and_grads(model, ids, offloader)
+        assert offloader.stats.offloaded_bytes == predicted.offloaded(options)
+        peak = offloader.stats.peak_resident_bytes
+    assert peak == pytest.approx(predicted.resident_with_offload(options), rel=0.03)
+    assert peak < 0.6 * predicted.nbytes

@@ -264,3 +264,19 @@ def test_model_states_too_large_for_the_accelerator_suggest_nvme_offload_not_a_s
     assert result.stock.gpu.optimizer_states > 20 << 20
     assert not result.fits
     assert "offload parameters and optimizer states to NVMe" in result.suggestions[0]
+
+
+def test_when_activations_overflow_the_gpu_it_suggests_offloading_them_and_that_config_fits(tmp_path: Path) -> None:
+    model = transformers_config("llama", num_hidden_layers=8)
+    config = fuyou_config(tmp_path, micro_batch=8)
+    config["fuyou"]["activations"] = {"offload": "off", "min_tensor_size": "64KiB"}
+    roomy = estimate(model, config, seq_len=256, machine=Machine(gpu_memory=1 << 40, host_memory=1 << 40)).chosen
+    tight = Machine(gpu_memory=int((roomy.gpu.total - roomy.gpu.activations * 0.4) / 0.95), host_memory=1 << 40)
+    short = estimate(model, config, seq_len=256, machine=tight)
+    assert not short.fits
+    assert any('"offload": "auto"' in suggestion for suggestion in short.suggestions)
+    config["fuyou"]["activations"]["offload"] = "auto"
+    offloaded = estimate(model, config, seq_len=256, machine=tight)
+    assert offloaded.fits
+    assert offloaded.chosen.ssd.activations > 0
+    assert offloaded.chosen.gpu.activations < roomy.gpu.activations * 0.6

@@ -148,12 +148,23 @@ def estimate(
         fuyou=plan,
         machine=machine,
     )
-    _judge(result, setup)
+    _judge(result, setup, _offload_saving(setup, facts))
     return result
 
 
-def _judge(result: Estimate, setup: TrainingSetup) -> None:
-    """Fills `problems` (what exceeds which limit, by how much) and `suggestions` (the cheapest fixes)."""
+def _offload_saving(setup: TrainingSetup, facts: ModelFacts) -> int:
+    """Device bytes `fuyou.activations.offload: auto` would free where the config leaves it off (0 otherwise)."""
+    if setup.fuyou is None or setup.fuyou.activations.offload != "off":
+        return 0
+    auto = setup.fuyou.activations.model_copy(update={"offload": "auto"})
+    return facts.saved.nbytes - facts.saved.resident_with_offload(auto)
+
+
+def _judge(result: Estimate, setup: TrainingSetup, offload_saving: int) -> None:
+    """Fills `problems` (what exceeds which limit, by how much) and `suggestions` (the cheapest fixes).
+
+    `offload_saving`: device bytes activation offload would free, when the config has it off.
+    """
     plan, machine = result.chosen, result.machine
     activations = plan.gpu.activations + plan.gpu.temporaries
     host = plan.pinned_host.total + plan.pageable_host.total
@@ -170,6 +181,12 @@ def _judge(result: Estimate, setup: TrainingSetup) -> None:
         room = machine.usable(accelerator_limit) - (accelerator_need - activations)
         per_sequence = activations / setup.micro_batch
         fitting = int(room // per_sequence) if per_sequence else 0
+        if offload_saving and accelerator_need - offload_saving <= machine.usable(accelerator_limit):
+            result.suggestions.append(
+                'offload activations: "fuyou": {"activations": {"offload": "auto"}} keeps '
+                f"{format_size(plan.gpu.activations - offload_saving)} of {format_size(plan.gpu.activations)} "
+                "saved activations on the device, at the same micro-batch"
+            )
         if room <= 0:
             result.suggestions.append(
                 f"without any activation this needs {format_size(accelerator_need - activations)}: offload "

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from deepspeed_fuyou.config.fuyou import ActivationOptions
 from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout, aligned
 from deepspeed_fuyou.io.engine import ALIGNMENT
@@ -173,7 +174,22 @@ def fuyou_plan(
                 _on_path(plan, path, member)
     # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
     plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
+    _activation_offload(plan, setup.fuyou.activations, facts, nvme_paths)
     return plan
+
+
+def _activation_offload(plan: Plan, options: ActivationOptions, facts: ModelFacts, nvme_paths: Sequence[str]) -> None:
+    """With `fuyou.activations` on, what forward saves leaves the device for host memory or the SSD files."""
+    if options.offload == "off":
+        return
+    plan.gpu.activations = facts.saved.resident_with_offload(options)
+    moved = facts.saved.offloaded(options)
+    if options.tier == "cpu":
+        plan.pageable_host.activations = moved
+        return
+    plan.ssd.activations = moved
+    for path in nvme_paths:  # striped block by block over the paths
+        _on_path(plan, path, aligned(-(-moved // len(nvme_paths)), ALIGNMENT))
 
 
 def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict) -> int:
