@@ -261,7 +261,7 @@ class ActivationOffloader:
                 fpass.remove_files()
             if report_failures:
                 self._reap()
-            if not self._measured:
+            if not self._measured and fpass.layer_bytes:  # a pass that saved nothing (no_grad) measures nothing
                 self._measured = True
                 self.stats.kept_layers = layers_to_keep(self._measure(fpass))
                 log.info("fuyou: activation offload keeps the last %d layer(s) in place", self.stats.kept_layers)
