@@ -15,10 +15,8 @@ block's `activations` section turns it on for the engine's model.
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -30,8 +28,6 @@ from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
 
 __all__ = ["ActivationOffloader", "ActivationStats", "find_layers", "offload_activations", "offload_module"]
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 _offloaders: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[Any, ...], _Offload]] = weakref.WeakKeyDictionary()
 
@@ -47,9 +43,6 @@ class _Offload(contextlib.ContextDecorator):
 
     def __exit__(self, *exc: object) -> None:
         self.offloader.__exit__(*exc)
-
-    def __call__(self, func: F) -> F:  # typed: ContextDecorator's own is untyped
-        return functools.wraps(func)(super().__call__(func))  # type: ignore[return-value]
 
 
 def make_offloader(

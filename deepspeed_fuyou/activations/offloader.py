@@ -80,6 +80,13 @@ KEPT, COPYING, WRITING, STORED, READING, UPLOADING, RESTORED, FAILED = range(8)
 _IN_FLIGHT = (COPYING, WRITING, READING, UPLOADING)
 
 
+def _unlink(paths: list[str]) -> None:
+    """Removes the stripe members of a file; a member never written (a short file) does not exist."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 class _Pass:
     """The saved tensors of one forward pass: its own file on the SSDs, removed once backward has consumed them."""
 
@@ -99,9 +106,7 @@ class _Pass:
         return offset
 
     def remove_files(self) -> None:
-        for path in self.files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        _unlink(self.files)
 
 
 class _Record:
@@ -313,8 +318,7 @@ class ActivationOffloader:
                     fpass.layer_bytes[self._layer] = fpass.layer_bytes.get(self._layer, 0) + record.nbytes
                 if self._offloads(record):
                     self._offload(record, storage)
-                else:
-                    record.source = storage_bytes(storage)
+                else:  # every handle of a kept record holds its own tensor, and with it the storage
                     self._hold(record, record.nbytes)
             return _Saved(record, tensor, kept=record.state == KEPT)
 
@@ -418,10 +422,8 @@ class ActivationOffloader:
                 self._read(record)
             if record.state in _IN_FLIGHT:
                 started = time.perf_counter()
-                self._advance(record, block=True)
+                self._advance(record, block=True)  # raises the transfer's error, if any
                 self.stats.waited_seconds += time.perf_counter() - started
-            if record.error is not None:
-                raise record.error
             assert record.restored is not None
             DeviceCopies.use_on_current_stream(record.restored, record.event)
             return saved.view(record.restored.untyped_storage(), record.restored_delta)
@@ -573,9 +575,7 @@ class ActivationOffloader:
             self.engine.read(probe, files).wait()
             done = time.perf_counter()
         finally:
-            for path in files:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            _unlink(files)
         return nbytes / (written - started), nbytes / (done - written)
 
     # ----- end of life ----------------------------------------------------------------------------------------

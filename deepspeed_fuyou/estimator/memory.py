@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from deepspeed_fuyou.config.fuyou import ActivationOptions
+from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout, aligned
 from deepspeed_fuyou.io.engine import ALIGNMENT
@@ -166,30 +166,33 @@ def fuyou_plan(
     plan = Plan("fuyou")
     _accelerator(plan, layout, setup, facts, window)
     plan.pinned_host.buffers = pinned_pool_peak(layout, setup, facts, window)
-    block = setup.fuyou.io.block_size
     for component, files in fuyou_swap_files(layout, setup.itemsize, setup.optimizer_states).items():
         for nbytes in files:
-            for path, member in zip(nvme_paths, striped_member_bytes(nbytes, block, len(nvme_paths)), strict=True):
-                setattr(plan.ssd, component, getattr(plan.ssd, component) + member)
-                _on_path(plan, path, member)
+            _stripe(plan, component, nbytes, setup.fuyou.io.block_size, nvme_paths)
     # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
     plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
-    _activation_offload(plan, setup.fuyou.activations, facts, nvme_paths)
+    _activation_offload(plan, setup.fuyou, facts, nvme_paths)
     return plan
 
 
-def _activation_offload(plan: Plan, options: ActivationOptions, facts: ModelFacts, nvme_paths: Sequence[str]) -> None:
+def _stripe(plan: Plan, component: str, nbytes: int, block: int, nvme_paths: Sequence[str]) -> None:
+    """Adds a file of `nbytes` striped over `nvme_paths` in `block` pieces to the SSD breakdown and each path."""
+    for path, member in zip(nvme_paths, striped_member_bytes(nbytes, block, len(nvme_paths)), strict=True):
+        setattr(plan.ssd, component, getattr(plan.ssd, component) + member)
+        _on_path(plan, path, member)
+
+
+def _activation_offload(plan: Plan, fuyou: FuyouConfig, facts: ModelFacts, nvme_paths: Sequence[str]) -> None:
     """With `fuyou.activations` on, what forward saves leaves the device for host memory or the SSD files."""
+    options = fuyou.activations
     if options.offload == "off":
         return
     plan.gpu.activations = facts.saved.resident_with_offload(options)
     moved = facts.saved.offloaded(options)
     if options.tier == "cpu":
         plan.pageable_host.activations = moved
-        return
-    plan.ssd.activations = moved
-    for path in nvme_paths:  # striped block by block over the paths
-        _on_path(plan, path, aligned(-(-moved // len(nvme_paths)), ALIGNMENT))
+    else:  # one file per forward pass, striped like the swap files
+        _stripe(plan, "activations", moved, fuyou.io.block_size, nvme_paths)
 
 
 def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict) -> int:
