@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
 from deepspeed_fuyou.activations import ActivationStats
+from deepspeed_fuyou.distributed import end_distributed
 from deepspeed_fuyou.swap.runtime import SwapRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,6 +257,7 @@ def main() -> None:
         print(json.dumps(summary))
         if args.metrics:
             args.metrics.write_text(json.dumps(summary))
+    end_distributed()
 
 
 if __name__ == "__main__":

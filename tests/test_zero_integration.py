@@ -51,12 +51,15 @@ def finetune(config: Config, workdir: Path, *args: str, ranks: int = 1) -> dict[
     config_path.write_text(json.dumps(config))
     metrics = workdir / "metrics.json"
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(GUARDED)]
+    port = free_port()
+    command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), str(GUARDED)]
     command += ["--deepspeed_config", str(config_path), "--metrics", str(metrics)]
     command += ["--output-dir", str(workdir / "checkpoints"), *args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "FORBID": "stock" if "fuyou" in config else "fuyou"}
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"finetune failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"the main job left DeepSpeed's shared-memory buffers behind: {leaked}"
     return json.loads(metrics.read_text())
 
 

@@ -18,6 +18,8 @@ import deepspeed
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from deepspeed_fuyou.distributed import end_distributed
+
 
 def probe(name: str, fields: dict, ds_config: dict, out: Path) -> None:
     torch.manual_seed(0)
@@ -51,6 +53,7 @@ def main() -> None:
     ds_config = json.loads(Path(args.config).read_text())
     for name, fields in json.loads(Path(args.models).read_text()).items():
         probe(name, fields, ds_config, Path(args.out))
+    end_distributed()
 
 
 if __name__ == "__main__":
