@@ -34,6 +34,16 @@ from deepspeed_fuyou.errors import FuyouError
 
 SUPPORTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))  # [low, high): the versions whose internals we checked
 
+SETUP_FOR_REAL_OPTIMIZER = (
+    "self._create_fp32_partitions()",
+    "dist.barrier()",
+    "self._create_next_swappable_fp32_groups()",
+    "self.initialize_optimizer_states()",
+    "bucket.buffer = torch.empty(self.reduce_bucket_size",
+    "self.grad_partitions_flat_buffer: Tensor = torch.zeros(",
+)
+"""What stock stage 3's `_setup_for_real_optimizer` does, in order; FuyouZeroOptimizer's repeats all but the last."""
+
 STOCK_PARAM_SWAPPER = AsyncPartitionedParameterSwapper
 STOCK_STAGE3 = stage3.DeepSpeedZeroOptimizer_Stage3
 """DeepSpeed's own ZeRO-3 optimizer, captured before `register()` puts our factory under its name."""
@@ -69,6 +79,13 @@ def check_deepspeed_version(version: str = deepspeed.__version__) -> None:
         )
 
 
+def _stage3_method_source(name: str) -> str:
+    """A stage-3 method's text ("" if gone): DeepSpeed's nvtx decorator hides some methods from `inspect`."""
+    module = inspect.getsource(stage3)
+    start = module.find(f"    def {name}(")
+    return "" if start < 0 else module[start : module.find("\n    def ", start + 1)]
+
+
 def check_deepspeed_internals() -> None:
     """Raises FuyouError naming the first DeepSpeed internal that no longer looks as this module expects."""
     expectations = {
@@ -87,6 +104,14 @@ def check_deepspeed_internals() -> None:
         "save_checkpoint copies optimizer_swapper.swap_folder": "optimizer_swapper.swap_folder"
         in inspect.getsource(DeepSpeedEngine.save_checkpoint),
     }
+    setup = _stage3_method_source("_setup_for_real_optimizer")
+    steps = [setup.find(call) for call in SETUP_FOR_REAL_OPTIMIZER]
+    expectations["stage 3's _setup_for_real_optimizer makes the calls FuyouZeroOptimizer repeats, in order"] = (
+        -1 not in steps and steps == sorted(steps)
+    )
+    partition_grads = _stage3_method_source("partition_grads")
+    for name in ("_offload_grad_partition_at_boundary(", "_swap_out_offload_fp32_gradients(", "micro_step_id == 0"):
+        expectations[f"stage 3's partition_grads uses {name}"] = name in partition_grads
     for method in (
         "checkpoint_event_prologue",
         "checkpoint_event_epilogue",

@@ -119,6 +119,12 @@ def io_since(start: dict[str, int]) -> dict[str, int]:
     return {key: value - start[key] for key, value in storage_io().items()}
 
 
+def gradient_buffer_bytes(engine: deepspeed.DeepSpeedEngine) -> int:
+    """Stage 3's whole-model gradient buffer (host memory when the optimizer is offloaded; fuyou streams instead)."""
+    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+    return 0 if buffer is None else buffer.numel() * buffer.element_size()
+
+
 def memory_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
     """Peak RSS, pinned swap buffers, and the bytes fuyou's own swap runtimes moved (0 under stock DeepSpeed)."""
     runtimes = list(SwapRuntime._instances.values())
@@ -127,6 +133,7 @@ def memory_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
         "pinned_peak_bytes": pinned_bytes(engine),
         "fuyou_bytes_read": sum(runtime.counters.bytes_read for runtime in runtimes),
         "fuyou_bytes_written": sum(runtime.counters.bytes_written for runtime in runtimes),
+        "host_gradient_buffer_bytes": gradient_buffer_bytes(engine),
         **activation_report(engine),
     }
 

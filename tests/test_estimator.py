@@ -280,3 +280,20 @@ def test_when_activations_overflow_the_gpu_it_suggests_offloading_them_and_that_
     assert offloaded.fits
     assert offloaded.chosen.ssd.activations > 0
     assert offloaded.chosen.gpu.activations < roomy.gpu.activations * 0.6
+
+
+def test_auto_turns_activation_offload_on_before_it_lowers_the_micro_batch(tmp_path: Path) -> None:
+    model = transformers_config("llama", num_hidden_layers=8)
+    config = fuyou_config(tmp_path, micro_batch=8)
+    config["fuyou"]["activations"] = {"min_tensor_size": "64KiB"}  # "offload" left to the search
+    roomy = estimate(model, config, seq_len=256, machine=Machine(gpu_memory=1 << 40, host_memory=1 << 40)).chosen
+    tight = Machine(gpu_memory=int((roomy.gpu.total - roomy.gpu.activations * 0.4) / 0.95), host_memory=1 << 40)
+    proposal = auto_configure(model, config, seq_len=256, machine=tight)
+    assert proposal.estimate.fits
+    assert proposal.ds_config["train_micro_batch_size_per_gpu"] == 8
+    assert proposal.ds_config["fuyou"]["activations"] == {"min_tensor_size": "64KiB", "offload": "auto"}
+    assert "fuyou.activations.offload: (default) -> auto" in proposal.changes
+    config["fuyou"]["activations"]["offload"] = "off"  # said explicitly: kept, the micro-batch gives way instead
+    kept = auto_configure(model, config, seq_len=256, machine=tight)
+    assert kept.ds_config["fuyou"]["activations"]["offload"] == "off"
+    assert kept.ds_config["train_micro_batch_size_per_gpu"] < 8

@@ -76,6 +76,16 @@ def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
                 "remove fast_init; fuyou initialises optimizer files with pipelined I/O anyway",
             )
         )
+    if ds_config.get("managed_gradient_accumulation") is False:
+        problems.append(
+            FuyouConfigError(
+                "managed_gradient_accumulation",
+                False,
+                "fuyou streams each gradient partition to the SSD as backward produces it; unmanaged accumulation "
+                "needs the whole model's gradients held in host memory until step()",
+                'remove "managed_gradient_accumulation" (call engine.backward and engine.step as usual)',
+            )
+        )
     if _section(ds_config, "fp16").get("enabled") and _section(ds_config, "bf16").get("enabled"):
         problems.append(
             FuyouConfigError(

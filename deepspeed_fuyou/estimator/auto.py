@@ -4,6 +4,9 @@ What is searched, and why in this order:
 - the micro-batch, over the divisors of the global batch per rank (micro-batch x gradient accumulation steps), so
   the optimizer sees the same batch and training is unchanged: a larger micro-batch keeps the accelerator busier
   and swaps parameters fewer times per optimizer step, which is what makes NVMe offload fast;
+- activation offload (`fuyou.activations.offload: auto`) at each micro-batch before a smaller one, unless the
+  config says `offload` itself: moving saved activations to the SSD behind compute costs little, while a smaller
+  micro-batch costs a parameter swap per extra micro-step;
 - `fuyou.params.prefetch_layers`, 2 then 1 then 0: deeper prefetch hides SSD reads behind compute but holds more
   gathered layers, so it gives way only when even a micro-batch of one does not fit;
 - `fuyou.pinned_memory`: kept when given and it fits, else a quarter of host memory (at most 8 GiB), lowered
@@ -53,23 +56,34 @@ def auto_configure(
     per_rank_batch = setup.micro_batch * int(config.get("gradient_accumulation_steps", 1))
     if "pinned_memory" not in block:
         block["pinned_memory"] = default_pinned_budget()
+    given = block.get("activations", {}).get("offload")
+    offload_choices = [given] if given is not None else [None, "auto"]
     result = None
     for depth in PREFETCH_DEPTHS:
         for micro_batch in sorted((d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True):
-            _apply(config, micro_batch, per_rank_batch // micro_batch, depth)
-            result = estimate(fake, config, seq_len, world_size=world_size, machine=machine)
-            if "host" in result.exceeded or "accelerator" in result.exceeded:
-                result = _with_smaller_pinned_budget(fake, config, seq_len, world_size, machine, result)
-            if "accelerator" not in result.exceeded:  # what is still over (SSD space, ...) no setting here fixes
-                return AutoConfig(config, result, _changes(ds_config, config))
+            for offload in offload_choices:
+                _apply(config, micro_batch, per_rank_batch // micro_batch, depth, offload)
+                result = estimate(fake, config, seq_len, world_size=world_size, machine=machine)
+                if "host" in result.exceeded or "accelerator" in result.exceeded:
+                    result = _with_smaller_pinned_budget(fake, config, seq_len, world_size, machine, result)
+                if "accelerator" not in result.exceeded:  # what is still over (SSD space, ...) no setting here fixes
+                    return AutoConfig(config, result, _changes(ds_config, config))
     return AutoConfig(config, result, _changes(ds_config, config))
 
 
-def _apply(config: dict[str, Any], micro_batch: int, accumulation: int, depth: int) -> None:
+def _apply(config: dict[str, Any], micro_batch: int, accumulation: int, depth: int, offload: str | None) -> None:
+    """Sets one point of the search; `offload` None leaves `fuyou.activations.offload` unset (its default, off)."""
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config["gradient_accumulation_steps"] = accumulation
     config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
     config[BLOCK].setdefault("params", {})["prefetch_layers"] = depth
+    activations = config[BLOCK].setdefault("activations", {})
+    if offload is None:
+        activations.pop("offload", None)
+    else:
+        activations["offload"] = offload
+    if not activations:
+        del config[BLOCK]["activations"]
 
 
 def _with_smaller_pinned_budget(
@@ -99,6 +113,7 @@ def _changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
         ("gradient_accumulation_steps",),
         ("train_batch_size",),
         (BLOCK, "params", "prefetch_layers"),
+        (BLOCK, "activations", "offload"),
         (BLOCK, "pinned_memory"),
     ]
     changes = []

@@ -93,14 +93,18 @@ def _accelerator(plan: Plan, layout: ZeroLayout, setup: TrainingSetup, facts: Mo
     plan.gpu.activations = facts.saved.nbytes
     # Backward of the operator that saved the largest tensor holds its input and output gradients at once.
     plan.gpu.temporaries = 2 * facts.saved.largest
-    grads = layout.partition_total * setup.grad_accum_dtype.itemsize
     if _device(zero.offload_optimizer) == "none":
-        plan.gpu.gradients = grads
+        plan.gpu.gradients = layout.partition_total * setup.grad_accum_dtype.itemsize
         master = 0 if setup.itemsize == FP32 else layout.partition_total * FP32
         plan.gpu.optimizer_states = master + setup.optimizer_states * layout.partition_total * FP32
-    else:
+
+
+def _host_gradient_buffer(plan: Plan, layout: ZeroLayout, setup: TrainingSetup) -> None:
+    """Stage 3's `grad_partitions_flat_buffer`: every gradient partition, on the host if the optimizer is offloaded."""
+    zero = setup.zero
+    if _device(zero.offload_optimizer) != "none":
         host = plan.pinned_host if zero.offload_optimizer.pin_memory else plan.pageable_host
-        host.gradients = grads  # stage 3's grad_partitions_flat_buffer
+        host.gradients = layout.partition_total * setup.grad_accum_dtype.itemsize
 
 
 def _device(offload) -> str:
@@ -112,6 +116,7 @@ def stock_plan(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts) -> P
     zero = setup.zero
     plan = Plan("stock")
     _accelerator(plan, layout, setup, facts, stock_window(zero))
+    _host_gradient_buffer(plan, layout, setup)
     lp, alignment = setup.itemsize, setup.aio_alignment_bytes
 
     param_device = _device(zero.offload_param)
@@ -165,6 +170,8 @@ def fuyou_plan(
     assert setup.fuyou is not None
     plan = Plan("fuyou")
     _accelerator(plan, layout, setup, facts, window)
+    if _device(setup.zero.offload_optimizer) != "nvme":  # on NVMe, gradients stream to their sub-group files
+        _host_gradient_buffer(plan, layout, setup)
     plan.pinned_host.buffers = pinned_pool_peak(layout, setup, facts, window)
     for component, files in fuyou_swap_files(layout, setup.itemsize, setup.optimizer_states).items():
         for nbytes in files:
@@ -201,13 +208,15 @@ def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts
     Forward/backward: the partitions of the gathered window (reads in flight may hold up to `PREFETCH_SHARE` of the
     budget) and the staging of one layer's gradients on their way to the SSD. Optimizer step: up to three
     sub-groups resident at once (read ahead, stepped, written back), each with master, states and gradient in fp32,
-    and the staging of its new low-precision parameters.
+    and the staging of its new low-precision parameters; the step's first reads are sized while the last layer's
+    gradient writes may still hold their staging.
     """
     budget = setup.fuyou.pinned_memory
     window_bytes = window["max_live_parameters"] * setup.itemsize
     forward_backward = min(int(budget * PREFETCH_SHARE), window_bytes) + facts.layer_numel * FP32
     in_flight = sorted(layout.sub_group_numels, reverse=True)[:3]
     step = sum(aligned(n * FP32, ALIGNMENT) * (2 + setup.optimizer_states) + n * setup.itemsize for n in in_flight)
+    step += facts.layer_numel * FP32
     return min(budget, max(forward_backward, step))
 
 

@@ -138,6 +138,18 @@ class FuyouOptimizerSwapper:
             group.grad_pieces[offset] = tensor.numel()
             self._write_cast(tensor.reshape(-1), group.grad_file, offset * self.dtype.itemsize)
 
+    def read_gradient(self, parameter: torch.Tensor, offset: int, numel: int, device: torch.device) -> torch.Tensor:
+        """A copy on `device` of the `numel` gradient elements at `offset` written last by `swap_out_gradients`.
+
+        Gradient accumulation reads its running sum back with this; the read waits for a write of those bytes still
+        in flight.
+        """
+        group = self.groups[parameter.ds_id]
+        staging = self.runtime.staging(numel * self.dtype.itemsize)
+        view = staging.view(self.dtype).narrow(0, 0, numel)
+        self.runtime.read(view, group.grad_file, offset * self.dtype.itemsize).wait()
+        return view.to(device=device, copy=True)
+
     def release_swap_buffers(self, parameter: torch.Tensor) -> None:
         """Frees a sub-group's memory without writing (it was only read)."""
         group = self.groups.get(parameter.ds_id)
