@@ -2,9 +2,11 @@
 
 For each depth (`--layers`, at fixed width), writes a random-init Llama config, then runs the main job
 (scripts/finetune.py, launched by `deepspeed`) once per side and reports step time (median after the first
-step), tokens/s, peak RSS, pinned swap buffers and SSD bytes read/written per step (/proc/self/io, so both sides
-are measured the same way), with fuyou/stock ratios, and how each side's peak RSS grows from the smallest to the
-largest depth. Appends the table to benchmarks/RESULTS.md (--no-record to only print).
+step), tokens/s, peak RSS of the whole process and of the training steps alone (building the model and the final
+checkpoint, which gathers the whole model with `stage3_gather_16bit_weights_on_model_save`, peak apart), pinned
+swap buffers and SSD bytes read/written per step (/proc/self/io, so both sides are measured the same way), with
+fuyou/stock ratios, and how each side's two RSS peaks grow from the smallest to the largest depth. Appends the table
+to benchmarks/RESULTS.md (--no-record to only print).
 
     python scripts/bench_step.py --layers 8 32 --hidden 512 --steps 5 --path /mnt/nvme0
 """
@@ -28,6 +30,7 @@ from benchlib import append_result, comparison_config
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("stock-nvme", "fuyou")
 RATIO = "fuyou/stock"
+RSS = {"peak_rss_gib": "peak RSS (whole process)", "steps_rss_gib": "peak RSS of the training steps"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -84,6 +87,7 @@ def summarize(metrics: dict[str, Any], tokens_per_step: int, steps: int) -> dict
         "step_s": step,
         "tokens_per_s": tokens_per_step / step,
         "peak_rss_gib": metrics["peak_rss_bytes"] / 2**30,
+        "steps_rss_gib": metrics["steps_peak_rss_bytes"] / 2**30,
         "pinned_mib": metrics["pinned_peak_bytes"] / 2**20,
         "ssd_read_mib_per_step": metrics["ssd_bytes_read"] / steps / 2**20,
         "ssd_write_mib_per_step": metrics["ssd_bytes_written"] / steps / 2**20,
@@ -94,6 +98,7 @@ COLUMNS = (
     ("step_s", "step s", "{:.3f}"),
     ("tokens_per_s", "tokens/s", "{:.0f}"),
     ("peak_rss_gib", "peak RSS GiB", "{:.2f}"),
+    ("steps_rss_gib", "steps RSS GiB", "{:.2f}"),
     ("pinned_mib", "pinned MiB", "{:.0f}"),
     ("ssd_read_mib_per_step", "SSD read MiB/step", "{:.0f}"),
     ("ssd_write_mib_per_step", "SSD write MiB/step", "{:.0f}"),
@@ -117,7 +122,7 @@ def main() -> int:
     base["train_micro_batch_size_per_gpu"] = args.micro_batch
     tokens_per_step = args.micro_batch * args.seq_len * base.get("gradient_accumulation_steps", 1)
     rows: list[tuple[str, str, dict[str, float]]] = []
-    rss: dict[str, list[float]] = {side: [] for side in SIDES}
+    rss: dict[tuple[str, str], list[float]] = {(side, key): [] for side in SIDES for key in RSS}
     with tempfile.TemporaryDirectory(dir=args.path, prefix="fuyou-bench-step-") as scratch:
         for layers in args.layers:
             config = model_config(layers, args.hidden)
@@ -138,14 +143,15 @@ def main() -> int:
                 ds_config = comparison_config(base, side, [swap], largest_partition=largest)
                 metrics = run_side(side, ds_config, model_dir, Path(scratch) / f"{model_dir.name}-{side}", args)
                 results[side] = summarize(metrics, tokens_per_step, args.steps)
-                rss[side].append(results[side]["peak_rss_gib"])
+                for key in RSS:
+                    rss[side, key].append(results[side][key])
                 rows.append((label, side, results[side]))
             stock, fuyou = results["stock-nvme"], results["fuyou"]
             rows.append((label, RATIO, {key: fuyou[key] / stock[key] if stock[key] else 0.0 for key in fuyou}))
     table = format_table(rows)
     growth = "\n".join(
-        f"peak RSS growth {args.layers[0]} -> {args.layers[-1]} layers, {side}: {100 * (r[-1] / r[0] - 1):+.1f}%"
-        for side, r in rss.items()
+        f"{RSS[key]} growth {args.layers[0]} -> {args.layers[-1]} layers, {side}: {100 * (r[-1] / r[0] - 1):+.1f}%"
+        for (side, key), r in rss.items()
     )
     settings = f"width {args.hidden}, micro-batch {args.micro_batch}, seq {args.seq_len}, {args.steps} steps"
     report = f"{settings}; step time is the median after the first step\n{table}\n{growth}"

@@ -115,6 +115,17 @@ def storage_io() -> dict[str, int]:
     return {"ssd_bytes_read": int(fields["read_bytes"]), "ssd_bytes_written": int(fields["write_bytes"])}
 
 
+def reset_peak_rss() -> None:
+    """Restarts the kernel's RSS high-water mark (VmHWM), so a phase's own peak can be read afterwards."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_since_reset() -> int:
+    """VmHWM: the largest RSS since `reset_peak_rss` (or since the process started)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0]) * 1024
+
+
 def io_since(start: dict[str, int]) -> dict[str, int]:
     return {key: value - start[key] for key, value in storage_io().items()}
 
@@ -171,6 +182,7 @@ def train_with_engine(
     tokens_per_step = args.seq_len * micro_batch * accumulation * world
     progress = tqdm(range(first_step, args.steps), disable=rank != 0, desc="fine-tune", unit="step")
     start, io_start = time.perf_counter(), storage_io()
+    reset_peak_rss()  # the steps' own peak, apart from building the model and saving checkpoints
     for step in progress:
         step_start = time.perf_counter()
         step_loss = 0.0
@@ -194,6 +206,7 @@ def train_with_engine(
             engine.save_checkpoint(str(args.output_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
     tokens_per_s = tokens_per_step * len(losses) / (time.perf_counter() - start) if losses else 0.0
     summary = {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s, "step_seconds": step_seconds}
+    summary["steps_peak_rss_bytes"] = peak_rss_since_reset()  # before the final checkpoint, which gathers the model
     summary.update(io_since(io_start))  # the steps' swap traffic, not the checkpoint below
     engine.save_checkpoint(str(args.output_dir), tag=f"step{args.steps}", client_state={"step": args.steps})
     return summary, engine
