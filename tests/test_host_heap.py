@@ -1,0 +1,50 @@
+"""glibc's heap policy that our ZeRO-3 optimizer sets: freed blocks leave RSS instead of staying in the heap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+# A freed 16 MiB block lifts glibc's mmap threshold to 16 MiB; 256 blocks of 1 MiB then come from the heap, and a
+# small tensor allocated after them pins the heap's top, so freeing them returns nothing by itself.
+PROGRAM = """
+import sys
+from pathlib import Path
+
+import torch
+
+from deepspeed_fuyou.swap.host_heap import keep_large_blocks_off_the_heap, release_free_heap
+
+
+def rss() -> int:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmRSS"].split()[0]) << 10
+
+
+if sys.argv[1] == "fixed-threshold":
+    keep_large_blocks_off_the_heap()
+big = torch.ones(16 << 20, dtype=torch.uint8)
+del big
+before = rss()
+blocks = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(256)]
+top = torch.ones(64, dtype=torch.uint8)
+del blocks
+if sys.argv[1] == "trim":
+    release_free_heap()
+print((rss() - before) >> 20)
+"""
+
+
+def retained_mib(mode: str) -> int:
+    result = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc heap policy")
+def test_freed_blocks_stay_in_rss_under_glibcs_rising_threshold_but_not_with_ours_or_after_a_trim() -> None:
+    assert retained_mib("default") >= 200  # the behaviour that made fuyou's RSS grow with depth
+    assert retained_mib("fixed-threshold") <= 16
+    assert retained_mib("trim") <= 16
