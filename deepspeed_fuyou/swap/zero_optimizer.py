@@ -7,8 +7,7 @@ Only what differs is overridden (DeepSpeed's `SuperOffloadOptimizer_Stage3` is t
 - with optimizer states on the SSD, gradients go there too as backward produces them (`partition_grads`): stock
   keeps every gradient partition of the model in one fp32 host buffer, 4 bytes per parameter (pinned on a GPU
   machine), the host allocation that grew with the model once parameters and optimizer states had moved;
-- glibc's mmap threshold is kept at 128 KiB and free heap is trimmed after set-up and each step (`host_heap`), so
-  RSS follows what is live;
+- free heap is returned to the kernel after set-up and after each step (`host_heap`), so RSS stays near what is live;
 - sub-groups are capped so that three of them (prefetch, step, write-back) fit in the pinned budget;
 - `fuyou.params.prefetch_layers` sets how many parameters stage 3 keeps gathered and prefetches, in layers of the
   model (see `swap.sizing`), unless the config sets DeepSpeed's own knobs explicitly;
@@ -35,7 +34,7 @@ from deepspeed_fuyou.errors import FuyouConfigError
 from deepspeed_fuyou.estimator.memory import fuyou_swap_files
 from deepspeed_fuyou.estimator.zero_layout import OPTIMIZER_STATES, ZeroLayout
 from deepspeed_fuyou.integration import STOCK_STAGE3
-from deepspeed_fuyou.swap.host_heap import keep_large_blocks_off_the_heap, release_free_heap
+from deepspeed_fuyou.swap.host_heap import release_free_heap
 from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
 from deepspeed_fuyou.swap.runtime import SwapRuntime
 from deepspeed_fuyou.swap.sizing import stage3_overrides
@@ -47,7 +46,6 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
     """Stage 3 for configs with a `"fuyou"` block (the registration picks stock stage 3 for all others)."""
 
     def __init__(self, module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> None:
-        keep_large_blocks_off_the_heap()
         # Set before the base constructor: it calls the overridden methods below.
         self.fuyou_config = FuyouConfig.from_ds_config(kwargs["ds_config"])
         self.fuyou_runtime = SwapRuntime.for_config(self.fuyou_config)
