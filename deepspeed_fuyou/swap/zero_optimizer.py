@@ -106,7 +106,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             for dtype, bucket in self.ipg_buckets.items():
                 bucket.buffer = torch.empty(self.reduce_bucket_size, dtype=dtype, device=device)
         # Stock's has_overflow scans this buffer: empty, it leaves the verdict to inf_or_nan_tracker, which
-        # partition_grads fills. Stock's debugging readers of single gradients find no partition to return.
+        # partition_grads fills. Stock reads the per-parameter views only without optimizer offload.
         self.grad_partitions_flat_buffer = torch.empty(0, dtype=self.gradient_accumulation_dtype, device=self.device)
         self._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition = {}
 
@@ -126,8 +126,8 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         to_write: dict[int, list[torch.Tensor]] = {}
         write_offsets: dict[int, list[int]] = {}
         for param, partition in zip(params_to_release, grad_partitions, strict=True):
-            param.grad = None
             if param.partition_numel() * self._get_param_partition_rank(param) >= param.ds_numel:
+                param.grad = None
                 continue  # this rank's share of the parameter is all padding
             self._offload_boundary_param_ids.add(param.ds_id)
             sub_group, offset, _ = self.grad_position[self.get_param_id(param)]
@@ -143,6 +143,9 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
                 write_offsets.setdefault(sub_group, []).append(offset)
             else:
                 self.fp32_partitioned_groups_flat[sub_group].grad.narrow(0, offset, grad.numel()).copy_(grad)
+            if param.grad is not None and not get_accelerator().is_synchronized_device():
+                param.grad.record_stream(get_accelerator().current_stream())  # as stock: freed after this stream
+            param.grad = None
         self._swap_out_offload_fp32_gradients(to_write, write_offsets)
 
     def _running_gradient(self, sub_group: int, offset: int, numel: int, device: torch.device) -> torch.Tensor:
