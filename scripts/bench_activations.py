@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from deepspeed_fuyou.activations import make_offloader
 from deepspeed_fuyou.config.sizes import format_size
+from deepspeed_fuyou.swap.host_heap import reset_peak_rss, rss_bytes
 
 MODES = ("none", "recompute", "cpu", "nvme")
 COUNT_ONLY = 1 << 62
@@ -51,11 +52,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "MICRO_BATCH"), help=argparse.SUPPRESS)
     return parser.parse_args()
-
-
-def rss_status(field: str) -> int:
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) * 1024
 
 
 def run_one(args: argparse.Namespace, mode: str, micro_batch: int) -> dict[str, Any]:
@@ -90,8 +86,8 @@ def run_one(args: argparse.Namespace, mode: str, micro_batch: int) -> dict[str, 
         return time.perf_counter() - started
 
     step()  # warm-up: gradients allocated, kernels chosen, the policy measured
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    rss_before = rss_status("VmRSS")
+    reset_peak_rss()
+    rss_before = rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     allocated_before = torch.cuda.memory_allocated() if cuda else 0
@@ -106,7 +102,7 @@ def run_one(args: argparse.Namespace, mode: str, micro_batch: int) -> dict[str, 
         "kept_layers": offloader.stats.kept_layers,
         "waited_seconds_per_step": offloader.stats.waited_seconds / (args.steps + 1),
         "memory_peak_bytes": (
-            torch.cuda.max_memory_allocated() - allocated_before if cuda else rss_status("VmHWM") - rss_before
+            torch.cuda.max_memory_allocated() - allocated_before if cuda else rss_bytes("VmHWM") - rss_before
         ),
     }
     offloader.close()

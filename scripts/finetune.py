@@ -28,6 +28,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from deepspeed_fuyou.activations import ActivationStats
 from deepspeed_fuyou.distributed import end_distributed
+from deepspeed_fuyou.swap.host_heap import reset_peak_rss, rss_bytes
 from deepspeed_fuyou.swap.runtime import SwapRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,17 +116,6 @@ def storage_io() -> dict[str, int]:
     return {"ssd_bytes_read": int(fields["read_bytes"]), "ssd_bytes_written": int(fields["write_bytes"])}
 
 
-def reset_peak_rss() -> None:
-    """Restarts the kernel's RSS high-water mark (VmHWM), so a phase's own peak can be read afterwards."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_since_reset() -> int:
-    """VmHWM: the largest RSS since `reset_peak_rss` (or since the process started)."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(status["VmHWM"].split()[0]) * 1024
-
-
 def io_since(start: dict[str, int]) -> dict[str, int]:
     return {key: value - start[key] for key, value in storage_io().items()}
 
@@ -206,7 +196,7 @@ def train_with_engine(
             engine.save_checkpoint(str(args.output_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
     tokens_per_s = tokens_per_step * len(losses) / (time.perf_counter() - start) if losses else 0.0
     summary = {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s, "step_seconds": step_seconds}
-    summary["steps_peak_rss_bytes"] = peak_rss_since_reset()  # before the final checkpoint, which gathers the model
+    summary["steps_peak_rss_bytes"] = rss_bytes("VmHWM")  # before the final checkpoint, which gathers the model
     summary.update(io_since(io_start))  # the steps' swap traffic, not the checkpoint below
     engine.save_checkpoint(str(args.output_dir), tag=f"step{args.steps}", client_state={"step": args.steps})
     return summary, engine

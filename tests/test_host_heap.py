@@ -12,27 +12,20 @@ import pytest
 # small tensor allocated after them pins the heap's top, so freeing them returns nothing by itself.
 PROGRAM = """
 import sys
-from pathlib import Path
 
 import torch
 
-from deepspeed_fuyou.swap.host_heap import release_free_heap
-
-
-def rss() -> int:
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(status["VmRSS"].split()[0]) << 10
-
+from deepspeed_fuyou.swap.host_heap import release_free_heap, rss_bytes
 
 big = torch.ones(16 << 20, dtype=torch.uint8)
 del big
-before = rss()
+before = rss_bytes()
 blocks = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(256)]
 top = torch.ones(64, dtype=torch.uint8)
 del blocks
 if sys.argv[1] == "trim":
     release_free_heap()
-print((rss() - before) >> 20)
+print((rss_bytes() - before) >> 20)
 """
 
 

@@ -26,6 +26,7 @@ from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
+MODEL = ROOT / "configs" / "models" / "llama-tiny"  # the main job's default model
 FUYOU_CONFIG = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
 STEPS = 10
 TRAINER_STEPS = 6
@@ -110,7 +111,7 @@ def test_host_memory_estimate_matches_the_pool_counters_and_peak_rss_of_the_run(
     run = runs(kind, "base")
     config = json.loads((run["workdir"] / "ds_config.json").read_text())
     machine = Machine(gpu_memory=None, host_memory=host_memory_bytes())
-    plan = estimate(ROOT / "configs" / "models" / "llama-tiny", config, seq_len=128, machine=machine).chosen
+    plan = estimate(MODEL, config, seq_len=128, machine=machine).chosen
     host = plan.gpu.total + plan.pinned_host.total + plan.pageable_host.total
     assert host == pytest.approx(run["peak_rss_bytes"], rel=HOST_ESTIMATE_TOLERANCE)
     assert run["pinned_peak_bytes"] <= plan.pinned_host.total
@@ -134,7 +135,7 @@ def test_fuyou_streams_gradients_to_the_ssd_instead_of_a_whole_model_host_buffer
     That the gradients still arrive whole is what the loss equivalences (with accumulation, clipping, two ranks) show.
     """
     fuyou, stock_nvme = runs("fuyou", "base"), runs("stock-nvme", "base")
-    config = load_model_config(ROOT / "configs" / "models" / "llama-tiny")
+    config = load_model_config(MODEL)
     params = sum(p.numel for p in build_fake_model(config).params)
     assert stock_nvme["host_gradient_buffer_bytes"] >= 4 * params
     assert fuyou["host_gradient_buffer_bytes"] == 0
@@ -145,7 +146,7 @@ def test_activation_offload_under_deepspeed_changes_no_loss_and_leaves_no_file(r
     assert offloaded["losses"] == base["losses"]  # bit for bit: the same bytes come back
     assert base["activation_offloaded_bytes"] == 0
     # Exactly what the estimator's trace says one forward saves, every step: no gathered parameter was moved.
-    saved = build_fake_model(load_model_config(ROOT / "configs" / "models" / "llama-tiny")).saved_tensors(2, 128)
+    saved = build_fake_model(load_model_config(MODEL)).saved_tensors(2, 128)
     per_step = saved.offloaded(ActivationOptions(**OFFLOAD_EVERY_ACTIVATION))
     assert offloaded["activation_offloaded_bytes"] == STEPS * per_step
     assert offloaded["activation_read_bytes"] > 0

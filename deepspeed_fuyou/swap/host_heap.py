@@ -1,4 +1,4 @@
-"""Keeping host RSS near what is live: free heap is returned to the kernel after set-up and after each step.
+"""Keeping host RSS near what is live (free heap returned to the kernel after set-up and each step), and reading it.
 
 glibc serves blocks of at least its mmap threshold with their own mapping, returned to the kernel on free, and the
 rest from the heap, whose freed pages it keeps. The threshold starts at 128 KiB but rises to the size of every
@@ -17,9 +17,9 @@ are device memory, and the knob matters little.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+from pathlib import Path
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+_LIBC = ctypes.CDLL(None)  # the process's own symbols, glibc's among them (no library search at import)
 
 
 def release_free_heap() -> None:
@@ -27,3 +27,14 @@ def release_free_heap() -> None:
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """A memory field of /proc/self/status in bytes: `VmRSS` now, `VmHWM` its peak since start or `reset_peak_rss`."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status[field].split()[0]) << 10
+
+
+def reset_peak_rss() -> None:
+    """Sets the kernel's RSS high-water mark (VmHWM) to the current RSS, so a phase's own peak can be read after."""
+    Path("/proc/self/clear_refs").write_text("5")
