@@ -158,6 +158,54 @@ def test_thousands_of_steps_leak_nothing(tmp_path: Path) -> None:
         assert len(off._by_storage) == 0
 
 
+class _LaggingWrite:
+    """A write that never reports itself done on its own: only a wait finishes it, as a slow SSD would."""
+
+    def __init__(self, future: object) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return False
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._future.wait(timeout)
+
+
+def test_the_last_pass_file_goes_with_its_backward_even_when_its_writes_lag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    with contextlib.closing(offload_module(model, path=str(tmp_path), offload="all", min_tensor_size=0)) as off:
+        write = off.engine.write
+        monkeypatch.setattr(off.engine, "write", lambda *args, **kwargs: _LaggingWrite(write(*args, **kwargs)))
+        loss = model(torch.randn(32, 64)).square().mean()
+        assert files_under(off), "the writes are still in flight"
+        loss.backward()  # forwards the live tensors: nothing needs the lagging writes any more
+        assert files_under(off) == []
+        assert off._in_flight == []
+        assert off.stats.resident_bytes == 0
+
+
+def test_a_lagging_write_that_fails_after_its_reader_went_still_fails_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    failure = FuyouIOError(str(tmp_path / "activations-0"), 0, 4096, 5, "write failed")
+    with contextlib.closing(offload_module(model, path=str(tmp_path), offload="all", min_tensor_size=0)) as off:
+        write = off.engine.write
+
+        def failing(*args: object, **kwargs: object) -> _LaggingWrite:
+            lagging = _LaggingWrite(write(*args, **kwargs))
+            lagging.wait = lambda timeout=None: (_ for _ in ()).throw(failure)
+            return lagging
+
+        monkeypatch.setattr(off.engine, "write", failing)
+        loss = model(torch.randn(32, 64)).square().mean()
+        with pytest.raises(FuyouIOError) as raised:
+            loss.backward()  # the last layer's handles go first: its write is finished and fails; the next unpack says
+        assert raised.value is failure
+
+
 def test_full_disk_during_forward_raises_in_that_step_and_no_gradient_is_written(
     ids: torch.Tensor, mounted: object
 ) -> None:

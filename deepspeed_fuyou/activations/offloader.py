@@ -129,6 +129,7 @@ class _Record:
         self.restored_delta = 0
         self.error: BaseException | None = None
         self.resident = 0
+        self.handles = 0  # _Saved handles the autograd graph still holds
         fpass.live += 1
 
     def live_storage(self) -> torch.UntypedStorage | None:
@@ -156,6 +157,10 @@ class _Saved:
         self.shape = tensor.shape
         self.stride = tensor.stride()
         self.offset = tensor.storage_offset()
+        record.handles += 1
+
+    def __del__(self) -> None:
+        self.record.owner._release(self.record)
 
     def view(self, storage: torch.UntypedStorage, delta: int = 0) -> torch.Tensor:
         """The saved tensor rebuilt on `storage`, whose bytes start `delta` bytes into it."""
@@ -206,6 +211,7 @@ class ActivationOffloader:
         self._passes = 0
         self._pass: _Pass | None = None
         self._in_flight: list[_Record] = []
+        self._unreported_failure: BaseException | None = None  # of a transfer finished after its last reader went
         self._by_storage: weakref.WeakValueDictionary[int, _Record] = weakref.WeakValueDictionary()
         self._layers = find_layers(model)
         self._layer = HEAD
@@ -510,7 +516,7 @@ class ActivationOffloader:
     def _reap(self) -> None:
         """Advances every transfer in flight without waiting; raises the first failure found."""
         still: list[_Record] = []
-        failure: BaseException | None = None
+        failure, self._unreported_failure = self._unreported_failure, None
         for record in self._in_flight:
             try:
                 self._advance(record, block=False)
@@ -533,6 +539,23 @@ class ActivationOffloader:
         self.stats.resident_bytes += nbytes - record.resident
         record.resident = nbytes
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.stats.resident_bytes)
+
+    def _release(self, record: _Record) -> None:
+        """One handle of `record` is gone. With its last one nothing will read the bytes any more, so a transfer
+        still in flight (a write lagging behind a backward that forwarded the live tensor) is finished now: the
+        record, and with the pass's last record the pass's file, then go at once instead of at the next pass.
+        Its failure is raised by the offloader's next unpack or pack, not here: the graph frees handles in a
+        destructor, where an exception would only be printed."""
+        with self._lock:
+            record.handles -= 1
+            if record.handles or record not in self._in_flight:
+                return
+            try:
+                self._advance(record, block=True)
+            except BaseException as err:
+                self._unreported_failure = self._unreported_failure or err
+            finally:
+                self._in_flight = [other for other in self._in_flight if other is not record]
 
     def _forget(self, record: _Record) -> None:
         """A record's last handle is gone: its memory goes, and with the pass's last record, the pass's file."""
