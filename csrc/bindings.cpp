@@ -4,6 +4,7 @@
 
 #include "fuyou/async_queue.h"
 #include "fuyou/engine.h"
+#include "fuyou/host_allocator.h"
 #include "fuyou/pinned_pool.h"
 
 namespace py = pybind11;
@@ -53,6 +54,12 @@ py::dict stats_dict(const fuyou::PinnedPool& pool) {
                   "allocations"_a = s.allocations, "waits"_a = s.waits, "lock_mode"_a = s.lock_mode);
 }
 
+py::dict host_cache_stats(const fuyou::HostBlockCache& cache) {
+  fuyou::HostCacheStats s = cache.stats();
+  return py::dict("in_use"_a = s.in_use, "idle"_a = s.idle, "peak_in_use"_a = s.peak_in_use,
+                  "mappings"_a = s.mappings, "reuses"_a = s.reuses, "evictions"_a = s.evictions);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -60,6 +67,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ALIGNMENT") = fuyou::kAlign;
   m.def("io_uring_compiled", &fuyou::io_uring_compiled);
   m.def("cuda_compiled", &fuyou::cuda_compiled);
+  m.attr("HOST_CACHE_MIN_BYTES") = fuyou::HostBlockCache::kMinBytes;
+  m.def("host_cache_size_class", &fuyou::HostBlockCache::size_class);
+  m.def("install_host_allocator", [] { fuyou::install_host_allocator(); });
+  m.def("host_allocator_installed", &fuyou::host_allocator_installed);
+  m.def("host_cache_stats", [] {
+    return fuyou::host_allocator_installed() ? host_cache_stats(fuyou::install_host_allocator()) : py::dict();
+  });
 
   py::class_<fuyou::Request, std::shared_ptr<fuyou::Request>>(m, "Request")
       .def("wait", &fuyou::Request::wait, "timeout_s"_a = -1.0, py::call_guard<py::gil_scoped_release>())

@@ -89,6 +89,7 @@ class FuyouConfig(FuyouModel):
     optimizer: OptimizerOptions = OptimizerOptions()
     activations: ActivationOptions = ActivationOptions()
     estimator: EstimatorOptions = EstimatorOptions()
+    host_cache: StrictBool = Field(True, examples=[True])  # fuyou's CPU allocator for large tensors (swap.host_heap)
 
     @field_validator("nvme_paths", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
+from deepspeed_fuyou.swap.host_heap import install_host_cache
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class SwapRuntime:
 
     def __init__(self, config: FuyouConfig) -> None:
         self.config = config
+        if config.host_cache:
+            install_host_cache()
         self.pool = PinnedPool(config.pinned_memory)
         self.engine = IOEngine(config.io)
         self.space = SwapSpace([str(p) for p in config.nvme_paths])
