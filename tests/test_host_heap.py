@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from deepspeed_fuyou.io import native
 # small tensor allocated after them pins the heap's top, so freeing them returns nothing by itself.
 PROGRAM = """
 import sys
+from pathlib import Path
 
 import torch
 
@@ -53,6 +55,7 @@ def test_freed_blocks_stay_in_rss_under_glibcs_rising_threshold_until_trimmed_or
 # afterwards). The cache maps each round only after unmapping the previous one's idle blocks.
 ROUNDS = """
 import sys
+from pathlib import Path
 
 import torch
 
@@ -121,3 +124,23 @@ def test_size_classes_are_whole_pages_at_most_an_eighth_above_the_request(nbytes
     size = native.host_cache_size_class(nbytes)
     assert size % 4096 == 0
     assert nbytes <= size <= nbytes + nbytes // 8 + 4096
+
+
+@pytest.mark.parametrize("host_cache", [True, False])
+def test_the_swap_runtime_installs_the_host_cache_unless_the_config_turns_it_off(
+    host_cache: bool, tmp_path: Path
+) -> None:
+    program = (
+        "import sys\n"
+        "from deepspeed_fuyou.config.fuyou import FuyouConfig\n"
+        "from deepspeed_fuyou.io import native\n"
+        "from deepspeed_fuyou.swap.runtime import SwapRuntime\n"
+        "assert not native.host_allocator_installed()\n"
+        "config = FuyouConfig(nvme_paths=(sys.argv[1],), pinned_memory=64 << 20, host_cache=sys.argv[2] == 'True')\n"
+        "SwapRuntime(config).close()\n"
+        "print(native.host_allocator_installed())\n"
+    )
+    command = [sys.executable, "-c", program, str(tmp_path), str(host_cache)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == str(host_cache)
