@@ -67,7 +67,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ALIGNMENT") = fuyou::kAlign;
   m.def("io_uring_compiled", &fuyou::io_uring_compiled);
   m.def("cuda_compiled", &fuyou::cuda_compiled);
-  m.attr("HOST_CACHE_MIN_BYTES") = fuyou::HostBlockCache::kMinBytes;
   m.def("host_cache_size_class", &fuyou::HostBlockCache::size_class);
   m.def("install_host_allocator", [] { fuyou::install_host_allocator(); });
   m.def("host_allocator_installed", &fuyou::host_allocator_installed);

@@ -27,10 +27,7 @@ void* HostBlockCache::allocate(int64_t nbytes) {
     idle_.erase(hit);
     stats_.idle -= size;
     stats_.reuses += 1;
-    in_use_[p] = size;
-    stats_.in_use += size;
-    stats_.peak_in_use = std::max(stats_.peak_in_use, stats_.in_use);
-    return p;
+    return hand_out(p, size);
   }
   // A miss. Idle blocks of other classes go, largest first, while the bytes mapped (in use + idle) would pass the
   // peak in use counting this request: RSS then follows the most that large tensors ever held at once. Keeping
@@ -44,17 +41,22 @@ void* HostBlockCache::allocate(int64_t nbytes) {
     stats_.evictions += 1;
     idle_.erase(largest);
   }
+  const int64_t in_use = stats_.in_use;
   lock.unlock();
   void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) {
     const int err = errno;
     TORCH_CHECK_WITH(OutOfMemoryError, false, "fuyou host cache: mapping ", size, " bytes failed (", strerror(err),
-                     "); ", stats_.in_use, " bytes in use");
+                     "); ", in_use, " bytes in use");
   }
   lock.lock();
+  stats_.mappings += 1;
+  return hand_out(p, size);
+}
+
+void* HostBlockCache::hand_out(void* p, int64_t size) {
   in_use_[p] = size;
   stats_.in_use += size;
-  stats_.mappings += 1;
   stats_.peak_in_use = std::max(stats_.peak_in_use, stats_.in_use);
   return p;
 }

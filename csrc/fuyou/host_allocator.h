@@ -39,6 +39,8 @@ class HostBlockCache {
   HostCacheStats stats() const;
 
  private:
+  void* hand_out(void* p, int64_t size);  // records a block as in use; `mu_` held
+
   mutable std::mutex mu_;
   std::unordered_map<void*, int64_t> in_use_;
   std::multimap<int64_t, void*> idle_;  // size class -> block

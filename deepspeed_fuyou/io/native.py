@@ -20,4 +20,3 @@ install_host_allocator = _C.install_host_allocator
 host_allocator_installed = _C.host_allocator_installed
 host_cache_stats = _C.host_cache_stats
 host_cache_size_class = _C.host_cache_size_class
-HOST_CACHE_MIN_BYTES: int = _C.HOST_CACHE_MIN_BYTES
