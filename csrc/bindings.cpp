@@ -51,7 +51,8 @@ py::dict stats_dict(const fuyou::PinnedPool& pool) {
   fuyou::PoolStats s = pool.stats();
   return py::dict("budget"_a = s.budget, "reserved"_a = s.reserved, "in_use"_a = s.in_use,
                   "peak_reserved"_a = s.peak_reserved, "peak_in_use"_a = s.peak_in_use, "locked"_a = s.locked,
-                  "allocations"_a = s.allocations, "waits"_a = s.waits, "lock_mode"_a = s.lock_mode);
+                  "allocations"_a = s.allocations, "evictions"_a = s.evictions, "waits"_a = s.waits,
+                  "lock_mode"_a = s.lock_mode);
 }
 
 py::dict host_cache_stats(const fuyou::HostBlockCache& cache) {

@@ -86,6 +86,17 @@ def test_exhausted_budget_raises_a_config_error_after_the_timeout_naming_the_bud
     assert "5.00 MiB" in err.value.fix  # what is in use plus what was asked
 
 
+def test_free_bytes_split_between_buffers_in_use_are_named_as_such_when_a_request_times_out() -> None:
+    pool = PinnedPool(4 * MiB)
+    pool.acquire(4 * MiB)  # one slab, the whole budget, free again
+    pieces = [pool.acquire(MiB) for _ in range(4)]
+    del pieces[1], pieces[2]  # 2 MiB free, as two 1 MiB holes between the buffers still held
+    with pytest.raises(FuyouConfigError) as err:
+        pool.acquire(2 * MiB, timeout=0.2)
+    assert "2.00 MiB free in pieces too small" in err.value.reason
+    assert "6.00 MiB" in err.value.fix  # the slab it holds plus a new one of the size asked
+
+
 def test_a_buffer_larger_than_the_whole_budget_fails_at_once() -> None:
     pool = PinnedPool(MiB, timeout=3600)
     start = time.monotonic()
@@ -107,6 +118,37 @@ def test_cached_idle_buffers_are_dropped_to_make_room_instead_of_exceeding_the_b
     assert pool.stats().peak_reserved <= 4 * MiB
 
 
+def test_a_free_buffer_is_carved_for_smaller_requests_and_the_pieces_merge_back() -> None:
+    pool = PinnedPool(8 * MiB)
+    base = pool.acquire(4 * MiB).data_ptr()  # released at once: one free 4 MiB slab
+    pieces = [pool.acquire(MiB) for _ in range(4)]
+    assert sorted(p.data_ptr() for p in pieces) == [base + k * MiB for k in range(4)]
+    del pieces[1], pieces[2]  # free pieces 1 and 3: not adjacent, so not yet one range
+    assert pool.stats().reserved == 4 * MiB
+    del pieces
+    assert pool.acquire(4 * MiB).data_ptr() == base  # all four merged into the whole slab again
+    assert pool.stats().allocations == 1 and pool.stats().reserved == 4 * MiB
+
+
+def test_phases_of_different_buffer_sizes_share_slabs_so_the_reserve_stays_at_the_peak_in_use() -> None:
+    """Forward/backward stage many small buffers, the optimizer step a few large ones. A cache of whole blocks
+    held both phases' blocks (76 MiB here); carving holds only what one phase uses at most, and stops mapping."""
+    pool = PinnedPool(256 * MiB)
+    allocations_after_first_round = 0
+    for round_ in range(4):
+        small = [pool.acquire(MiB) for _ in range(40)]
+        del small
+        large = [pool.acquire(12 * MiB) for _ in range(3)]
+        del large
+        if round_ == 0:
+            allocations_after_first_round = pool.stats().allocations
+    stats = pool.stats()
+    assert stats.peak_in_use == 40 * MiB
+    assert stats.peak_reserved == stats.peak_in_use
+    assert stats.allocations == allocations_after_first_round  # later rounds map nothing: no re-pinning churn
+    assert stats.evictions > 0
+
+
 def test_typed_buffers_view_the_pool_memory() -> None:
     pool = PinnedPool(MiB)
     tensor = pool.acquire_tensor((3, 5), torch.float32)
@@ -115,7 +157,7 @@ def test_typed_buffers_view_the_pool_memory() -> None:
     assert pool.stats().in_use == 4096
 
 
-def test_trim_frees_cached_buffers() -> None:
+def test_trim_unmaps_free_slabs() -> None:
     pool = PinnedPool(MiB)
     pool.acquire(4096)
     assert pool.stats().reserved == 4096

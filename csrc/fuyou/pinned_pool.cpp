@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <chrono>
 #include <new>
 #include <stdexcept>
@@ -51,35 +52,8 @@ PinnedPool::PinnedPool(int64_t budget, const std::string& lock_mode) : budget_(b
 }
 
 PinnedPool::~PinnedPool() {
-  // Handed-out blocks keep the pool alive (their tensors' deleters hold a reference), so only idle ones remain.
+  // Handed-out buffers keep the pool alive (their tensors' deleters hold a reference), so every slab is free here.
   trim();
-}
-
-void* PinnedPool::allocate_locked(int64_t size, bool* locked) {
-  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) throw std::bad_alloc();
-  *locked = false;
-#ifdef FUYOU_WITH_CUDA
-  if (lock_mode_ == "cuda") *locked = cudaHostRegister(p, size, cudaHostRegisterDefault) == cudaSuccess;
-#endif
-  // mlock fails without CAP_IPC_LOCK beyond RLIMIT_MEMLOCK: the memory then stays pageable, and stats say so.
-  if (!*locked && lock_mode_ != "none") *locked = ::mlock(p, size) == 0;
-  return p;
-}
-
-void PinnedPool::free_block(void* ptr, int64_t size) {
-  auto it = locked_.find(ptr);
-  bool was_locked = it != locked_.end() && it->second;
-  if (it != locked_.end()) locked_.erase(it);
-  if (was_locked) {
-    stats_.locked -= size;
-#ifdef FUYOU_WITH_CUDA
-    if (lock_mode_ == "cuda" && cudaHostUnregister(ptr) == cudaSuccess) was_locked = false;
-#endif
-    if (was_locked) ::munlock(ptr, size);
-  }
-  ::munmap(ptr, size);
-  stats_.reserved -= size;
 }
 
 void* PinnedPool::acquire(int64_t nbytes, double timeout_s) {
@@ -92,46 +66,39 @@ void* PinnedPool::acquire(int64_t nbytes, double timeout_s) {
   std::unique_lock<std::mutex> lock(mu_);
   bool counted_wait = false;
   while (true) {
-    // Best fit among cached blocks, but never more than twice the size asked for.
-    auto fit = idle_.lower_bound(size);
-    if (fit != idle_.end() && fit->first < 2 * size) {
-      void* p = fit->second;
-      int64_t got = fit->first;
-      idle_.erase(fit);
-      in_use_[p] = got;
-      stats_.in_use += got;
-      stats_.peak_in_use = std::max(stats_.peak_in_use, stats_.in_use);
-      return p;
-    }
-    // Make room by dropping cached blocks that do not fit this request, largest first.
-    while (stats_.reserved + size > budget_ && !idle_.empty()) {
-      auto largest = std::prev(idle_.end());
-      void* p = largest->second;
-      int64_t s = largest->first;
-      idle_.erase(largest);
-      free_block(p, s);
-    }
-    if (stats_.reserved + size <= budget_) {
-      stats_.reserved += size;  // claim the bytes before unlocking: pinning a large block takes a while
-      lock.unlock();
-      bool locked = false;
-      void* p = nullptr;
-      try {
-        p = allocate_locked(size, &locked);
-      } catch (...) {
+    char* p = carve(size);
+    if (p == nullptr) {
+      // A new slab is needed. Wholly free slabs are all smaller than `size` (else carve had found one): unmap them
+      // while the pool would otherwise hold more than the most it ever had in use at once, or than the budget.
+      evict_free_slabs(std::max(stats_.peak_in_use, stats_.in_use + size) - size);
+      if (stats_.reserved + size <= budget_) {
+        stats_.reserved += size;  // claim the bytes before unlocking: pinning a large slab takes a while
+        lock.unlock();
+        Slab slab{size, size, false};
+        void* mapped = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mapped == MAP_FAILED) {
+          lock.lock();
+          stats_.reserved -= size;
+          cv_.notify_all();
+          throw std::bad_alloc();
+        }
+        p = static_cast<char*>(mapped);
+#ifdef FUYOU_WITH_CUDA
+        if (lock_mode_ == "cuda") slab.locked = cudaHostRegister(p, size, cudaHostRegisterDefault) == cudaSuccess;
+#endif
+        // mlock fails without CAP_IPC_LOCK beyond RLIMIT_MEMLOCK: the slab then stays pageable, and stats say so.
+        if (!slab.locked && lock_mode_ != "none") slab.locked = ::mlock(p, size) == 0;
         lock.lock();
-        stats_.reserved -= size;
-        cv_.notify_all();
-        throw;
+        slabs_.emplace(p, slab);
+        if (slab.locked) stats_.locked += size;
+        stats_.allocations += 1;
+        stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
       }
-      lock.lock();
+    }
+    if (p != nullptr) {
       in_use_[p] = size;
-      locked_[p] = locked;
-      if (locked) stats_.locked += size;
       stats_.in_use += size;
-      stats_.allocations += 1;
       stats_.peak_in_use = std::max(stats_.peak_in_use, stats_.in_use);
-      stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
       return p;
     }
     if (!counted_wait) {
@@ -147,22 +114,111 @@ void* PinnedPool::acquire(int64_t nbytes, double timeout_s) {
   }
 }
 
+char* PinnedPool::carve(int64_t size) {
+  auto fit = free_by_size_.lower_bound(size);
+  if (fit == free_by_size_.end()) return nullptr;
+  char* p = fit->second;
+  const int64_t length = fit->first;
+  remove_free(p);
+  // The rest stays free; its neighbours cannot be free too (free ranges are always merged), so no merge here.
+  if (length > size) {
+    free_by_address_.emplace(p + size, length - size);
+    free_by_size_.emplace(length - size, p + size);
+  }
+  slab_of(p)->second.used += size;
+  return p;
+}
+
 void PinnedPool::release(void* ptr) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = in_use_.find(ptr);
     if (it == in_use_.end()) return;
-    stats_.in_use -= it->second;
-    idle_.emplace(it->second, ptr);
+    char* p = static_cast<char*>(ptr);
+    const int64_t size = it->second;
     in_use_.erase(it);
+    stats_.in_use -= size;
+    slab_of(p)->second.used -= size;
+    add_free(p, size);
   }
   cv_.notify_all();
 }
 
+void PinnedPool::add_free(char* p, int64_t size) {
+  // Merge with the free ranges on either side, within the same slab only: slabs are separate mappings that the
+  // kernel may still have placed next to each other.
+  auto slab = slab_of(p);
+  char* const slab_begin = slab->first;
+  char* const slab_end = slab->first + slab->second.size;
+  auto next = free_by_address_.find(p + size);
+  if (next != free_by_address_.end() && next->first < slab_end) {
+    size += next->second;
+    remove_free(next->first);
+  }
+  auto after = free_by_address_.lower_bound(p);
+  if (after != free_by_address_.begin()) {
+    auto prev = std::prev(after);
+    if (prev->first >= slab_begin && prev->first + prev->second == p) {
+      p = prev->first;
+      size += prev->second;
+      remove_free(p);
+    }
+  }
+  free_by_address_.emplace(p, size);
+  free_by_size_.emplace(size, p);
+}
+
+void PinnedPool::remove_free(char* p) {
+  auto by_address = free_by_address_.find(p);
+  auto [first, last] = free_by_size_.equal_range(by_address->second);
+  for (auto it = first; it != last; ++it) {
+    if (it->second == p) {
+      free_by_size_.erase(it);
+      break;
+    }
+  }
+  free_by_address_.erase(by_address);
+}
+
+PinnedPool::SlabMap::iterator PinnedPool::slab_of(char* p) { return std::prev(slabs_.upper_bound(p)); }
+
+void PinnedPool::evict_free_slabs(int64_t keep) {
+  std::vector<SlabMap::iterator> free_slabs;
+  for (auto it = slabs_.begin(); it != slabs_.end(); ++it) {
+    if (it->second.used == 0) free_slabs.push_back(it);
+  }
+  std::sort(free_slabs.begin(), free_slabs.end(),
+            [](const auto& a, const auto& b) { return a->second.size < b->second.size; });
+  for (auto slab : free_slabs) {
+    if (stats_.reserved <= keep) break;
+    unmap(slab);
+    stats_.evictions += 1;
+  }
+}
+
+void PinnedPool::unmap(SlabMap::iterator slab) {
+  char* base = slab->first;
+  const Slab s = slab->second;
+  remove_free(base);  // a wholly free slab is one free range
+  slabs_.erase(slab);
+  if (s.locked) {
+    stats_.locked -= s.size;
+    bool still_locked = true;
+#ifdef FUYOU_WITH_CUDA
+    if (lock_mode_ == "cuda" && cudaHostUnregister(base) == cudaSuccess) still_locked = false;
+#endif
+    if (still_locked) ::munlock(base, s.size);
+  }
+  ::munmap(base, s.size);
+  stats_.reserved -= s.size;
+}
+
 void PinnedPool::trim() {
   std::lock_guard<std::mutex> lock(mu_);
-  for (auto& [size, ptr] : idle_) free_block(ptr, size);
-  idle_.clear();
+  for (auto it = slabs_.begin(); it != slabs_.end();) {
+    auto slab = it++;
+    if (slab->second.used == 0) unmap(slab);
+  }
 }
 
 PoolStats PinnedPool::stats() const {

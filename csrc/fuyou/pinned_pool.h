@@ -1,7 +1,14 @@
 // One byte budget for every host staging buffer. Buffers are 4 KiB-aligned (valid O_DIRECT targets) and
-// page-locked (CUDA host registration where a GPU is present, else mlock where permitted, else plain memory), and
-// are cached for reuse after release because pinning is expensive. A request that does not fit waits for a
-// release instead of growing past the budget: host memory stays bounded by construction, never an OOM kill.
+// page-locked (CUDA host registration where a GPU is present, else mlock where permitted, else plain memory).
+//
+// Pinning is expensive, so the pool keeps what it pinned: it maps slabs and carves buffers out of them, and a
+// released buffer's range merges with its free neighbours in the slab. Carving matters because a training step
+// has phases with different buffer sizes (per-parameter staging in forward/backward, whole sub-groups in the
+// optimizer step): a cache of whole blocks would hold both phases' blocks, about twice what is ever in use at
+// once; with carving the step's large slabs serve forward's small buffers too. A request that no free range
+// fits first unmaps slabs that are wholly free while the pool would otherwise hold more than it ever had in use
+// at once, and never maps past the budget: it waits for a release instead. Host memory stays bounded by
+// construction, never an OOM kill.
 #pragma once
 
 #include <condition_variable>
@@ -16,14 +23,15 @@ namespace fuyou {
 
 struct PoolStats {
   int64_t budget = 0;
-  int64_t reserved = 0;       // bytes allocated by the pool: in use + cached idle
-  int64_t in_use = 0;         // bytes of the blocks handed out
+  int64_t reserved = 0;       // bytes of the slabs the pool holds: in use + free
+  int64_t in_use = 0;         // bytes of the buffers handed out
   int64_t peak_reserved = 0;
   int64_t peak_in_use = 0;
   int64_t locked = 0;         // bytes actually page-locked (CUDA-registered or mlocked)
-  int64_t allocations = 0;    // fresh blocks (cache misses)
+  int64_t allocations = 0;    // slabs mapped (requests no free range could serve)
+  int64_t evictions = 0;      // wholly free slabs unmapped to make room or to stay near the peak in use
   int64_t waits = 0;          // acquires that had to wait for a release
-  std::string lock_mode;      // "cuda", "mlock" or "none": how new blocks are locked
+  std::string lock_mode;      // "cuda", "mlock" or "none": how new slabs are locked
 };
 
 class PinnedPool : public std::enable_shared_from_this<PinnedPool> {
@@ -34,24 +42,36 @@ class PinnedPool : public std::enable_shared_from_this<PinnedPool> {
   PinnedPool(const PinnedPool&) = delete;
   PinnedPool& operator=(const PinnedPool&) = delete;
 
-  // A block of at least `nbytes` (rounded up to 4 KiB), or nullptr when none fit before `timeout_s` (< 0:
+  // A buffer of at least `nbytes` (rounded up to 4 KiB), or nullptr when none fit before `timeout_s` (< 0:
   // forever). Throws std::length_error when `nbytes` exceeds the whole budget: waiting could never succeed.
   void* acquire(int64_t nbytes, double timeout_s);
   void release(void* ptr);
-  void trim();  // frees every cached idle block (e.g. before the budget is handed to something else)
+  void trim();  // unmaps every wholly free slab (e.g. before the budget is handed to something else)
   PoolStats stats() const;
 
  private:
-  void* allocate_locked(int64_t size, bool* locked);
-  void free_block(void* ptr, int64_t size);
+  struct Slab {
+    int64_t size = 0;
+    int64_t used = 0;  // bytes of it handed out
+    bool locked = false;
+  };
+  using SlabMap = std::map<char*, Slab>;  // by base address, to find the slab a buffer lies in
+
+  char* carve(int64_t size);  // best fit among the free ranges, splitting it; nullptr when none is large enough
+  void evict_free_slabs(int64_t keep);  // smallest first, while reserved > keep
+  void unmap(SlabMap::iterator slab);
+  SlabMap::iterator slab_of(char* p);
+  void add_free(char* p, int64_t size);
+  void remove_free(char* p);
 
   const int64_t budget_;
   std::string lock_mode_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
+  SlabMap slabs_;
+  std::map<char*, int64_t> free_by_address_;       // start -> length, to merge neighbours
+  std::multimap<int64_t, char*> free_by_size_;     // length -> start, for best fit
   std::unordered_map<void*, int64_t> in_use_;
-  std::multimap<int64_t, void*> idle_;  // size -> block, for best-fit reuse
-  std::unordered_map<void*, bool> locked_;
   PoolStats stats_;
 };
 

@@ -89,8 +89,8 @@ class FuyouConfig(FuyouModel):
     optimizer: OptimizerOptions = OptimizerOptions()
     activations: ActivationOptions = ActivationOptions()
     estimator: EstimatorOptions = EstimatorOptions()
-    # fuyou's CPU allocator for large tensors (swap.host_heap); off until the estimator's host model knows it
-    host_cache: StrictBool = Field(False, examples=[True])
+    # fuyou's CPU allocator for large tensors (swap.host_heap); off: glibc's heap, as in stock DeepSpeed
+    host_cache: StrictBool = Field(True, examples=[False])
 
     @field_validator("nvme_paths", mode="before")
     @classmethod

@@ -26,9 +26,16 @@ from deepspeed_fuyou.estimator.model import FakeModel, ModelSpec, build_fake_mod
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout
 from deepspeed_fuyou.swap.sizing import layer_numel, stage3_overrides
 
-RUNTIME_OVERHEAD_HOST = 512 << 20
+RUNTIME_OVERHEAD_HOST = 400 << 20
 """Pageable host memory of the training process before any model state: Python, torch, DeepSpeed, transformers
-and the collective backend (measured on the CPU accelerator, see benchmarks/RESULTS.md)."""
+and the collective backend (measured on the CPU accelerator, see benchmarks/RESULTS.md, with fuyou's host cache
+serving the large tensors, so that none of glibc's heap slack below is in it)."""
+
+GLIBC_HEAP_SLACK = 112 << 20
+"""What glibc's heap holds free at the peak where it serves the large tensors (stock DeepSpeed, or fuyou with
+`host_cache: false`): freed blocks that small allocations between them keep from being reused or returned. It grows
+with the model (a 32-layer model's backward left 1.2 GiB free on the CPU accelerator); this is the least measured,
+on the main job's models (benchmarks/RESULTS.md)."""
 
 
 @dataclass(frozen=True)
@@ -132,9 +139,9 @@ def estimate(
         window = stock_window(zero) | stage3_overrides(fake.module, setup.fuyou, ds_config, zero.sub_group_size)
         layout = ZeroLayout.build(facts.numels, world_size, window["sub_group_size"])
         plan = fuyou_plan(layout, setup, facts, window, [str(p) for p in setup.fuyou.nvme_paths])
-    for each in (stock, plan):
-        if each is not None:
-            each.pageable_host.overhead = RUNTIME_OVERHEAD_HOST
+    stock.pageable_host.overhead = RUNTIME_OVERHEAD_HOST + GLIBC_HEAP_SLACK
+    if plan is not None:
+        plan.pageable_host.overhead = RUNTIME_OVERHEAD_HOST + (0 if setup.fuyou.host_cache else GLIBC_HEAP_SLACK)
     result = Estimate(
         inputs={
             "model": str(model) if isinstance(model, str | os.PathLike) else fake.name,

@@ -26,12 +26,13 @@ class PoolStats:
     """The pool's own counters: the estimator's ground truth for pinned host memory."""
 
     budget: int
-    reserved: int  # allocated by the pool: in use + cached for reuse
+    reserved: int  # slabs the pool holds: in use + free for reuse
     in_use: int
     peak_reserved: int
     peak_in_use: int
     locked: int  # of `reserved`, how much is page-locked
-    allocations: int
+    allocations: int  # slabs mapped
+    evictions: int  # wholly free slabs unmapped to make room
     waits: int
     lock_mode: str
 
@@ -73,11 +74,16 @@ class PinnedPool:
             ) from err
         if buffer is None:
             stats = self.stats()
+            problem = f"waited {timeout:g} s for {format_size(nbytes)} while {format_size(stats.in_use)} stayed in use"
+            need = stats.in_use + nbytes
+            if need <= self.budget:  # enough free bytes, but between buffers still in use: no range is large enough
+                problem += f", the {format_size(self.budget - stats.in_use)} free in pieces too small for it"
+                need = stats.reserved + nbytes
             raise FuyouConfigError(
                 "fuyou.pinned_memory",
                 format_size(self.budget),
-                f"waited {timeout:g} s for {format_size(nbytes)} while {format_size(stats.in_use)} stayed in use",
-                f"raise fuyou.pinned_memory to at least {format_size(stats.in_use + nbytes)}, or lower "
+                problem,
+                f"raise fuyou.pinned_memory to at least {format_size(need)}, or lower "
                 "params.prefetch_layers so fewer buffers are held at once",
             )
         return buffer

@@ -13,12 +13,13 @@ so freed blocks leave RSS at once (0.98 instead of 1.58 GiB with activations off
 that on the CPU accelerator made steps up to 1.9x slower (benchmarks/RESULTS.md); on a GPU machine those blocks
 are device memory, and the knob matters little.
 
-What fuyou does instead with `"host_cache": true` (off by default until the estimator's host model knows it):
-tensors of at least 128 KiB come from its own CPU allocator (`csrc/fuyou/host_allocator.cpp`), one mapping each,
-kept after free in one of eight size classes per power of two for the next step's identical request. A miss first
-unmaps idle blocks while the bytes mapped would exceed the peak of bytes in use, so RSS follows the peak that large
-tensors ever needed at once (not a fragmented heap), and a step reuses its mappings without page faults. The same
-32-layer model then peaks at 1.16 GiB. Smaller tensors still come from glibc, whose heap the trim keeps lean.
+What fuyou does instead (with a `"fuyou"` block, unless `"host_cache": false`): tensors of at least 128 KiB come
+from its own CPU allocator (`csrc/fuyou/host_allocator.cpp`), one mapping each, kept after free in one of eight size
+classes per power of two for the next step's identical request. A miss first unmaps idle blocks while the bytes
+mapped would exceed the peak of bytes in use, so RSS follows the peak that large tensors ever needed at once (not a
+fragmented heap), and a step reuses its mappings without page faults. The same 32-layer model then peaks at 1.16 GiB
+(1.0 GiB with the pinned pool carving its slabs too). Smaller tensors still come from glibc, whose heap the trim
+keeps lean.
 """
 
 from __future__ import annotations
