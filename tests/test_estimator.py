@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from deepspeed_fuyou.cli.main import main as fuyou
 from deepspeed_fuyou.estimator.activations import saved_tensors
 from deepspeed_fuyou.estimator.auto import auto_configure
-from deepspeed_fuyou.estimator.estimate import Machine, estimate
+from deepspeed_fuyou.estimator.estimate import GLIBC_HEAP_SLACK, RUNTIME_OVERHEAD_HOST, Machine, estimate
 from deepspeed_fuyou.estimator.memory import striped_member_bytes
 from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.zero_layout import ZeroLayout, sub_groups
@@ -158,6 +158,26 @@ def test_a_host_smaller_than_the_pinned_budget_is_reported_with_the_fix(tmp_path
     )
     assert not result.fits
     assert result.problems[0].startswith("host memory")
+
+
+def test_glibc_heap_slack_is_counted_only_where_glibc_serves_the_large_tensors(tmp_path: Path) -> None:
+    """Stock DeepSpeed and fuyou with `host_cache: false` leave large tensors to glibc, whose heap keeps freed blocks;
+    with fuyou's host cache (the default) RSS follows the tensors in use, so the estimate drops that slack."""
+    machine = Machine(gpu_memory=None, host_memory=64 << 30)
+    cached = estimate(TINY_LLAMA, fuyou_config(tmp_path, validate=False), seq_len=64, machine=machine)
+    config = fuyou_config(tmp_path, validate=False)
+    config["fuyou"]["host_cache"] = False
+    uncached = estimate(TINY_LLAMA, config, seq_len=64, machine=machine)
+    assert cached.fuyou is not None and uncached.fuyou is not None
+    assert cached.fuyou.pageable_host.overhead == RUNTIME_OVERHEAD_HOST
+    assert uncached.fuyou.pageable_host.overhead == RUNTIME_OVERHEAD_HOST + GLIBC_HEAP_SLACK
+    assert (
+        cached.stock.pageable_host.overhead
+        == uncached.stock.pageable_host.overhead
+        == uncached.fuyou.pageable_host.overhead
+    )
+    # nothing else in the plan depends on who serves the large tensors
+    assert uncached.fuyou.pageable_host.total - cached.fuyou.pageable_host.total == GLIBC_HEAP_SLACK
 
 
 def test_cli_json_has_every_documented_key_and_gpu_activations_are_the_traced_bytes(
