@@ -74,7 +74,7 @@ void* PinnedPool::acquire(int64_t nbytes, double timeout_s) {
       if (stats_.reserved + size <= budget_) {
         stats_.reserved += size;  // claim the bytes before unlocking: pinning a large slab takes a while
         lock.unlock();
-        Slab slab{size, size, false};
+        Slab slab{size, false};
         void* mapped = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (mapped == MAP_FAILED) {
           lock.lock();
@@ -121,11 +121,7 @@ char* PinnedPool::carve(int64_t size) {
   const int64_t length = fit->first;
   remove_free(p);
   // The rest stays free; its neighbours cannot be free too (free ranges are always merged), so no merge here.
-  if (length > size) {
-    free_by_address_.emplace(p + size, length - size);
-    free_by_size_.emplace(length - size, p + size);
-  }
-  slab_of(p)->second.used += size;
+  if (length > size) insert_free(p + size, length - size);
   return p;
 }
 
@@ -138,7 +134,6 @@ void PinnedPool::release(void* ptr) {
     const int64_t size = it->second;
     in_use_.erase(it);
     stats_.in_use -= size;
-    slab_of(p)->second.used -= size;
     add_free(p, size);
   }
   cv_.notify_all();
@@ -164,6 +159,10 @@ void PinnedPool::add_free(char* p, int64_t size) {
       remove_free(p);
     }
   }
+  insert_free(p, size);
+}
+
+void PinnedPool::insert_free(char* p, int64_t size) {
   free_by_address_.emplace(p, size);
   free_by_size_.emplace(size, p);
 }
@@ -182,10 +181,15 @@ void PinnedPool::remove_free(char* p) {
 
 PinnedPool::SlabMap::iterator PinnedPool::slab_of(char* p) { return std::prev(slabs_.upper_bound(p)); }
 
+bool PinnedPool::wholly_free(SlabMap::const_iterator slab) const {
+  auto range = free_by_address_.find(slab->first);  // free ranges are merged: a free slab is one range
+  return range != free_by_address_.end() && range->second == slab->second.size;
+}
+
 void PinnedPool::evict_free_slabs(int64_t keep) {
   std::vector<SlabMap::iterator> free_slabs;
   for (auto it = slabs_.begin(); it != slabs_.end(); ++it) {
-    if (it->second.used == 0) free_slabs.push_back(it);
+    if (wholly_free(it)) free_slabs.push_back(it);
   }
   std::sort(free_slabs.begin(), free_slabs.end(),
             [](const auto& a, const auto& b) { return a->second.size < b->second.size; });
@@ -217,7 +221,7 @@ void PinnedPool::trim() {
   std::lock_guard<std::mutex> lock(mu_);
   for (auto it = slabs_.begin(); it != slabs_.end();) {
     auto slab = it++;
-    if (slab->second.used == 0) unmap(slab);
+    if (wholly_free(slab)) unmap(slab);
   }
 }
 

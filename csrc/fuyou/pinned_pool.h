@@ -52,7 +52,6 @@ class PinnedPool : public std::enable_shared_from_this<PinnedPool> {
  private:
   struct Slab {
     int64_t size = 0;
-    int64_t used = 0;  // bytes of it handed out
     bool locked = false;
   };
   using SlabMap = std::map<char*, Slab>;  // by base address, to find the slab a buffer lies in
@@ -61,7 +60,9 @@ class PinnedPool : public std::enable_shared_from_this<PinnedPool> {
   void evict_free_slabs(int64_t keep);  // smallest first, while reserved > keep
   void unmap(SlabMap::iterator slab);
   SlabMap::iterator slab_of(char* p);
-  void add_free(char* p, int64_t size);
+  bool wholly_free(SlabMap::const_iterator slab) const;
+  void add_free(char* p, int64_t size);     // a released range, merged with its free neighbours
+  void insert_free(char* p, int64_t size);  // records a free range as it is
   void remove_free(char* p);
 
   const int64_t budget_;
