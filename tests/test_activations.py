@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from deepspeed_fuyou import offload_activations
 from deepspeed_fuyou.activations import ActivationOffloader, make_offloader, offload_module
+from deepspeed_fuyou.activations import offloader as offloader_module
 from deepspeed_fuyou.activations.policy import Measurements, layers_to_keep
 from deepspeed_fuyou.config.fuyou import ActivationOptions
 from deepspeed_fuyou.errors import FuyouIOError
@@ -82,6 +83,25 @@ def test_auto_policy_keeps_the_last_layer_and_moves_the_rest_with_the_same_gradi
         # 4 tiny layers on a CPU: compute is slow next to the disk, so one layer is enough to hide the reads.
         assert offloader.stats.kept_layers == 1
         assert offloader.stats.offloaded_bytes > 0
+
+
+def test_auto_policy_measures_only_a_forward_that_ran_to_its_end(
+    ids: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = causal_lm("llama", layers=4)
+    measured: list[Measurements] = []
+    monkeypatch.setattr(offloader_module, "layers_to_keep", lambda m: measured.append(m) or layers_to_keep(m))
+    third = model.model.layers[2]
+    with contextlib.closing(make_offloader(model, path=str(tmp_path), min_tensor_size=0)) as offloader:
+        failing = third.register_forward_pre_hook(lambda *_: torch.empty(1 << 62))  # "out of memory" in layer 2
+        with pytest.raises(RuntimeError):
+            loss_and_grads(model, ids, offloader)
+        failing.remove()
+        assert measured == []  # layers 2 and 3 never ran: their zero seconds would skew the average
+        loss_and_grads(model, ids, offloader)
+    assert len(measured) == 1
+    assert measured[0].forward_seconds_per_layer > 0
+    assert measured[0].offloadable_bytes_per_layer > 0
 
 
 def test_a_storage_saved_twice_is_written_once(tmp_path: Path) -> None:

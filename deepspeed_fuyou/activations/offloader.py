@@ -235,7 +235,7 @@ class ActivationOffloader:
         self._depth -= 1
         if self._depth == 0:
             self._hooks.__exit__(*exc)
-            self._end_pass(report_failures=exc[0] is None)
+            self._end_pass(completed=exc[0] is None)
 
     def attach(self, module: torch.nn.Module) -> ActivationOffloader:
         """Offloads every forward of `module` from now on (until `remove()`): the module form of `with offloader:`."""
@@ -261,8 +261,13 @@ class ActivationOffloader:
             self._passes += 1
             self._layer = HEAD
 
-    def _end_pass(self, report_failures: bool) -> None:
-        """Closes the pass; a write already known to have failed is raised here, so the forward itself fails."""
+    def _end_pass(self, completed: bool) -> None:
+        """Closes the pass; a write already known to have failed is raised here, so the forward itself fails.
+
+        Only a forward that ran to its end is measured for the auto policy: one that raised part-way (an
+        out-of-memory retried with a smaller batch, as HF's `auto_find_batch_size` does) timed only some layers,
+        and its average would fix the policy for the whole run.
+        """
         with self._lock:
             fpass, self._pass = self._pass, None
             if fpass is None:
@@ -270,8 +275,9 @@ class ActivationOffloader:
             fpass.open = False
             if fpass.live == 0:
                 fpass.remove_files()
-            if report_failures:
-                self._reap()
+            if not completed:
+                return
+            self._reap()
             if not self._measured and fpass.layer_bytes:  # a pass that saved nothing (no_grad) measures nothing
                 self._measured = True
                 self.stats.kept_layers = layers_to_keep(self._measure(fpass))
