@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from deepspeed_fuyou.estimator.estimate import GLIBC_HEAP_SLACK, RUNTIME_OVERHEA
 from deepspeed_fuyou.estimator.memory import striped_member_bytes
 from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.zero_layout import ZeroLayout, sub_groups
-from tests.conftest import free_port
+from tests.conftest import run_deepspeed
 from tests.estimator_models import FAMILIES, transformers_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,11 +101,7 @@ def deepspeed_allocations(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("probe")
     (out / "models.json").write_text(json.dumps(FAMILIES))
     (out / "ds.json").write_text(json.dumps(stock_config(sub_group_size=9000)))
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(PROBE)]
-    command += ["--models", "models.json", "--config", "ds.json", "--out", str(out)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    result = run_deepspeed(PROBE, "--models", "models.json", "--config", "ds.json", "--out", str(out), cwd=out, ranks=2)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return out
 
@@ -221,18 +214,8 @@ def test_training_refuses_to_start_when_the_ssd_cannot_hold_the_optimizer_swap(t
     config = fuyou_config(small)
     config_path = tmp_path / "ds.json"
     config_path.write_text(json.dumps(config))
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [
-        str(launcher),
-        "--num_gpus",
-        "1",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "scripts" / "finetune.py"),
-    ]
-    command += ["--deepspeed_config", str(config_path), "--steps", "1", "--output-dir", str(tmp_path / "out")]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    args = ["--deepspeed_config", str(config_path), "--steps", "1", "--output-dir", str(tmp_path / "out")]
+    result = run_deepspeed(ROOT / "scripts" / "finetune.py", *args, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "FuyouConfigError" in output and "fuyou.nvme_paths[0]" in output and "of swap space" in output

@@ -9,9 +9,6 @@ stock ZeRO-3 with CPU offload and stock ZeRO-Infinity (NVMe) must agree for the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,11 @@ from benchlib import comparison_config
 from deepspeed_fuyou.config.fuyou import ActivationOptions, host_memory_bytes
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
-from tests.conftest import free_port
+from tests.conftest import run_deepspeed
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
+FULL_STATE_PROBE = ROOT / "tests" / "programs" / "full_state_probe.py"
 MODEL = ROOT / "configs" / "models" / "llama-tiny"  # the main job's default model
 FUYOU_CONFIG = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
 STEPS = 10
@@ -45,22 +43,24 @@ def config_for(kind: str, root: Path, **top_level: Any) -> Config:
     return comparison_config({**FUYOU_CONFIG, **top_level}, kind, swap_dirs)
 
 
-def finetune(config: Config, workdir: Path, *args: str, ranks: int = 1) -> dict[str, Any]:
-    """Runs the main job with the `deepspeed` launcher; the side the config does not select may not be built."""
+def launch(program: Path, config: Config, workdir: Path, *args: str, ranks: int = 1) -> None:
+    """Runs `program` with the `deepspeed` launcher, the config in a file; the side it does not select may not be
+    built (for the main job, see guarded_finetune)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "ds_config.json"
     config_path.write_text(json.dumps(config))
+    forbid = "stock" if "fuyou" in config else "fuyou"
+    result = run_deepspeed(
+        program, "--deepspeed_config", str(config_path), *args, cwd=workdir, ranks=ranks, FORBID=forbid
+    )
+    assert result.returncode == 0, f"{program.name} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+
+
+def finetune(config: Config, workdir: Path, *args: str, ranks: int = 1) -> dict[str, Any]:
+    """Runs the main job and returns its metrics."""
     metrics = workdir / "metrics.json"
-    launcher = Path(sys.executable).parent / "deepspeed"
-    port = free_port()
-    command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), str(GUARDED)]
-    command += ["--deepspeed_config", str(config_path), "--metrics", str(metrics)]
-    command += ["--output-dir", str(workdir / "checkpoints"), *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "FORBID": "stock" if "fuyou" in config else "fuyou"}
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"finetune failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
-    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not leaked, f"the main job left DeepSpeed's shared-memory buffers behind: {leaked}"
+    checkpoints = workdir / "checkpoints"
+    launch(GUARDED, config, workdir, "--metrics", str(metrics), "--output-dir", str(checkpoints), *args, ranks=ranks)
     return json.loads(metrics.read_text())
 
 
@@ -200,3 +200,24 @@ def test_hf_trainer_runs_the_same_config_like_stock_and_resumes_from_its_checkpo
     second = finetune(config, tmp_path, "--trainer", "--steps", str(TRAINER_STEPS), "--resume")
     assert (tmp_path / "checkpoints" / f"checkpoint-{half}" / f"global_step{half}").is_dir()
     assert_losses_equal(first["losses"] + second["losses"], fuyou["losses"])
+
+
+def test_full_state_api_reads_and_writes_through_our_swapper_exactly_as_stock_zero_infinity(tmp_path: Path) -> None:
+    """`safe_get_full_grad`, `safe_{get,set}_full_fp32_param` and `safe_{get,set}_full_optimizer_state` mid-training.
+
+    With optimizer states on the SSD each call swaps a sub-group in, and a set must be written back: the losses after
+    the set (which trains from the set values) match stock's only if our swapper wrote them.
+    """
+    results = {}
+    for kind in ("fuyou", "stock-nvme"):
+        workdir = tmp_path / kind
+        launch(FULL_STATE_PROBE, config_for(kind, workdir), workdir, "--out", str(workdir / "state.json"))
+        results[kind] = json.loads((workdir / "state.json").read_text())
+    fuyou, stock = results["fuyou"], results["stock-nvme"]
+    assert (fuyou["optimizer"], fuyou["optimizer_swapper"]) == ("FuyouZeroOptimizer", "FuyouOptimizerSwapper")
+    assert stock["optimizer_swapper"] == "PartitionedOptimizerSwapper"
+    for reading in ("grad", "fp32", "exp_avg", "exp_avg_sq", "fp32_after_set"):
+        for name, values in stock[reading].items():
+            assert fuyou[reading][name] == pytest.approx(values, rel=REL_TOL, abs=1e-12), (reading, name)
+    assert all(all(same) for same in fuyou["set_then_get"].values())
+    assert_losses_equal(fuyou["losses_after_set"], stock["losses_after_set"])
