@@ -80,6 +80,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, An
         "accumulation": ({"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 1}, 1, loop),
         "tight-clipping": ({"gradient_clipping": 1e-4}, 1, loop),
         "two-ranks": ({"train_micro_batch_size_per_gpu": 1}, 2, loop),
+        "bf16": ({"bf16": {"enabled": True}}, 1, loop),
         "trainer": ({}, 1, ("--trainer", "--steps", str(TRAINER_STEPS))),
         "activations": ({"fuyou": {**FUYOU_CONFIG["fuyou"], "activations": OFFLOAD_EVERY_ACTIVATION}}, 1, loop),
     }
@@ -173,6 +174,14 @@ def test_fuyou_equals_stock_with_two_ranks_over_gloo(runs: Callable[..., Any]) -
     fuyou = runs("fuyou", "two-ranks")
     assert_losses_equal(fuyou["losses"], runs("stock-cpu", "two-ranks")["losses"])
     assert_losses_equal(fuyou["losses"], runs("stock-nvme", "two-ranks")["losses"])
+
+
+def test_fuyou_equals_stock_zero_infinity_in_bf16(runs: Callable[..., Any]) -> None:
+    """Parameters swapped as 2-byte elements: a norm's 256 are 512 bytes, an MLP matrix's 176,128 are 344 KiB,
+    neither a whole number of I/O blocks; our swappers pad and align them where stock sizes its buffers by hand."""
+    fuyou = runs("fuyou", "bf16")
+    assert_losses_equal(fuyou["losses"], runs("stock-nvme", "bf16")["losses"])
+    assert fuyou["losses"] != pytest.approx(runs("fuyou", "base")["losses"], rel=1e-4), "bf16 changed nothing"
 
 
 def test_resuming_from_a_checkpoint_in_a_fresh_process_continues_the_same_run(
