@@ -17,7 +17,7 @@ from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout, aligned
 from deepspeed_fuyou.io.engine import ALIGNMENT
-from deepspeed_fuyou.swap.sizing import PREFETCH_SHARE
+from deepspeed_fuyou.swap.sizing import PREFETCH_SHARE, sub_group_buffer_numel
 
 FP32 = 4
 COMPONENTS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "temporaries", "overhead")
@@ -207,15 +207,20 @@ def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts
 
     Forward/backward: the partitions of the gathered window (reads in flight may hold up to `PREFETCH_SHARE` of the
     budget) and the staging of one layer's gradients on their way to the SSD. Optimizer step: up to three
-    sub-groups resident at once (read ahead, stepped, written back), each with master, states and gradient in fp32,
-    and the staging of its new low-precision parameters; the step's first reads are sized while the last layer's
-    gradient writes may still hold their staging.
+    sub-groups resident at once (read ahead, stepped, written back), each with master, states and gradient in fp32
+    in buffers sized by `sub_group_buffer_numel`, and the staging of its new low-precision parameters; the step's
+    first reads are sized while the last layer's gradient writes may still hold their staging.
     """
     budget = setup.fuyou.pinned_memory
     window_bytes = window["max_live_parameters"] * setup.itemsize
     forward_backward = min(int(budget * PREFETCH_SHARE), window_bytes) + facts.layer_numel * FP32
+    largest = max(layout.sub_group_numels, default=0)
     in_flight = sorted(layout.sub_group_numels, reverse=True)[:3]
-    step = sum(aligned(n * FP32, ALIGNMENT) * (2 + setup.optimizer_states) + n * setup.itemsize for n in in_flight)
+    step = sum(
+        aligned(sub_group_buffer_numel(n, largest) * FP32, ALIGNMENT) * (2 + setup.optimizer_states)
+        + n * setup.itemsize
+        for n in in_flight
+    )
     step += facts.layer_numel * FP32
     return min(budget, max(forward_backward, step))
 

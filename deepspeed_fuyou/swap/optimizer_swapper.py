@@ -3,8 +3,11 @@
 Stage 3 steps the optimizer one sub-group at a time: swap in (master, states, gradients), unscale/clip, step, write
 the new low-precision parameters, swap out. This swapper answers the calls stage 3 makes on DeepSpeed's
 `PartitionedOptimizerSwapper`, and pipelines them: while sub-group i is stepped, the reads of sub-group i+1
-(stage 3 names it `async_parameter`) and the writes of sub-group i-1 are in flight on the I/O threads. Buffers come
-from the one pinned budget; states an optimizer creates lazily at its first step are picked up when they appear.
+(stage 3 names it `async_parameter`) and the writes of sub-group i-1 are in flight on the I/O threads. Sub-group
+i-2's writes are finished before i+1's reads start: three sub-groups in memory at once, whatever the model's depth
+(on a disk slower than the step, a longer backlog would buy no speed and hold pinned memory that grows with the
+number of sub-groups). Buffers come from the one pinned budget; states an optimizer creates lazily at its first
+step are picked up when they appear.
 
 Checkpoints: DeepSpeed copies the directory `swap_folder` into the checkpoint and back. Our live files are striped
 over several SSDs, so `export_checkpoint` writes a self-contained copy there (plain files plus a manifest with the
@@ -14,6 +17,7 @@ DeepSpeed, whose lazily created Adam moments are not restored in a fresh process
 
 from __future__ import annotations
 
+import collections
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ import torch
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.swap.runtime import SwapRuntime
+from deepspeed_fuyou.swap.sizing import sub_group_buffer_numel
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,7 @@ class FuyouOptimizerSwapper:
         self.dtype = dtype
         self.pipelined = pipelined
         self.groups: dict[str, _SubGroup] = {}
+        self._written_by: collections.deque[int] = collections.deque(maxlen=2)  # writes started by the last swap-outs
 
     @property
     def swap_folder(self) -> str:
@@ -108,6 +114,8 @@ class FuyouOptimizerSwapper:
             future.wait()
         self._attach(group, resident)
         if self.pipelined and async_parameter is not None and async_parameter.ds_id in self.groups:
+            if len(self._written_by) == 2:  # the sub-group before last is written back before the next one is read
+                self.runtime.wait_for_writes(self._written_by[0])
             following = self.groups[async_parameter.ds_id]
             self._discover_states(following)
             following.prefetched = self._start_reads(following)
@@ -120,6 +128,7 @@ class FuyouOptimizerSwapper:
         self._discover_states(group)
         self._write_state(group)
         self._release(group)
+        self._written_by.append(self.runtime.writes_started)
         if not (self.pipelined and async_swap):
             self.runtime.flush()
 
@@ -269,17 +278,19 @@ class FuyouOptimizerSwapper:
         return {name: value for name, value in state.items() if name not in group.layout}
 
     def _start_reads(self, group: _SubGroup) -> _Resident:
+        """Starts reading a sub-group's tensors into pooled buffers (sized by `sub_group_buffer_numel`)."""
+        largest = max(other.numel for other in self.groups.values())
         views: dict[str, torch.Tensor] = {}
         reads: list[IOFuture] = []
         buffers: list[torch.Tensor] = []
         for name, (numel, dtype) in group.layout.items():
-            buffer = self.runtime.staging(numel * dtype.itemsize)
+            buffer = self.runtime.staging(sub_group_buffer_numel(numel, largest) * dtype.itemsize)
             views[name] = buffer.view(dtype).narrow(0, 0, numel)
             buffers.append(buffer)
             reads.append(self.runtime.read(views[name], group.file(name)))
         grad = None
         if group.grad_pieces:
-            buffer = self.runtime.staging(group.numel * self.dtype.itemsize)
+            buffer = self.runtime.staging(sub_group_buffer_numel(group.numel, largest) * self.dtype.itemsize)
             grad = buffer.view(self.dtype).narrow(0, 0, group.numel)
             grad.zero_()  # padding between pieces is never written; it must read as zero gradient
             buffers.append(buffer)
@@ -303,8 +314,10 @@ class FuyouOptimizerSwapper:
             self.runtime.write(data, group.file(name), keep=data)
 
     def _release(self, group: _SubGroup) -> None:
-        """Points the sub-group's tensors at empty storage; pooled buffers return once their writes are done."""
+        """Points the sub-group's tensors at empty storage and drops its gradient; pooled buffers return once their
+        writes are done."""
         group.master.data = torch.empty(0, dtype=group.master.dtype)
+        group.master.grad = None
         for tensor in self._state_tensors(group).values():
             tensor.data = torch.empty(0, dtype=tensor.dtype)
 

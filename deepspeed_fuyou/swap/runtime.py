@@ -50,6 +50,7 @@ class _Write:
     start: int
     end: int
     keep: object
+    number: int  # how many writes were started before this one
 
     def overlaps(self, name: str, start: int, end: int) -> bool:
         return self.name == name and self.start < end and start < self.end
@@ -69,6 +70,7 @@ class SwapRuntime:
         self.space = SwapSpace([str(p) for p in config.nvme_paths])
         self.counters = SwapCounters()
         self._writes: collections.deque[_Write] = collections.deque()
+        self.writes_started = 0
         log.info(
             "fuyou: swapping to %s with %s I/O, pinned budget %s",
             ", ".join(str(d) for d in self.space.dirs),
@@ -107,7 +109,8 @@ class SwapRuntime:
         self._order_after_writes(name, offset, offset + nbytes)
         future = self.engine.write(tensor, self.files(name), offset)
         self.counters.bytes_written += nbytes
-        self._writes.append(_Write(future, name, offset, offset + nbytes, keep))
+        self._writes.append(_Write(future, name, offset, offset + nbytes, keep, self.writes_started))
+        self.writes_started += 1
         return future
 
     def read(self, tensor: torch.Tensor, name: str, offset: int = 0) -> IOFuture:
@@ -119,7 +122,11 @@ class SwapRuntime:
 
     def flush(self) -> None:
         """Waits for every write in flight; raises the first failure as FuyouIOError."""
-        while self._writes:
+        self.wait_for_writes(self.writes_started)
+
+    def wait_for_writes(self, started_before: int) -> None:
+        """Waits for the first `started_before` writes (a `writes_started` taken earlier); later ones stay in flight."""
+        while self._writes and self._writes[0].number < started_before:
             self._wait_oldest()
 
     def _order_after_writes(self, name: str, start: int, end: int) -> None:

@@ -20,6 +20,9 @@ SUBGROUP_TENSORS_IN_FLIGHT = 3 * 4
 """Tensors a sub-group holds in flight per element: master, two Adam moments and the gradient, for the sub-group
 being prefetched, the one being stepped and the one being written back."""
 
+SLOT_SHARE = 0.8
+"""A sub-group tensor at least this share of the largest sub-group's is given a buffer of the largest's size."""
+
 # DeepSpeed's names (in "zero_optimization") for the knobs `prefetch_window` derives, with their aliases.
 _WINDOW_KEYS = {
     "prefetch_bucket_size": ("stage3_prefetch_bucket_size", "prefetch_bucket_size"),
@@ -74,6 +77,17 @@ def sub_group_cap(config: FuyouConfig, master_itemsize: int = 4) -> int:
     """The largest sub-group (in elements) whose pipelined swap fits in the optimizer's share of the budget."""
     share = int(config.pinned_memory * (1 - PREFETCH_SHARE))
     return max(1, share // (SUBGROUP_TENSORS_IN_FLIGHT * master_itemsize))
+
+
+def sub_group_buffer_numel(numel: int, largest: int) -> int:
+    """Elements of the pooled buffer for a sub-group tensor of `numel` elements; the largest sub-group has `largest`.
+
+    Sub-groups differ by a few parameters, and a buffer freed by a smaller one cannot hold a larger one's tensor: the
+    pool would map another slab while the freed one sits idle, and pinned memory would grow with the number of
+    sub-groups, i.e. with the model's depth. Tensors within `SLOT_SHARE` of the largest take its size and reuse each
+    other's buffers; a much smaller one (the model's remainder) keeps its own size rather than hold room it never uses.
+    """
+    return largest if numel >= SLOT_SHARE * largest else numel
 
 
 def stage3_overrides(

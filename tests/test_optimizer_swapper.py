@@ -1,0 +1,159 @@
+"""Our optimizer swapper driven the way stage 3 drives it: sub-group after sub-group, pipelined, on real files.
+
+Stage 3's step loop is reproduced here without DeepSpeed (`stage3_step`), so the swapper's own promises can be
+checked directly: the same numbers as an optimizer that never leaves memory, and pinned memory that depends on the
+size of a sub-group, not on how many there are (the model's depth), on a fast disk and on a slow one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.io.engine import IOFuture
+from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
+from deepspeed_fuyou.swap.runtime import SwapRuntime
+
+MiB = 1 << 20
+STEPS = 3
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[SwapRuntime]:
+    paths = (tmp_path / "a", tmp_path / "b")
+    for path in paths:
+        path.mkdir()
+    rt = SwapRuntime(FuyouConfig(nvme_paths=paths, pinned_memory=256 * MiB))
+    yield rt
+    rt.close()
+
+
+def sub_group_sizes(count: int) -> list[int]:
+    """Sub-groups as DeepSpeed forms them: about the same size, differing by a few parameters."""
+    return [MiB - (k % 3) * 5000 for k in range(count)]
+
+
+def gradients(sizes: list[int], step: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return [torch.randn(n, generator=generator) for n in sizes]
+
+
+def stage3_step(swapper: FuyouOptimizerSwapper, masters: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """`DeepSpeedZeroOptimizer_Stage3.step` for swapped sub-groups: swap in (and read the next one ahead), step,
+    swap out behind the next sub-group, drop the gradient."""
+    for index, master in enumerate(masters):
+        following = masters[index + 1] if index + 1 < len(masters) else None
+        swapper.swap_in_optimizer_state(master, async_parameter=following)
+        optimizer.param_groups[0]["params"] = [master]
+        optimizer.step()
+        optimizer.param_groups[0]["params"] = []
+        swapper.swap_out_optimizer_state(master, async_swap=following is not None)
+        master.grad = None
+
+
+class _SlowWrite:
+    """A write that reports itself finished only `seconds` after it started: a disk slower than the step."""
+
+    def __init__(self, future: IOFuture, seconds: float) -> None:
+        self._future = future
+        self._ready = time.monotonic() + seconds
+
+    def done(self) -> bool:
+        return self._future.done() and time.monotonic() >= self._ready
+
+    def wait(self, timeout: float | None = None) -> int:
+        time.sleep(max(0.0, self._ready - time.monotonic()))
+        return self._future.wait(timeout)
+
+
+@contextlib.contextmanager
+def slow_writes(runtime: SwapRuntime, seconds: float) -> Iterator[None]:
+    """Within the block, every write of `runtime` takes at least `seconds`."""
+    if seconds <= 0:
+        yield
+        return
+    write = runtime.engine.write
+    runtime.engine.write = lambda *args, **kwargs: _SlowWrite(write(*args, **kwargs), seconds)
+    try:
+        yield
+    finally:
+        del runtime.engine.write  # the instance attribute goes: the method is the engine's own again
+
+
+def train_swapped(
+    runtime: SwapRuntime, initial: list[torch.Tensor], step_write_seconds: float = 0.0
+) -> list[torch.Tensor]:
+    """STEPS steps of Adam over sub-groups that live on the SSD between steps; returns the final weights.
+
+    With `step_write_seconds`, the optimizer step's writes are slow (a disk slower than the step)."""
+    masters = []
+    for index in range(len(initial)):
+        master = torch.empty(0, requires_grad=True)
+        master.ds_id = f"{index}"
+        masters.append(master)
+    optimizer = torch.optim.Adam([torch.empty(0, requires_grad=True)], lr=1e-2)
+    swapper = FuyouOptimizerSwapper(runtime, optimizer, torch.float32, pipelined=True)
+    for master, weights in zip(masters, initial, strict=True):
+        swapper.initialize_parameters([master], [weights])
+    sizes = [w.numel() for w in initial]
+    for step in range(STEPS):
+        for master, grad in zip(masters, gradients(sizes, step), strict=True):  # backward, at the boundary
+            swapper.swap_out_gradients(master, [0], [grad])
+            runtime.flush()  # one at a time: the step's own pipeline is what is measured
+        with slow_writes(runtime, step_write_seconds):
+            stage3_step(swapper, masters, optimizer)
+    final = []
+    for master in masters:
+        swapper.swap_in_optimizer_state(master)
+        final.append(master.detach().clone())
+        swapper.release_swap_buffers(master)
+    return final
+
+
+def train_in_memory(initial: list[torch.Tensor]) -> list[torch.Tensor]:
+    masters = [w.clone().requires_grad_() for w in initial]
+    optimizer = torch.optim.Adam(masters, lr=1e-2)
+    for step in range(STEPS):
+        for master, grad in zip(masters, gradients([w.numel() for w in initial], step), strict=True):
+            master.grad = grad
+        optimizer.step()
+    return [m.detach() for m in masters]
+
+
+def initial_weights(count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(123)
+    return [torch.randn(n, generator=generator) for n in sub_group_sizes(count)]
+
+
+def test_pipelined_swapped_adam_equals_adam_in_memory_bit_for_bit(runtime: SwapRuntime) -> None:
+    initial = initial_weights(6)
+    for swapped, expected in zip(train_swapped(runtime, initial), train_in_memory(initial), strict=True):
+        assert torch.equal(swapped, expected)
+
+
+@pytest.mark.parametrize("slow_disk", [False, True])
+def test_pinned_memory_of_the_step_does_not_grow_with_the_number_of_sub_groups(tmp_path: Path, slow_disk: bool) -> None:
+    """Three sub-groups in memory at once (read ahead, stepped, written back), each tensor in a buffer of the
+    largest sub-group's size, so that near-equal sub-groups reuse each other's: the pool maps no more for 12
+    sub-groups than for 4. On a slow disk the sub-group before last is written before the next one is read."""
+    peaks = {}
+    for count in (4, 12):
+        paths = (tmp_path / f"{count}-a", tmp_path / f"{count}-b")
+        for path in paths:
+            path.mkdir()
+        runtime = SwapRuntime(FuyouConfig(nvme_paths=paths, pinned_memory=256 * MiB))
+        try:
+            train_swapped(runtime, initial_weights(count), step_write_seconds=0.05 if slow_disk else 0.0)
+            peaks[count] = runtime.pool.stats()
+        finally:
+            runtime.close()
+    tensor = 4 * MiB  # one fp32 tensor of the largest sub-group
+    for stats in peaks.values():  # read ahead and stepped: master, moments, gradient; written back: master, moments
+        assert stats.peak_in_use <= (4 + 4 + 3) * tensor
+    assert peaks[12].peak_reserved == peaks[4].peak_reserved
