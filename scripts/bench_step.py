@@ -42,6 +42,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--config", type=Path, help="a fuyou config (default: configs/fuyou_gpu.json or _cpu.json)")
     parser.add_argument("--path", type=Path, default=Path(tempfile.gettempdir()), help="SSD directory to swap to")
+    parser.add_argument(
+        "--offload-activations",
+        choices=["cpu", "nvme"],
+        help="fuyou also offloads activations to this tier (auto policy, tensors of 128 KiB and more); stock cannot",
+    )
     parser.add_argument("--no-record", action="store_true")
     return parser.parse_args()
 
@@ -120,6 +125,9 @@ def main() -> int:
     default = "fuyou_gpu.json" if torch.cuda.is_available() else "fuyou_cpu.json"
     base = json.loads((args.config or ROOT / "configs" / default).read_text())
     base["train_micro_batch_size_per_gpu"] = args.micro_batch
+    if args.offload_activations:
+        activations = {"offload": "auto", "tier": args.offload_activations, "min_tensor_size": "128KiB"}
+        base["fuyou"] = {**base["fuyou"], "activations": activations}
     tokens_per_step = args.micro_batch * args.seq_len * base.get("gradient_accumulation_steps", 1)
     rows: list[tuple[str, str, dict[str, float]]] = []
     rss: dict[tuple[str, str], list[float]] = {(side, key): [] for side in SIDES for key in RSS}
@@ -154,6 +162,8 @@ def main() -> int:
         for (side, key), r in rss.items()
     )
     settings = f"width {args.hidden}, micro-batch {args.micro_batch}, seq {args.seq_len}, {args.steps} steps"
+    if args.offload_activations:
+        settings += f", fuyou offloads activations to {args.offload_activations}"
     report = f"{settings}; step time is the median after the first step\n{table}\n{growth}"
     print(report)
     if not args.no_record:
