@@ -206,21 +206,23 @@ def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts
     """What our pool reserves at most: the larger of its two busiest phases, never more than the budget.
 
     Forward/backward: the partitions of the gathered window (reads in flight may hold up to `PREFETCH_SHARE` of the
-    budget) and the staging of one layer's gradients on their way to the SSD. Optimizer step: up to three
-    sub-groups resident at once (read ahead, stepped, written back), each with master, states and gradient in fp32
-    in buffers sized by `sub_group_buffer_numel`, and the staging of its new low-precision parameters; the step's
-    first reads are sized while the last layer's gradient writes may still hold their staging.
+    budget) and the staging of one layer's gradients on their way to the SSD. Optimizer step, at its peak (the new
+    low-precision parameters of sub-group i being staged): sub-group i+1 read ahead and i stepped, each with master,
+    states and gradient in fp32, i-1 written back (master and states), all in buffers sized by
+    `sub_group_buffer_numel`, and the parameter staging of i and i-1 (the swapper finishes i-2's writes before it
+    reads i+1); the step's first reads are sized while the last layer's gradient writes may still hold their staging.
     """
     budget = setup.fuyou.pinned_memory
     window_bytes = window["max_live_parameters"] * setup.itemsize
     forward_backward = min(int(budget * PREFETCH_SHARE), window_bytes) + facts.layer_numel * FP32
     largest = max(layout.sub_group_numels, default=0)
     in_flight = sorted(layout.sub_group_numels, reverse=True)[:3]
+    tensors = (2 + setup.optimizer_states, 2 + setup.optimizer_states, 1 + setup.optimizer_states)
     step = sum(
-        aligned(sub_group_buffer_numel(n, largest) * FP32, ALIGNMENT) * (2 + setup.optimizer_states)
-        + n * setup.itemsize
-        for n in in_flight
+        aligned(sub_group_buffer_numel(n, largest) * FP32, ALIGNMENT) * count
+        for n, count in zip(in_flight, tensors, strict=False)
     )
+    step += sum(n * setup.itemsize for n in in_flight[:2])
     step += facts.layer_numel * FP32
     return min(budget, max(forward_backward, step))
 
