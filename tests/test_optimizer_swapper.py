@@ -24,12 +24,17 @@ MiB = 1 << 20
 STEPS = 3
 
 
+def new_runtime(root: Path) -> SwapRuntime:
+    """A swap runtime striped over two fresh directories under `root`, with a 256 MiB pinned budget."""
+    paths = (root / "a", root / "b")
+    for path in paths:
+        path.mkdir(parents=True)
+    return SwapRuntime(FuyouConfig(nvme_paths=paths, pinned_memory=256 * MiB))
+
+
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[SwapRuntime]:
-    paths = (tmp_path / "a", tmp_path / "b")
-    for path in paths:
-        path.mkdir()
-    rt = SwapRuntime(FuyouConfig(nvme_paths=paths, pinned_memory=256 * MiB))
+    rt = new_runtime(tmp_path)
     yield rt
     rt.close()
 
@@ -144,10 +149,7 @@ def test_pinned_memory_of_the_step_does_not_grow_with_the_number_of_sub_groups(t
     sub-groups than for 4. On a slow disk the sub-group before last is written before the next one is read."""
     peaks = {}
     for count in (4, 12):
-        paths = (tmp_path / f"{count}-a", tmp_path / f"{count}-b")
-        for path in paths:
-            path.mkdir()
-        runtime = SwapRuntime(FuyouConfig(nvme_paths=paths, pinned_memory=256 * MiB))
+        runtime = new_runtime(tmp_path / f"{count}")
         try:
             train_swapped(runtime, initial_weights(count), step_write_seconds=0.05 if slow_disk else 0.0)
             peaks[count] = runtime.pool.stats()

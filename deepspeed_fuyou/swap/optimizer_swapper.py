@@ -75,6 +75,7 @@ class FuyouOptimizerSwapper:
         self.dtype = dtype
         self.pipelined = pipelined
         self.groups: dict[str, _SubGroup] = {}
+        self._largest_numel = 0  # of any sub-group: sizes the step's buffers (`sub_group_buffer_numel`)
         self._written_by: collections.deque[int] = collections.deque(maxlen=2)  # writes started by the last swap-outs
 
     @property
@@ -96,6 +97,7 @@ class FuyouOptimizerSwapper:
         """Creates each sub-group's master file from its initial (low-precision or fp32) weights."""
         for master, src in zip(parameters, src_tensors, strict=True):
             group = self.groups[master.ds_id] = _SubGroup(master.ds_id, master, src.numel())
+            self._largest_numel = max(self._largest_numel, group.numel)
             group.layout[MASTER] = (src.numel(), self.dtype)
             self._write_cast(src.reshape(-1), group.file(MASTER))
         self.runtime.flush()
@@ -279,18 +281,19 @@ class FuyouOptimizerSwapper:
 
     def _start_reads(self, group: _SubGroup) -> _Resident:
         """Starts reading a sub-group's tensors into pooled buffers (sized by `sub_group_buffer_numel`)."""
-        largest = max(other.numel for other in self.groups.values())
         views: dict[str, torch.Tensor] = {}
         reads: list[IOFuture] = []
         buffers: list[torch.Tensor] = []
         for name, (numel, dtype) in group.layout.items():
-            buffer = self.runtime.staging(sub_group_buffer_numel(numel, largest) * dtype.itemsize)
+            buffer = self.runtime.staging(sub_group_buffer_numel(numel, self._largest_numel) * dtype.itemsize)
             views[name] = buffer.view(dtype).narrow(0, 0, numel)
             buffers.append(buffer)
             reads.append(self.runtime.read(views[name], group.file(name)))
         grad = None
         if group.grad_pieces:
-            buffer = self.runtime.staging(sub_group_buffer_numel(group.numel, largest) * self.dtype.itemsize)
+            buffer = self.runtime.staging(
+                sub_group_buffer_numel(group.numel, self._largest_numel) * self.dtype.itemsize
+            )
             grad = buffer.view(self.dtype).narrow(0, 0, group.numel)
             grad.zero_()  # padding between pieces is never written; it must read as zero gradient
             buffers.append(buffer)
