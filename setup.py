@@ -76,6 +76,6 @@ setup(
         "libaio>=0.9",
         "pydantic>=2.5",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"plot": ["matplotlib>=3.7"], "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7"]},
     entry_points={"console_scripts": ["fuyou = deepspeed_fuyou.cli.main:main"]},
 )

@@ -80,7 +80,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("done", &fuyou::Request::done)
       .def("error", &error_tuple)
       .def_property_readonly("used_buffered_fallback", &fuyou::Request::used_buffered_fallback)
-      .def_property_readonly("nbytes", &fuyou::Request::nbytes);
+      .def_property_readonly("nbytes", &fuyou::Request::nbytes)
+      .def_property_readonly("submitted_ns", &fuyou::Request::submitted_ns)
+      .def_property_readonly("finished_ns", &fuyou::Request::finished_ns);
 
   // Destroying an engine joins its workers, which finish every queued transfer first: do that without the GIL.
   py::class_<fuyou::Engine, std::shared_ptr<fuyou::Engine>>(m, "Engine")

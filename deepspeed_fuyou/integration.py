@@ -8,6 +8,11 @@ DeepSpeed looks up two names at call time, and these are the only two we replace
 Each replacement is a factory that looks at the config it is given: with a `"fuyou"` block it builds ours, without
 one it builds DeepSpeed's own class with the same arguments, so stock configs run exactly as before.
 
+With the optimizer stepped behind compute (`fuyou.optimizer.overlap`), two more points: stage 3's parameter
+coordinator waits for a parameter's pending update before it gathers it (`gate_parameter_fetches`, per optimizer),
+and `GatheredParameters` first finishes every pending step (`register()`), since user code and checkpoints gather
+parameters outside the coordinator.
+
 `register()` is idempotent. It runs from the import hook that the package installs (`deepspeed_fuyou-hook.pth`,
 active when `deepspeed` is imported, off with `FUYOU_DISABLE=1`), from `import deepspeed_fuyou.integration`, and
 from `deepspeed_fuyou.initialize`. `check_deepspeed_internals()` asserts every DeepSpeed name and signature this
@@ -17,6 +22,8 @@ module and the swappers rely on; the test suite runs it, so a DeepSpeed upgrade 
 from __future__ import annotations
 
 import inspect
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import deepspeed
@@ -26,7 +33,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 # SuperOffload subclasses the stage-3 class it finds at its first import: bind it to DeepSpeed's before we replace it.
 from deepspeed.runtime.superoffload import superoffload_stage3  # noqa: F401
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartitionedParameterSwapper
-from deepspeed.runtime.zero import partition_parameters, stage3
+from deepspeed.runtime.zero import partition_parameters, partitioned_param_coordinator, stage3
 from packaging.version import Version
 
 from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
@@ -44,9 +51,53 @@ SETUP_FOR_REAL_OPTIMIZER = (
 )
 """What stock stage 3's `_setup_for_real_optimizer` does, in order; FuyouZeroOptimizer's repeats all but the last."""
 
+STOCK_STEP = (
+    "self._pre_step()",
+    "self._partition_all_parameters()",
+    "self._overflow_check_and_loss_scale_update(update_scale=False)",
+    "self._get_norm_groups()",
+    "combine_grad_norm_groups(",
+    "is_invalid_grad_norm(",
+    "self._loss_scale_update_and_overflow_cleanup()",
+    "self._global_grad_norm = scaled_global_grad_norm / self.loss_scale",
+    "self._prepare_sub_group(",
+    "self.unscale_and_clip_grads(",
+    "self._optimizer_step(",
+    "self._reassign_or_swap_out_partitioned_parameters(",
+    "self._release_sub_group(",
+    "self._post_step(",
+)
+"""What stock stage 3's `step` does, in order; FuyouZeroOptimizer's overlapped step makes the same calls."""
+
 STOCK_PARAM_SWAPPER = AsyncPartitionedParameterSwapper
 STOCK_STAGE3 = stage3.DeepSpeedZeroOptimizer_Stage3
 """DeepSpeed's own ZeRO-3 optimizer, captured before `register()` puts our factory under its name."""
+
+STOCK_GATHERED_ENTER = partition_parameters.GatheredParameters.__enter__
+_COORDINATOR_GATHER = "_PartitionedParameterCoordinator__all_gather_params"
+_overlapped_optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def gate_parameter_fetches(coordinator: Any, wait: Callable[[Iterable[Any]], None]) -> None:
+    """Makes stage 3's parameter coordinator call `wait(params)` before it gathers `params` (current or prefetched)."""
+    gather = getattr(coordinator, _COORDINATOR_GATHER)
+
+    def gated(params: Any, forward: bool) -> None:
+        wait(params)
+        gather(params, forward)
+
+    setattr(coordinator, _COORDINATOR_GATHER, gated)
+
+
+def track_pending_steps(optimizer: Any) -> None:
+    """`optimizer.finish_pending_steps()` runs before any `GatheredParameters` block is entered."""
+    _overlapped_optimizers.add(optimizer)
+
+
+def _gathered_parameters_enter(self: Any) -> Any:
+    for optimizer in list(_overlapped_optimizers):
+        optimizer.finish_pending_steps()
+    return STOCK_GATHERED_ENTER(self)
 
 
 def parameter_swapper(ds_config: Any, model_dtype: Any) -> Any:
@@ -112,11 +163,37 @@ def check_deepspeed_internals() -> None:
     partition_grads = _stage3_method_source("partition_grads")
     for name in ("_offload_grad_partition_at_boundary(", "_swap_out_offload_fp32_gradients(", "micro_step_id == 0"):
         expectations[f"stage 3's partition_grads uses {name}"] = name in partition_grads
+    step = _stage3_method_source("step")
+    calls = [step.find(call) for call in STOCK_STEP]
+    expectations["stage 3's step makes the calls FuyouZeroOptimizer's overlapped step repeats, in order"] = (
+        -1 not in calls and calls == sorted(calls)
+    )
+    expectations["stage 3's _post_step gathers self.persistent_parameters"] = (
+        "self.persistent_parameters[0].all_gather(" in _stage3_method_source("_post_step")
+    )
+    coordinator = inspect.getsource(partitioned_param_coordinator.PartitionedParameterCoordinator)
+    expectations["the parameter coordinator gathers through __all_gather_params"] = (
+        coordinator.count("self.__all_gather_params(") >= 2
+    )
     for method in (
         "checkpoint_event_prologue",
         "checkpoint_event_epilogue",
         "reset_swap_buffers",
         "_configure_offloading",
+        "_partitioned_params_swap_out",
+        "backward_prologue",
+        "backward_epilogue",
+        "get_full_hp_param",
+        "set_full_hp_param",
+        "get_local_fp32_param",
+        "set_local_hp_param",
+        "get_fp32_grad_for_param",
+        "set_fp32_grad_for_param",
+        "get_local_fp32_grad_for_param",
+        "set_local_grad_for_param",
+        "state_dict",
+        "load_state_dict",
+        "destroy",
     ):
         expectations[f"stage 3 has {method}"] = hasattr(STOCK_STAGE3, method)
     for method in (
@@ -142,12 +219,14 @@ def register() -> None:
     check_deepspeed_version()
     partition_parameters.AsyncPartitionedParameterSwapper = parameter_swapper
     stage3.DeepSpeedZeroOptimizer_Stage3 = zero3_optimizer
+    partition_parameters.GatheredParameters.__enter__ = _gathered_parameters_enter
 
 
 def unregister() -> None:
     """Puts DeepSpeed's own classes back (for tests that compare against stock in one process)."""
     partition_parameters.AsyncPartitionedParameterSwapper = STOCK_PARAM_SWAPPER
     stage3.DeepSpeedZeroOptimizer_Stage3 = STOCK_STAGE3
+    partition_parameters.GatheredParameters.__enter__ = STOCK_GATHERED_ENTER
 
 
 def is_registered() -> bool:

@@ -1,19 +1,23 @@
-"""Training-step benchmark: stock ZeRO-Infinity (NVMe) against fuyou on the same model, config and data, in one run.
+"""Training-step benchmark: every way a user could run the same model, config and data, in one run.
 
-For each depth (`--layers`, at fixed width), writes a random-init Llama config, then runs the main job
-(scripts/finetune.py, launched by `deepspeed`) once per side and reports step time (median after the first
-step), tokens/s, peak RSS of the whole process and of the training steps alone (building the model and the final
-checkpoint, which gathers the whole model with `stage3_gather_16bit_weights_on_model_save`, peak apart), pinned
-swap buffers and SSD bytes read/written per step (/proc/self/io, so both sides are measured the same way), with
-fuyou/stock ratios, and how each side's two RSS peaks grow from the smallest to the largest depth. Appends the table
-to benchmarks/RESULTS.md (--no-record to only print).
+Sides (`--sides`, default all): `no-offload` (ZeRO-3, everything on the device), `stock-cpu` (ZeRO-Offload),
+`stock-nvme` (ZeRO-Infinity with DeepSpeed's defaults, which keep parameters in host memory up to `max_in_cpu`),
+`stock-nvme-nocache` (the same with `max_in_cpu: 0`: parameters really on the SSD), `fuyou-ssd-off` and `fuyou-ssd`
+(`placement.host_memory: 0`, the optimizer stepped after backward or with the default overlap), and `fuyou`
+(default placement and overlap). For each depth (`--layers`, at fixed width) it writes a random-init Llama config and
+runs the main job (scripts/finetune.py, launched by `deepspeed`, no final checkpoint) once per side and round;
+rounds interleave the sides (`--rounds`), so a noisy machine slows all of them alike. Reported per side: step time
+(median over rounds of each run's median after its first step, with the rounds' spread), tokens/s, peak RSS of the
+whole process and of the training steps, pinned buffers, SSD bytes read/written per step (/proc/self/io) and the
+ratio of the step time to stock ZeRO-Infinity's. A side that fails is reported with its error, not dropped.
 
-    python scripts/bench_step.py --layers 8 32 --hidden 512 --steps 5 --path /mnt/nvme0
+    python scripts/bench_step.py --layers 32 --hidden 1024 --seq-len 64 --micro-batch 1 --path /mnt/nvme0
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import socket
@@ -25,23 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import append_result, comparison_config
+from benchlib import append_result, comparison_config, table
+
+from deepspeed_fuyou.cli.main import main as fuyou_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("stock-nvme", "fuyou")
-RATIO = "fuyou/stock"
-RSS = {"peak_rss_gib": "peak RSS (whole process)", "steps_rss_gib": "peak RSS of the training steps"}
+SIDES = ("no-offload", "stock-cpu", "stock-nvme", "stock-nvme-nocache", "fuyou-ssd-off", "fuyou-ssd", "fuyou")
+REFERENCE = "stock-nvme"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="runs per side, interleaved")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--config", type=Path, help="a fuyou config (default: configs/fuyou_gpu.json or _cpu.json)")
     parser.add_argument("--path", type=Path, default=Path(tempfile.gettempdir()), help="SSD directory to swap to")
+    parser.add_argument(
+        "--trace", action="store_true", help="draw one iteration of each fuyou side's timeline into benchmarks/"
+    )
     parser.add_argument(
         "--offload-activations",
         choices=["cpu", "nvme"],
@@ -66,7 +76,33 @@ def model_config(layers: int, hidden: int) -> dict[str, Any]:
     return config
 
 
-def run_side(side: str, ds_config: dict[str, Any], model_dir: Path, workdir: Path, args: argparse.Namespace) -> dict:
+def side_config(base: dict[str, Any], side: str, swap: Path, largest_partition: int) -> dict[str, Any]:
+    """`base` (a fuyou config) as one side: the same model, data, optimizer, clipping and batch on every side."""
+    if side.startswith("fuyou"):
+        config = comparison_config(base, "fuyou", [swap])
+        if side != "fuyou":
+            config["fuyou"]["placement"] = {"host_memory": 0}
+        else:
+            config["fuyou"].pop("placement", None)  # the default
+        if side == "fuyou-ssd-off":
+            config["fuyou"]["optimizer"] = {"overlap": "off"}
+        return config
+    if side == "no-offload":
+        config = copy.deepcopy(base)
+        del config["fuyou"]
+        config["zero_optimization"].pop("offload_param")
+        config["zero_optimization"].pop("offload_optimizer")
+        return config
+    config = comparison_config(base, "stock-cpu" if side == "stock-cpu" else "stock-nvme", [swap], largest_partition)
+    if side == "stock-nvme-nocache":
+        config["zero_optimization"]["offload_param"]["max_in_cpu"] = 0
+    return config
+
+
+def run_side(
+    side: str, ds_config: dict[str, Any], model_dir: Path, workdir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One run of the main job; its metrics, or {"error": ...} when it failed."""
     workdir.mkdir(parents=True)
     (workdir / "ds_config.json").write_text(json.dumps(ds_config))
     with socket.socket() as sock:
@@ -75,49 +111,65 @@ def run_side(side: str, ds_config: dict[str, Any], model_dir: Path, workdir: Pat
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(port)]
     command += [str(ROOT / "scripts" / "finetune.py"), "--deepspeed_config", str(workdir / "ds_config.json")]
     command += ["--model", str(model_dir), "--steps", str(args.steps), "--seq-len", str(args.seq_len)]
-    command += ["--metrics", str(workdir / "metrics.json"), "--output-dir", str(workdir / "checkpoints")]
+    command += ["--metrics", str(workdir / "metrics.json"), "--output-dir", str(workdir / "out"), "--no-final-save"]
+    if args.trace and side.startswith("fuyou"):
+        command += ["--trace", str(workdir / "trace.json")]
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     print(f"  {side}: {model_dir.name}", file=sys.stderr, flush=True)
     result = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"{side} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        lines = [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+        return {"error": (lines[-1] if lines else f"exit status {result.returncode}").strip()[-160:]}
     return json.loads((workdir / "metrics.json").read_text())
 
 
-def summarize(metrics: dict[str, Any], tokens_per_step: int, steps: int) -> dict[str, float]:
-    step = statistics.median(metrics["step_seconds"][1:] or metrics["step_seconds"])
+def summarize(runs: list[dict[str, Any]], tokens_per_step: int, steps: int) -> dict[str, Any]:
+    """Medians over the rounds that succeeded; the step time's spread over them."""
+    good = [run for run in runs if "error" not in run]
+    if not good:
+        return {"error": runs[0]["error"]}
+    step_times = [statistics.median(run["step_seconds"][1:] or run["step_seconds"]) for run in good]
+    step = statistics.median(step_times)
+
+    def median(key: str, scale: float) -> float:
+        return statistics.median(run[key] for run in good) / scale
+
     return {
         "step_s": step,
+        "spread_s": max(step_times) - min(step_times),
         "tokens_per_s": tokens_per_step / step,
-        "peak_rss_gib": metrics["peak_rss_bytes"] / 2**30,
-        "steps_rss_gib": metrics["steps_peak_rss_bytes"] / 2**30,
-        "pinned_mib": metrics["pinned_peak_bytes"] / 2**20,
-        "ssd_read_mib_per_step": metrics["ssd_bytes_read"] / steps / 2**20,
-        "ssd_write_mib_per_step": metrics["ssd_bytes_written"] / steps / 2**20,
+        "peak_rss_gib": median("peak_rss_bytes", 2**30),
+        "steps_rss_gib": median("steps_peak_rss_bytes", 2**30),
+        "pinned_mib": median("pinned_peak_bytes", 2**20),
+        "ssd_read_gib_per_step": median("ssd_bytes_read", steps * 2**30),
+        "ssd_write_gib_per_step": median("ssd_bytes_written", steps * 2**30),
     }
 
 
 COLUMNS = (
-    ("step_s", "step s", "{:.3f}"),
+    ("step_s", "step s", "{:.2f}"),
+    ("spread_s", "spread s", "{:.2f}"),
     ("tokens_per_s", "tokens/s", "{:.0f}"),
     ("peak_rss_gib", "peak RSS GiB", "{:.2f}"),
     ("steps_rss_gib", "steps RSS GiB", "{:.2f}"),
     ("pinned_mib", "pinned MiB", "{:.0f}"),
-    ("ssd_read_mib_per_step", "SSD read MiB/step", "{:.0f}"),
-    ("ssd_write_mib_per_step", "SSD write MiB/step", "{:.0f}"),
+    ("ssd_read_gib_per_step", "SSD read GiB/step", "{:.2f}"),
+    ("ssd_write_gib_per_step", "SSD write GiB/step", "{:.2f}"),
 )
 
 
-def format_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
-    header = ["layers / params", "side", *(title for _, title, _ in COLUMNS)]
-    lines = [header]
-    for label, side, values in rows:
-        cells = [f"{values[key]:.2f}x" if side == RATIO else fmt.format(values[key]) for key, _, fmt in COLUMNS]
-        lines.append([label, side, *cells])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
+def rows_for(label: str, results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    reference = results.get(REFERENCE, {}).get("step_s")
+    rows = []
+    for side, values in results.items():
+        if "error" in values:
+            rows.append([label, side, f"failed: {values['error']}", *[""] * len(COLUMNS)])
+            continue
+        speedup = f"{reference / values['step_s']:.2f}x" if reference else "-"
+        rows.append([label, side, speedup, *(fmt.format(values[key]) for key, _, fmt in COLUMNS)])
+    return rows
 
 
 def main() -> int:
@@ -129,8 +181,8 @@ def main() -> int:
         activations = {"offload": "auto", "tier": args.offload_activations, "min_tensor_size": "128KiB"}
         base["fuyou"] = {**base["fuyou"], "activations": activations}
     tokens_per_step = args.micro_batch * args.seq_len * base.get("gradient_accumulation_steps", 1)
-    rows: list[tuple[str, str, dict[str, float]]] = []
-    rss: dict[tuple[str, str], list[float]] = {(side, key): [] for side in SIDES for key in RSS}
+    header = ["layers / params", "side", f"speed-up vs {REFERENCE}", *(title for _, title, _ in COLUMNS)]
+    rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(dir=args.path, prefix="fuyou-bench-step-") as scratch:
         for layers in args.layers:
             config = model_config(layers, args.hidden)
@@ -143,31 +195,29 @@ def main() -> int:
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
             params = sum(p.numel() for p in model.parameters())
             largest = max(p.numel() for p in model.parameters())
-            label = f"{layers} / {params / 1e6:.0f}M"
-            results = {}
-            for side in SIDES:
-                swap = Path(scratch) / f"{model_dir.name}-{side}-swap"
-                swap.mkdir()
-                ds_config = comparison_config(base, side, [swap], largest_partition=largest)
-                metrics = run_side(side, ds_config, model_dir, Path(scratch) / f"{model_dir.name}-{side}", args)
-                results[side] = summarize(metrics, tokens_per_step, args.steps)
-                for key in RSS:
-                    rss[side, key].append(results[side][key])
-                rows.append((label, side, results[side]))
-            stock, fuyou = results["stock-nvme"], results["fuyou"]
-            rows.append((label, RATIO, {key: fuyou[key] / stock[key] if stock[key] else 0.0 for key in fuyou}))
-    table = format_table(rows)
-    growth = "\n".join(
-        f"{RSS[key]} growth {args.layers[0]} -> {args.layers[-1]} layers, {side}: {100 * (r[-1] / r[0] - 1):+.1f}%"
-        for (side, key), r in rss.items()
+            runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
+            for round_ in range(args.rounds):
+                for side in args.sides:
+                    swap = Path(scratch) / f"{model_dir.name}-{side}-{round_}-swap"
+                    swap.mkdir()
+                    ds_config = side_config(base, side, swap, largest)
+                    workdir = Path(scratch) / f"{model_dir.name}-{side}-{round_}"
+                    runs[side].append(run_side(side, ds_config, model_dir, workdir, args))
+                    if args.trace and round_ == 0 and (workdir / "trace.json").exists():
+                        picture = ROOT / "benchmarks" / f"trace-{layers}x{args.hidden}-{side}.png"
+                        fuyou_cli(["trace", str(workdir / "trace.json"), "-o", str(picture), "--title", side])
+            results = {side: summarize(r, tokens_per_step, args.steps) for side, r in runs.items()}
+            rows += rows_for(f"{layers} / {params / 1e6:.0f}M", results)
+    settings = (
+        f"width {args.hidden}, micro-batch {args.micro_batch}, seq {args.seq_len}, {args.steps} steps, "
+        f"{args.rounds} round(s) interleaved; step time is each run's median after its first step, median over rounds"
     )
-    settings = f"width {args.hidden}, micro-batch {args.micro_batch}, seq {args.seq_len}, {args.steps} steps"
     if args.offload_activations:
         settings += f", fuyou offloads activations to {args.offload_activations}"
-    report = f"{settings}; step time is the median after the first step\n{table}\n{growth}"
+    report = f"{settings}\n{table(header, rows)}"
     print(report)
     if not args.no_record:
-        append_result("bench_step: stock ZeRO-Infinity vs fuyou", [str(args.path)], f"```\n{report}\n```")
+        append_result("bench_step: every side, one run", [str(args.path)], f"```\n{report}\n```")
     return 0
 
 

@@ -30,6 +30,7 @@ from deepspeed_fuyou.activations import ActivationStats
 from deepspeed_fuyou.distributed import end_distributed
 from deepspeed_fuyou.swap.host_heap import reset_peak_rss, rss_bytes
 from deepspeed_fuyou.swap.runtime import SwapRuntime
+from deepspeed_fuyou.trace import ENVIRONMENT, TRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,8 +45,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=Path("checkpoints"), help="where checkpoints go")
     parser.add_argument("--save-at", type=int, action="append", default=[], help="also save after this step")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    parser.add_argument("--no-final-save", action="store_true", help="skip the checkpoint after the last step")
     parser.add_argument("--trainer", action="store_true", help="train through the Hugging Face Trainer instead")
     parser.add_argument("--metrics", type=Path, help="write losses and throughput as JSON here (rank 0)")
+    parser.add_argument(
+        "--trace", type=Path, help="record fuyou's timeline as a Chrome trace here (`fuyou trace FILE -o step.png`)"
+    )
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser = deepspeed.add_config_arguments(parser)
     return parser.parse_args()
@@ -99,7 +104,7 @@ def pinned_bytes(engine: deepspeed.DeepSpeedEngine) -> int:
     """Page-locked host bytes held for swapping: fuyou's pool peak, or the buffers stock DeepSpeed locked."""
     runtimes = list(SwapRuntime._instances.values())
     if runtimes:
-        return sum(runtime.pool.stats().peak_reserved for runtime in runtimes)
+        return sum(runtime.pinned_peak_reserved() for runtime in runtimes)
     locked = 0
     optimizer_swapper = getattr(engine.optimizer, "optimizer_swapper", None)
     if optimizer_swapper is not None:
@@ -132,6 +137,8 @@ def memory_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
     return {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "pinned_peak_bytes": pinned_bytes(engine),
+        "pinned_forward_backward_peak_bytes": sum(r.pool.stats().peak_reserved for r in runtimes),
+        "pinned_step_peak_bytes": sum(r.step_pool.stats().peak_reserved for r in runtimes),
         "fuyou_bytes_read": sum(runtime.counters.bytes_read for runtime in runtimes),
         "fuyou_bytes_written": sum(runtime.counters.bytes_written for runtime in runtimes),
         "host_gradient_buffer_bytes": gradient_buffer_bytes(engine),
@@ -198,7 +205,8 @@ def train_with_engine(
     summary = {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s, "step_seconds": step_seconds}
     summary["steps_peak_rss_bytes"] = rss_bytes("VmHWM")  # before the final checkpoint, which gathers the model
     summary.update(io_since(io_start))  # the steps' swap traffic, not the checkpoint below
-    engine.save_checkpoint(str(args.output_dir), tag=f"step{args.steps}", client_state={"step": args.steps})
+    if not args.no_final_save:
+        engine.save_checkpoint(str(args.output_dir), tag=f"step{args.steps}", client_state={"step": args.steps})
     return summary, engine
 
 
@@ -251,6 +259,8 @@ def train_with_trainer(args: argparse.Namespace, ds_config: dict) -> tuple[dict,
 
 def main() -> None:
     args = parse_args()
+    if args.trace:
+        os.environ[ENVIRONMENT] = str(args.trace.resolve())  # read when fuyou's swap runtime starts
     final = args.output_dir / (f"checkpoint-{args.steps}" if args.trainer else f"step{args.steps}")
     if final.exists() and not args.resume:
         raise SystemExit(f"{final} exists already: choose another --output-dir, or --resume to continue that run")
@@ -267,6 +277,7 @@ def main() -> None:
         print(json.dumps(summary))
         if args.metrics:
             args.metrics.write_text(json.dumps(summary))
+    TRACE.save()
     end_distributed()
 
 

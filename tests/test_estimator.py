@@ -300,3 +300,29 @@ def test_auto_turns_activation_offload_on_before_it_lowers_the_micro_batch(tmp_p
     kept = auto_configure(model, config, seq_len=256, machine=tight)
     assert kept.ds_config["fuyou"]["activations"]["offload"] == "off"
     assert kept.ds_config["train_micro_batch_size_per_gpu"] < 8
+
+
+def test_the_dram_tier_moves_files_from_the_ssd_to_host_memory_in_the_order_training_places_them(
+    tmp_path: Path,
+) -> None:
+    """Parameters first, then gradients, then whole sub-groups; what does not fit stays on the SSD."""
+    machine = Machine(gpu_memory=None, host_memory=1 << 40)
+
+    def plan(host_memory: int | str, clipping: float = 1.0) -> Any:
+        config = fuyou_config(tmp_path, validate=False) | {"gradient_clipping": clipping}
+        config["fuyou"]["placement"] = {"host_memory": host_memory}
+        return estimate(TINY_LLAMA, config, seq_len=64, machine=machine).chosen
+
+    ssd = plan(0).ssd
+    assert plan(0).pageable_host.parameters == 0
+    only_parameters = plan(ssd.parameters)
+    assert only_parameters.pageable_host.parameters == ssd.parameters and only_parameters.ssd.parameters == 0
+    assert only_parameters.ssd.gradients == ssd.gradients
+    everything = plan("1GiB")
+    assert everything.ssd.total == 0
+    moved = everything.pageable_host  # the bytes of the files, which on the SSD round up to whole blocks
+    assert (moved.parameters, moved.gradients, moved.optimizer_states) == pytest.approx(
+        (ssd.parameters, ssd.gradients, ssd.optimizer_states), rel=1e-3
+    )
+    # stepped during backward (no clipping), gradients are never written: they take no place
+    assert plan("1GiB", clipping=0.0).pageable_host.gradients == 0

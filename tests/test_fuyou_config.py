@@ -47,7 +47,7 @@ def test_empty_block_takes_the_offload_paths_and_working_defaults(swap: Path) ->
     assert config.nvme_paths == (swap / "a", swap / "b")
     assert 0 < config.pinned_memory <= 8 << 30
     assert config.params.prefetch_layers == 2
-    assert config.optimizer.pipelined
+    assert config.optimizer.overlap == "auto"
     assert config.activations.offload == "off"
     assert config.estimator.validate_at_start
 
@@ -110,3 +110,37 @@ def test_a_misspelt_key_stops_an_unchanged_script_before_training(tmp_path: Path
     assert "FuyouConfigError: fuyou.pinned_memroy" in result.stderr and "did you mean 'pinned_memory'" in result.stderr
     assert "fine-tune" not in result.stderr  # the progress bar never started
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_overlap_auto_steps_during_backward_unless_clipping_or_fp16_needs_the_norm_first(swap: Path) -> None:
+    config = FuyouConfig.from_ds_config(ds_config(swap, {}))
+    assert config.optimizer.mode(gradient_clipping=0.0, fp16=False) == "backward"
+    assert config.optimizer.mode(gradient_clipping=1.0, fp16=False) == "forward"
+    assert config.optimizer.mode(gradient_clipping=0.0, fp16=True) == "forward"
+    for explicit in ("off", "backward", "forward"):
+        block = {"optimizer": {"overlap": explicit}}
+        assert FuyouConfig.from_ds_config(ds_config(swap, block)).optimizer.mode(0.0, False) == explicit
+
+
+@pytest.mark.parametrize("needs_norm", [{"gradient_clipping": 1.0}, {"fp16": {"enabled": True}}])
+def test_overlap_backward_is_refused_where_the_global_norm_is_needed_before_the_first_update(
+    swap: Path, needs_norm: dict[str, Any]
+) -> None:
+    config = {**ds_config(swap, {"optimizer": {"overlap": "backward"}}), **needs_norm}
+    with pytest.raises(FuyouConfigError) as caught:
+        FuyouConfig.from_ds_config(config)
+    problem = caught.value.problems[0]
+    assert problem.field == "fuyou.optimizer.overlap" and '"forward"' in problem.fix
+
+
+def test_placement_auto_is_half_the_available_memory_after_the_pinned_budget(
+    swap: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deepspeed_fuyou.config import fuyou
+
+    monkeypatch.setattr(fuyou, "available_host_memory", lambda: 20 << 30)
+    auto = FuyouConfig.from_ds_config(ds_config(swap, {"pinned_memory": "4GiB"}))
+    assert auto.placement.budget(auto.pinned_memory) == 8 << 30
+    for size, budget in (("0", 0), ("3GiB", 3 << 30)):
+        block = {"placement": {"host_memory": 0 if size == "0" else size}}
+        assert FuyouConfig.from_ds_config(ds_config(swap, block)).placement.budget(4 << 30) == budget

@@ -103,7 +103,7 @@ def train_swapped(
         master.ds_id = f"{index}"
         masters.append(master)
     optimizer = torch.optim.Adam([torch.empty(0, requires_grad=True)], lr=1e-2)
-    swapper = FuyouOptimizerSwapper(runtime, optimizer, torch.float32, pipelined=True)
+    swapper = FuyouOptimizerSwapper(runtime, optimizer, torch.float32)
     for master, weights in zip(masters, initial, strict=True):
         swapper.initialize_parameters([master], [weights])
     sizes = [w.numel() for w in initial]
@@ -152,7 +152,7 @@ def test_pinned_memory_of_the_step_does_not_grow_with_the_number_of_sub_groups(t
         runtime = new_runtime(tmp_path / f"{count}")
         try:
             train_swapped(runtime, initial_weights(count), step_write_seconds=0.05 if slow_disk else 0.0)
-            peaks[count] = runtime.pool.stats()
+            peaks[count] = runtime.step_pool.stats()
         finally:
             runtime.close()
     tensor = 4 * MiB  # one fp32 tensor of the largest sub-group

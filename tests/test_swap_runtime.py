@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig
-from deepspeed_fuyou.errors import FuyouIOError
+from deepspeed_fuyou.errors import FuyouConfigError, FuyouIOError
 from deepspeed_fuyou.io import IOEngine
 from deepspeed_fuyou.swap.runtime import SwapRuntime
 
@@ -59,11 +59,18 @@ def test_rewriting_bytes_waits_for_the_earlier_write_so_the_last_one_wins(runtim
     assert torch.equal(back, second)
 
 
-def test_staging_buffers_come_from_the_one_pinned_budget(runtime: SwapRuntime) -> None:
-    held = [runtime.staging(64 * MiB) for _ in range(4)]
-    assert runtime.pool.stats().in_use == 256 * MiB
+def test_staging_buffers_come_from_the_one_pinned_budget_split_between_compute_and_the_step(
+    runtime: SwapRuntime,
+) -> None:
+    """Half for forward and backward, half for the optimizer step: neither side can take the other's memory."""
+    held = [runtime.staging(64 * MiB) for _ in range(2)] + [runtime.step_staging(64 * MiB) for _ in range(2)]
+    assert runtime.pool.stats().in_use == runtime.step_pool.stats().in_use == 128 * MiB
+    assert runtime.pool.budget + runtime.step_pool.budget == 256 * MiB
+    with pytest.raises(FuyouConfigError, match=r"fuyou.pinned_memory = '256.00 MiB'.*at least 320.00 MiB"):
+        runtime.pool.acquire(32 * MiB, timeout=0.1)  # the message names the whole budget, not the share
     del held
     assert runtime.staging(100).numel() == 4096  # aligned to the I/O block
+    assert runtime.pinned_peak_reserved() == 256 * MiB
 
 
 def test_every_wait_on_a_failed_transfer_raises(tmp_path: Path) -> None:
@@ -83,3 +90,43 @@ def test_close_removes_the_swap_directories(tmp_path: Path) -> None:
     assert any((tmp_path / "a").iterdir())
     rt.close()
     assert list((tmp_path / "a").iterdir()) == []
+
+
+def test_the_dram_tier_takes_parameters_then_gradients_then_whole_sub_groups_while_its_budget_lasts(
+    tmp_path: Path,
+) -> None:
+    """Per byte held, a parameter saves three SSD transfers a step, a gradient two, a sub-group's state two: the tier
+    is filled in that order, each file whole. What it holds is used in place: no file is written or read for it."""
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
+    from deepspeed_fuyou.swap.param_swapper import FuyouParamSwapper
+
+    paths = (tmp_path / "a", tmp_path / "b")
+    placement = {"host_memory": 3 * MiB + MiB // 2}
+    runtime = SwapRuntime(FuyouConfig(nvme_paths=paths, pinned_memory=64 * MiB, placement=placement))
+    try:
+        swapper = FuyouParamSwapper(runtime, torch.float32)
+        params = []
+        for ds_id, numel in enumerate((MiB // 4, MiB // 4, MiB // 2)):  # 1, 1 and 2 MiB of fp32
+            param = torch.nn.Parameter(torch.empty(0))
+            param.ds_id, param.ds_tensor, param.ds_status = ds_id, torch.empty(0), ZeroParamStatus.AVAILABLE
+            swapper.get_buffer(param, numel).fill_(ds_id)
+            params.append(param)
+        assert runtime.host.reserved == 2 * MiB  # the third parameter does not fit in the 1.5 MiB left
+        swapper.swap_out_and_release(params)
+        assert runtime.counters.bytes_written == 2 * MiB  # only it went to the SSD
+        optimizer = FuyouOptimizerSwapper(
+            runtime, torch.optim.Adam([torch.empty(0, requires_grad=True)]), torch.float32
+        )
+        optimizer.plan_host_tier([("g0", MiB // 4), ("g1", MiB // 4)], states=2, gradients_on_file=True)
+        # the first gradient takes 1 MiB of the 1.5 left; the second no longer fits, nor any sub-group (3 MiB each)
+        assert optimizer._host_plan == {"g0": (True, False), "g1": (False, False)}
+        swapper.swap_in(params[:2], async_op=False)
+        assert runtime.counters.bytes_read == 0
+        for param in params[:2]:
+            assert param.ds_tensor.status == PartitionedParamStatus.AVAILABLE
+            assert torch.equal(param.ds_tensor, torch.full((MiB // 4,), float(param.ds_id)))
+    finally:
+        runtime.close()

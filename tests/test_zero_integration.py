@@ -24,6 +24,7 @@ from tests.conftest import run_deepspeed
 ROOT = Path(__file__).resolve().parent.parent
 GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
 FULL_STATE_PROBE = ROOT / "tests" / "programs" / "full_state_probe.py"
+OVERLAP_PROBE = ROOT / "tests" / "programs" / "overlap_probe.py"
 MODEL = ROOT / "configs" / "models" / "llama-tiny"  # the main job's default model
 FUYOU_CONFIG = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
 STEPS = 10
@@ -69,30 +70,50 @@ def assert_losses_equal(actual: list[float], expected: list[float]) -> None:
     assert actual == pytest.approx(expected, rel=REL_TOL), f"{actual}\n!=\n{expected}"
 
 
+NO_CLIPPING = {"gradient_clipping": 0.0}
+"""Variants without clipping: there `optimizer.overlap: "auto"` steps sub-groups during backward, elsewhere behind
+the next forward (the shipped config clips at 1.0)."""
+
+
+def with_overlap(config: Config, overlap: str | None) -> Config:
+    """`config` with `fuyou.optimizer.overlap` set (None: the config's own, i.e. "auto")."""
+    if overlap is not None and "fuyou" in config:
+        config["fuyou"] = {**config["fuyou"], "optimizer": {"overlap": overlap}}
+    return config
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Any]]:
-    """Runs by (kind, variant), each once per module: several tests compare the same reference runs."""
+    """Runs by (kind, variant, overlap mode), each once per module: several tests compare the same reference runs."""
     root = tmp_path_factory.mktemp("finetune")
-    done: dict[tuple[str, str], dict[str, Any]] = {}
+    done: dict[tuple[str, str, str | None], dict[str, Any]] = {}
     loop = ("--steps", str(STEPS))
+    trainer = ("--trainer", "--steps", str(TRAINER_STEPS))
+    accumulation = {"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 1}
     variants: dict[str, tuple[dict[str, Any], int, tuple[str, ...]]] = {
         "base": ({}, 1, loop),
-        "accumulation": ({"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 1}, 1, loop),
+        "no-clipping": (NO_CLIPPING, 1, loop),
+        "accumulation": (accumulation, 1, loop),
+        "accumulation-no-clipping": (accumulation | NO_CLIPPING, 1, loop),
         "tight-clipping": ({"gradient_clipping": 1e-4}, 1, loop),
         "two-ranks": ({"train_micro_batch_size_per_gpu": 1}, 2, loop),
+        "two-ranks-no-clipping": ({"train_micro_batch_size_per_gpu": 1} | NO_CLIPPING, 2, loop),
         "bf16": ({"bf16": {"enabled": True}}, 1, loop),
-        "trainer": ({}, 1, ("--trainer", "--steps", str(TRAINER_STEPS))),
+        "trainer": ({}, 1, trainer),
+        "trainer-no-clipping": (NO_CLIPPING, 1, trainer),
         "activations": ({"fuyou": {**FUYOU_CONFIG["fuyou"], "activations": OFFLOAD_EVERY_ACTIVATION}}, 1, loop),
+        "host-tier": ({"fuyou": {**FUYOU_CONFIG["fuyou"], "placement": {"host_memory": "1GiB"}}}, 1, loop),
     }
 
-    def run(kind: str, variant: str) -> dict[str, Any]:
-        if (kind, variant) not in done:
+    def run(kind: str, variant: str, overlap: str | None = None) -> dict[str, Any]:
+        key = (kind, variant, overlap)
+        if key not in done:
             overrides, ranks, args = variants[variant]
-            workdir = root / f"{kind}-{variant}"
-            config = config_for(kind, workdir, **overrides)
-            done[kind, variant] = finetune(config, workdir, *args, ranks=ranks)
-            done[kind, variant]["workdir"] = workdir
-        return done[kind, variant]
+            workdir = root / f"{kind}-{variant}-{overlap or 'auto'}"
+            config = with_overlap(config_for(kind, workdir, **overrides), overlap)
+            done[key] = finetune(config, workdir, *args, ranks=ranks)
+            done[key]["workdir"] = workdir
+        return done[key]
 
     return run
 
@@ -155,25 +176,34 @@ def test_activation_offload_under_deepspeed_changes_no_loss_and_leaves_no_file(r
         assert list((offloaded["workdir"] / stripe).iterdir()) == []
 
 
-def test_fuyou_equals_stock_with_gradient_accumulation(runs: Callable[..., Any]) -> None:
-    fuyou = runs("fuyou", "accumulation")
-    assert_losses_equal(fuyou["losses"], runs("stock-cpu", "accumulation")["losses"])
-    assert_losses_equal(fuyou["losses"], runs("stock-nvme", "accumulation")["losses"])
+@pytest.mark.parametrize("overlap", ["off", None, "forward"])
+def test_every_overlap_mode_trains_exactly_like_stock_zero_infinity(
+    runs: Callable[..., Any], overlap: str | None
+) -> None:
+    """Sub-groups stepped after backward, during it ("auto" without clipping: the overlap probe below shows it is
+    "backward"), or behind the next forward: the same updates in every mode."""
+    assert_losses_equal(runs("fuyou", "no-clipping", overlap)["losses"], runs("stock-nvme", "no-clipping")["losses"])
 
 
-def test_fuyou_equals_stock_when_gradient_clipping_binds(runs: Callable[..., Any]) -> None:
-    fuyou = runs("fuyou", "tight-clipping")
-    assert_losses_equal(fuyou["losses"], runs("stock-cpu", "tight-clipping")["losses"])
+@pytest.mark.parametrize("variant", ["accumulation", "accumulation-no-clipping"])
+def test_fuyou_equals_stock_with_gradient_accumulation(runs: Callable[..., Any], variant: str) -> None:
+    """Stepped behind the next forward (clipping) and during backward (none), after two micro-batches each."""
+    assert_losses_equal(runs("fuyou", variant)["losses"], runs("stock-nvme", variant)["losses"])
+
+
+@pytest.mark.parametrize("overlap", [None, "off"])
+def test_fuyou_equals_stock_when_gradient_clipping_binds(runs: Callable[..., Any], overlap: str | None) -> None:
+    """Clipping needs the global norm first: "auto" steps behind the next forward; "off" in step()."""
+    fuyou = runs("fuyou", "tight-clipping", overlap)
     assert_losses_equal(fuyou["losses"], runs("stock-nvme", "tight-clipping")["losses"])
     unclipped = runs("fuyou", "base")["losses"]
     # Adam is nearly blind to a uniform gradient scale; at 1e-4 the clipped gradients meet eps and steps change
     assert fuyou["losses"][2:] != pytest.approx(unclipped[2:], rel=1e-3), "clipping changed nothing"
 
 
-def test_fuyou_equals_stock_with_two_ranks_over_gloo(runs: Callable[..., Any]) -> None:
-    fuyou = runs("fuyou", "two-ranks")
-    assert_losses_equal(fuyou["losses"], runs("stock-cpu", "two-ranks")["losses"])
-    assert_losses_equal(fuyou["losses"], runs("stock-nvme", "two-ranks")["losses"])
+@pytest.mark.parametrize("variant", ["two-ranks", "two-ranks-no-clipping"])
+def test_fuyou_equals_stock_with_two_ranks_over_gloo(runs: Callable[..., Any], variant: str) -> None:
+    assert_losses_equal(runs("fuyou", variant)["losses"], runs("stock-nvme", variant)["losses"])
 
 
 def test_fuyou_equals_stock_zero_infinity_in_bf16(runs: Callable[..., Any]) -> None:
@@ -184,11 +214,14 @@ def test_fuyou_equals_stock_zero_infinity_in_bf16(runs: Callable[..., Any]) -> N
     assert fuyou["losses"] != pytest.approx(runs("fuyou", "base")["losses"], rel=1e-4), "bf16 changed nothing"
 
 
+@pytest.mark.parametrize("variant", ["base", "no-clipping"])
 def test_resuming_from_a_checkpoint_in_a_fresh_process_continues_the_same_run(
-    runs: Callable[..., Any], tmp_path: Path
+    runs: Callable[..., Any], tmp_path: Path, variant: str
 ) -> None:
-    uninterrupted = runs("fuyou", "base")["losses"]
-    config = config_for("fuyou", tmp_path)
+    """With the optimizer stepping behind the next forward (base) or during backward (no clipping): the checkpoint
+    holds the state of every step taken, none pending."""
+    uninterrupted = runs("fuyou", variant)["losses"]
+    config = config_for("fuyou", tmp_path, **({} if variant == "base" else NO_CLIPPING))
     first = finetune(config, tmp_path, "--steps", "5")
     second = finetune(config, tmp_path, "--steps", str(STEPS), "--resume")
     assert second["first_step"] == 5
@@ -196,13 +229,18 @@ def test_resuming_from_a_checkpoint_in_a_fresh_process_continues_the_same_run(
     assert (tmp_path / "checkpoints" / "step5").is_dir() and (tmp_path / "checkpoints" / f"step{STEPS}").is_dir()
 
 
+@pytest.mark.parametrize("variant", ["trainer", "trainer-no-clipping"])
 def test_hf_trainer_runs_the_same_config_like_stock_and_resumes_from_its_checkpoint(
-    runs: Callable[..., Any], tmp_path: Path
+    runs: Callable[..., Any], tmp_path: Path, variant: str
 ) -> None:
-    """`TrainingArguments(deepspeed=config)`: the Trainer's own loop, saving and resuming, with our swappers."""
-    fuyou = runs("fuyou", "trainer")
-    assert_losses_equal(fuyou["losses"], runs("stock-cpu", "trainer")["losses"])
+    """`TrainingArguments(deepspeed=config)`: the Trainer's own loop, saving and resuming, with our swappers, the
+    optimizer stepped behind the next forward (the Trainer clips) or during backward (`max_grad_norm` 0; resuming in
+    that mode is the engine loop's test)."""
+    fuyou = runs("fuyou", variant)
+    assert_losses_equal(fuyou["losses"], runs("stock-cpu", variant)["losses"])
     assert fuyou["fuyou_bytes_read"] > 0
+    if variant != "trainer":
+        return
     config = config_for("fuyou", tmp_path)
     half = TRAINER_STEPS // 2
     first = finetune(config, tmp_path, "--trainer", "--steps", str(half))
@@ -230,3 +268,37 @@ def test_full_state_api_reads_and_writes_through_our_swapper_exactly_as_stock_ze
             assert fuyou[reading][name] == pytest.approx(values, rel=REL_TOL, abs=1e-12), (reading, name)
     assert all(all(same) for same in fuyou["set_then_get"].values())
     assert_losses_equal(fuyou["losses_after_set"], stock["losses_after_set"])
+
+
+def test_each_overlap_mode_steps_the_sub_groups_when_it_says(tmp_path: Path) -> None:
+    """What each `optimizer.overlap` value changes, seen from inside the optimizer (tests/programs/overlap_probe.py),
+    with a budget small enough for several sub-groups: "off" steps every sub-group in `step()` on the training
+    thread; "backward" hands sub-groups to the step thread while autograd's backward runs, and no gradient of the
+    boundary goes to the SSD; "forward" returns from `step()` before any sub-group is stepped, and the next forward
+    waits for the update of a parameter it fetches."""
+    config = config_for("fuyou", tmp_path)
+    config["fuyou"]["pinned_memory"] = "48MiB"
+    launch(OVERLAP_PROBE, config, tmp_path, "--out", str(tmp_path / "overlap.json"))
+    result = json.loads((tmp_path / "overlap.json").read_text())
+    off, backward, forward = result["off"], result["backward"], result["forward"]
+    assert (off["mode"], backward["mode"], forward["mode"]) == ("off", "backward", "forward")
+    assert min(r["sub_groups"] for r in result.values()) >= 3
+    assert off["adam"] and all(a == {"where": "main thread", "inside_step": True} for a in off["adam"])
+    assert off["queued_during_backward"] == 0 and off["gradient_pieces_written_at_boundary"] > 0
+    assert backward["queued_during_backward"] >= 2
+    assert backward["gradient_pieces_written_at_boundary"] == 0
+    assert any(a["where"] == "step thread" for a in backward["adam"])
+    assert forward["adam_before_step_returned"] == 0 and forward["pending_after_step"]
+    assert forward["forward_waited_for_update"]
+    assert forward["adam"] and all(a["where"] == "step thread" for a in forward["adam"])
+    assert forward["queued_during_backward"] == 0 and forward["gradient_pieces_written_at_boundary"] > 0
+    assert forward["losses"] == off["losses"]  # the same config; only when the sub-groups were stepped differs
+
+
+def test_a_host_memory_budget_that_holds_everything_takes_the_ssd_out_of_training(runs: Callable[..., Any]) -> None:
+    """`placement.host_memory` large enough for parameters, gradients and every sub-group: no byte goes through the
+    SSD, not even at start-up, and the run trains exactly as stock ZeRO-Infinity."""
+    tier, base = runs("fuyou", "host-tier"), runs("fuyou", "base")
+    assert_losses_equal(tier["losses"], runs("stock-nvme", "base")["losses"])
+    assert tier["fuyou_bytes_read"] == tier["fuyou_bytes_written"] == 0
+    assert base["fuyou_bytes_read"] > 0 and base["fuyou_bytes_written"] > 0

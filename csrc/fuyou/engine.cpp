@@ -8,11 +8,20 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <stdexcept>
 
 #include "async_queue.h"
 
 namespace fuyou {
+
+namespace {
+int64_t monotonic_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
 // Request
@@ -57,6 +66,7 @@ void Request::block_finished() {
   // Last piece: nothing uses the descriptors any more, so close them now rather than when the handle is dropped.
   close_files();
   keep_alive_.reset();  // e.g. hands a pinned buffer back to its pool as soon as the transfer is over
+  finished_ns_.store(monotonic_ns());
   {
     std::lock_guard<std::mutex> lock(mu_);
     finished_ = true;
@@ -348,6 +358,7 @@ std::shared_ptr<Request> Engine::submit(Op op, const std::vector<std::string>& p
   for (size_t i = 0; i < paths.size(); ++i) files[i].path = paths[i];
   auto req = std::make_shared<Request>(op, std::move(files));
   req->nbytes_ = nbytes;
+  req->submitted_ns_ = monotonic_ns();
   req->keep_alive_ = std::move(keep_alive);
 
   const int flags = (op == Op::kRead ? O_RDONLY : O_WRONLY | O_CREAT) | O_CLOEXEC;

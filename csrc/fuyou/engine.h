@@ -55,6 +55,10 @@ class Request {
   std::optional<IOError> error() const;
   bool used_buffered_fallback() const { return used_buffered_fallback_; }
   int64_t nbytes() const { return nbytes_; }
+  // CLOCK_MONOTONIC nanoseconds (Python's time.monotonic_ns) of submission and of the last block's end (0 while in
+  // flight): the timeline `deepspeed_fuyou.trace` draws.
+  int64_t submitted_ns() const { return submitted_ns_; }
+  int64_t finished_ns() const { return finished_ns_.load(); }
 
  private:
   friend class Engine;
@@ -69,6 +73,8 @@ class Request {
   std::vector<FileHandle> files_;
   std::shared_ptr<void> keep_alive_;
   int64_t nbytes_ = 0;
+  int64_t submitted_ns_ = 0;
+  std::atomic<int64_t> finished_ns_{0};
   bool used_buffered_fallback_ = false;
   std::atomic<int64_t> pending_{1};  // one extra count held by submit() until every block is queued
   std::atomic<bool> failed_{false};

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from deepspeed_fuyou.cli import bench_io, estimate, validate
+from deepspeed_fuyou.cli import bench_io, estimate, trace, validate
 from deepspeed_fuyou.errors import FuyouError
 
 
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_io.add_parser(subparsers)
     estimate.add_parser(subparsers)
     validate.add_parser(subparsers)
+    trace.add_parser(subparsers)
     return parser
 
 

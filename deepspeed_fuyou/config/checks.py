@@ -31,22 +31,22 @@ class FuyouConfigWarning(UserWarning):
     """A setting that works, but slower or differently than the user probably expects."""
 
 
-def _section(ds_config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+def section(ds_config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     value = ds_config.get(name)
     return value if isinstance(value, Mapping) else {}
 
 
 def offload_nvme_paths(ds_config: Mapping[str, Any]) -> list[str]:
     """The `nvme_path`s of the ZeRO offload blocks that point at NVMe: where `fuyou.nvme_paths` defaults to."""
-    zero = _section(ds_config, "zero_optimization")
-    offloads = [_section(zero, name) for name in _OFFLOADS]
+    zero = section(ds_config, "zero_optimization")
+    offloads = [section(zero, name) for name in _OFFLOADS]
     return list(dict.fromkeys(o["nvme_path"] for o in offloads if o.get("device") == "nvme" and o.get("nvme_path")))
 
 
 def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
     """The DeepSpeed fields a fuyou block depends on: ZeRO-3 with NVMe offload, one half precision, a micro-batch."""
     problems = []
-    zero = _section(ds_config, "zero_optimization")
+    zero = section(ds_config, "zero_optimization")
     stage = zero.get("stage", 0)
     if stage != 3:
         problems.append(
@@ -57,7 +57,7 @@ def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
                 'set "stage": 3 or remove "fuyou"',
             )
         )
-    devices = {name: _section(zero, name).get("device", "none") for name in _OFFLOADS}
+    devices = {name: section(zero, name).get("device", "none") for name in _OFFLOADS}
     if "nvme" not in devices.values():
         problems.append(
             FuyouConfigError(
@@ -67,7 +67,7 @@ def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
                 'set offload_param and/or offload_optimizer "device": "nvme", or remove "fuyou"',
             )
         )
-    if _section(zero, "offload_optimizer").get("fast_init"):
+    if section(zero, "offload_optimizer").get("fast_init"):
         problems.append(
             FuyouConfigError(
                 "zero_optimization.offload_optimizer.fast_init",
@@ -86,7 +86,7 @@ def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
                 'remove "managed_gradient_accumulation" (call engine.backward and engine.step as usual)',
             )
         )
-    if _section(ds_config, "fp16").get("enabled") and _section(ds_config, "bf16").get("enabled"):
+    if section(ds_config, "fp16").get("enabled") and section(ds_config, "bf16").get("enabled"):
         problems.append(
             FuyouConfigError(
                 "bf16.enabled", True, "fp16 and bf16 are both enabled", "enable one of them (bf16 on GPUs that have it)"

@@ -31,6 +31,18 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def available_host_memory() -> int:
+    """Memory the kernel could give now without swapping (MemAvailable), or all of it where that is not reported."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return host_memory_bytes()
+
+
 def default_pinned_budget() -> int:
     """A quarter of host memory, at most 8 GiB: room for the staging buffers, the rest stays for everything else."""
     return min(host_memory_bytes() // 4, 8 << 30)
@@ -43,15 +55,62 @@ class ParamsOptions(FuyouModel):
     prefetch_layers: StrictInt = Field(2, ge=0, examples=[2])
 
 
+OverlapMode = Literal["off", "backward", "forward"]
+
+
 class OptimizerOptions(FuyouModel):
-    """`fuyou.optimizer`: whether optimizer sub-groups are swapped in ahead and written back behind the step."""
+    """`fuyou.optimizer`: when the optimizer steps each sub-group, relative to compute.
+
+    `overlap`:
+    - "off": in `step()`, after backward, sub-group after sub-group as stock ZeRO-3 does (the next sub-group's state
+      is read and the previous one's written while one is stepped);
+    - "backward": each sub-group as soon as its gradients are final, on the step thread, while backward goes on
+      with earlier layers; its gradients never go to the SSD. Only where nothing needs the global gradient norm
+      before the first update: refused with `gradient_clipping` or fp16 loss scaling;
+    - "forward": `step()` takes the global norm and the overflow verdict, then returns; sub-groups are stepped on the
+      step thread behind the next forward, which waits only for the sub-group holding a parameter it fetches and
+      takes updated parameters from memory;
+    - "auto": "backward" where it is valid, else "forward".
+    Every mode gives the same numbers as stock DeepSpeed.
+    """
 
     json_path: ClassVar[str] = "fuyou.optimizer"
     overlap: Literal["auto", "off", "backward", "forward"] = "auto"
 
-    @property
-    def pipelined(self) -> bool:
-        return self.overlap != "off"
+    def mode(self, gradient_clipping: float, fp16: bool) -> OverlapMode:
+        """The mode `overlap` selects for a run with this clipping threshold (0: none) and precision."""
+        if self.overlap != "auto":
+            return self.overlap
+        return "forward" if norm_needed_before_step(gradient_clipping, fp16) else "backward"
+
+
+def norm_needed_before_step(gradient_clipping: float, fp16: bool) -> str | None:
+    """Why a run needs its global gradient norm before the first sub-group is stepped, or None."""
+    if fp16:
+        return "fp16 loss scaling skips a step on overflow, which is known only once backward has ended"
+    if gradient_clipping > 0:
+        return f"gradient_clipping {gradient_clipping:g} scales every gradient by the global norm"
+    return None
+
+
+class PlacementOptions(FuyouModel):
+    """`fuyou.placement`: which swap files live in host memory instead of on the SSD (`swap.host_tier`).
+
+    `host_memory` is a budget for them, filled with what saves the most SSD traffic per byte held: low-precision
+    parameter partitions (three transfers a step), then gradients (two), then whole optimizer sub-groups (two);
+    whatever does not fit stays on the SSD. `0`: everything on the SSD. A size: at most that much host memory.
+    `"auto"`: half of what the machine has available when training starts, after the pinned budget, so that the rest
+    stays for activations, gathered layers and everything else (`fuyou estimate` shows the placement and the peaks).
+    """
+
+    json_path: ClassVar[str] = "fuyou.placement"
+    host_memory: SizeOrAuto = Field(None, examples=["auto", "8GiB", 0])
+
+    def budget(self, pinned_memory: int, available: int | None = None) -> int:
+        """The bytes of host memory the tier may hold with `available` bytes of host memory (default: now, here)."""
+        if self.host_memory is not None:
+            return self.host_memory
+        return max(0, ((available_host_memory() if available is None else available) - pinned_memory) // 2)
 
 
 class ActivationOptions(FuyouModel):
@@ -87,6 +146,7 @@ class FuyouConfig(FuyouModel):
     pinned_memory: Size = Field(default_factory=default_pinned_budget, examples=["8GiB"])
     params: ParamsOptions = ParamsOptions()
     optimizer: OptimizerOptions = OptimizerOptions()
+    placement: PlacementOptions = PlacementOptions()
     activations: ActivationOptions = ActivationOptions()
     estimator: EstimatorOptions = EstimatorOptions()
     # fuyou's CPU allocator for large tensors (swap.host_heap); off: glibc's heap, as in stock DeepSpeed
@@ -134,6 +194,8 @@ class FuyouConfig(FuyouModel):
         except FuyouConfigError as err:
             block_problems = err.problems
             config = cls._without_bad_keys(block, block_problems)
+        if config is not None:
+            problems += _overlap_problems(config.optimizer, ds_config)
         if config is not None and config.estimator.validate_at_start:
             reported = {_key_of(problem.field) for problem in block_problems}
             problems += [p for p in checks.machine_problems(config, ssd_bytes) if _key_of(p.field) not in reported]
@@ -150,6 +212,33 @@ class FuyouConfig(FuyouModel):
             return cls.parse({key: value for key, value in block.items() if key not in bad})
         except FuyouConfigError:
             return None
+
+
+def _clipping_and_fp16(ds_config: Mapping[str, Any]) -> tuple[float, bool]:
+    clipping = ds_config.get("gradient_clipping", 0)
+    clipping = 1.0 if clipping == "auto" else clipping  # the HF Trainer fills it with max_grad_norm, 1.0 by default
+    fp16 = bool(checks.section(ds_config, "fp16").get("enabled"))
+    return (clipping if isinstance(clipping, int | float) else 0.0), fp16
+
+
+def overlap_mode(options: OptimizerOptions, ds_config: Mapping[str, Any]) -> OverlapMode:
+    """The mode `optimizer.overlap` selects for this DeepSpeed config (its clipping and precision)."""
+    return options.mode(*_clipping_and_fp16(ds_config))
+
+
+def _overlap_problems(options: OptimizerOptions, ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
+    """`overlap: "backward"` on a run that needs the global gradient norm first."""
+    reason = norm_needed_before_step(*_clipping_and_fp16(ds_config))
+    if options.overlap != "backward" or reason is None:
+        return []
+    return [
+        FuyouConfigError(
+            "fuyou.optimizer.overlap",
+            "backward",
+            f"stepping sub-groups during backward needs no global gradient norm first, but {reason}",
+            'use "forward" (or "auto"), which steps behind the next forward with the same numbers',
+        )
+    ]
 
 
 def _key_of(field: str) -> str:

@@ -138,7 +138,8 @@ def estimate(
     if setup.fuyou is not None:
         window = stock_window(zero) | stage3_overrides(fake.module, setup.fuyou, ds_config, zero.sub_group_size)
         layout = ZeroLayout.build(facts.numels, world_size, window["sub_group_size"])
-        plan = fuyou_plan(layout, setup, facts, window, [str(p) for p in setup.fuyou.nvme_paths])
+        tier = setup.fuyou.placement.budget(setup.fuyou.pinned_memory, available=machine.host_memory)
+        plan = fuyou_plan(layout, setup, facts, window, [str(p) for p in setup.fuyou.nvme_paths], tier)
     stock.pageable_host.overhead = RUNTIME_OVERHEAD_HOST + GLIBC_HEAP_SLACK
     if plan is not None:
         plan.pageable_host.overhead = RUNTIME_OVERHEAD_HOST + (0 if setup.fuyou.host_cache else GLIBC_HEAP_SLACK)

@@ -17,7 +17,8 @@ from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout, aligned
 from deepspeed_fuyou.io.engine import ALIGNMENT
-from deepspeed_fuyou.swap.sizing import PREFETCH_SHARE, sub_group_buffer_numel
+from deepspeed_fuyou.swap.host_tier import HostTier
+from deepspeed_fuyou.swap.sizing import pool_budgets
 
 FP32 = 4
 COMPONENTS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "temporaries", "overhead")
@@ -164,22 +165,48 @@ def fuyou_swap_files(layout: ZeroLayout, itemsize: int, optimizer_states: int) -
 
 
 def fuyou_plan(
-    layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict, nvme_paths: Sequence[str]
+    layout: ZeroLayout,
+    setup: TrainingSetup,
+    facts: ModelFacts,
+    window: dict,
+    nvme_paths: Sequence[str],
+    host_tier_budget: int = 0,
 ) -> Plan:
-    """Our swappers: parameters and optimizer on the SSD, every staging buffer drawn from the pinned budget."""
+    """Our swappers: parameters and optimizer on the SSD, every staging buffer drawn from the pinned budget, except
+    the files the DRAM tier holds (`host_tier_budget`, placed as training places them: `place_in_host_tier`)."""
     assert setup.fuyou is not None
     plan = Plan("fuyou")
     _accelerator(plan, layout, setup, facts, window)
     if _device(setup.zero.offload_optimizer) != "nvme":  # on NVMe, gradients stream to their sub-group files
         _host_gradient_buffer(plan, layout, setup)
     plan.pinned_host.buffers = pinned_pool_peak(layout, setup, facts, window)
-    for component, files in fuyou_swap_files(layout, setup.itemsize, setup.optimizer_states).items():
-        for nbytes in files:
-            _stripe(plan, component, nbytes, setup.fuyou.io.block_size, nvme_paths)
+    files = fuyou_swap_files(layout, setup.itemsize, setup.optimizer_states)
+    if setup.overlap == "backward" and setup.gradient_accumulation_steps == 1:
+        files["gradients"] = []  # kept in pinned memory from backward to their step, never written
+    for component, in_host in place_in_host_tier(files, setup.optimizer_states, host_tier_budget).items():
+        for nbytes, here in zip(files[component], in_host, strict=True):
+            if here:
+                setattr(plan.pageable_host, component, getattr(plan.pageable_host, component) + nbytes)
+            else:
+                _stripe(plan, component, nbytes, setup.fuyou.io.block_size, nvme_paths)
     # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
     plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
     _activation_offload(plan, setup.fuyou, facts, nvme_paths)
     return plan
+
+
+def place_in_host_tier(files: dict[str, list[int]], optimizer_states: int, budget: int) -> dict[str, list[bool]]:
+    """Which of `fuyou_swap_files` the DRAM tier holds: reserved in the order training reserves them (`HostTier`):
+    parameters, then gradients, then each sub-group's master and states together."""
+    tier = HostTier(budget)
+    placed = {
+        "parameters": [tier.reserve(n) for n in files["parameters"]],
+        "gradients": [tier.reserve(n) for n in files["gradients"]],
+    }
+    masters = files["optimizer_states"][: len(files["optimizer_states"]) // (1 + optimizer_states)]
+    whole = [tier.reserve(n * (1 + optimizer_states)) for n in masters]
+    placed["optimizer_states"] = whole * (1 + optimizer_states)
+    return placed
 
 
 def _stripe(plan: Plan, component: str, nbytes: int, block: int, nvme_paths: Sequence[str]) -> None:
@@ -203,28 +230,35 @@ def _activation_offload(plan: Plan, fuyou: FuyouConfig, facts: ModelFacts, nvme_
 
 
 def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict) -> int:
-    """What our pool reserves at most: the larger of its two busiest phases, never more than the budget.
+    """What our two pools (`SwapRuntime`) reserve at most: each its peak, never more than its share of the budget.
 
-    Forward/backward: the partitions of the gathered window (reads in flight may hold up to `PREFETCH_SHARE` of the
-    budget) and the staging of one layer's gradients on their way to the SSD. Optimizer step, at its peak (the new
-    low-precision parameters of sub-group i being staged): sub-group i+1 read ahead and i stepped, each with master,
-    states and gradient in fp32, i-1 written back (master and states), all in buffers sized by
-    `sub_group_buffer_numel`, and the parameter staging of i and i-1 (the swapper finishes i-2's writes before it
-    reads i+1); the step's first reads are sized while the last layer's gradient writes may still hold their staging.
+    Forward/backward pool: the partitions of the gathered window and those stage 3 reads from the SSD ahead of it
+    (its NVMe prefetch considers up to twice the elements of the gathers in flight, a prefetch bucket). Step pool,
+    in slots of the largest sub-group's fp32 tensor (`SwapRuntime.step_slot_bytes`), at its peak: sub-group i+1 read
+    ahead and i stepped, each with master, states and gradient, i-1 written back (master and states), and the new
+    low-precision parameters of i and i-1 being written (a slot each, none in fp32, where they are written from the
+    master's slot). With `optimizer.overlap` "backward" no gradient is read ahead, but two are held in memory (the
+    one backward is producing, one waiting for the step thread); with "forward" the updated parameters of a
+    sub-group wait for the next forward to take them, which may keep two more slots alive. In backward, when no step
+    runs, the step pool stages one layer's gradients on their way to the SSD instead (none with "backward", which
+    keeps them).
     """
-    budget = setup.fuyou.pinned_memory
-    window_bytes = window["max_live_parameters"] * setup.itemsize
-    forward_backward = min(int(budget * PREFETCH_SHARE), window_bytes) + facts.layer_numel * FP32
-    largest = max(layout.sub_group_numels, default=0)
-    in_flight = sorted(layout.sub_group_numels, reverse=True)[:3]
-    tensors = (2 + setup.optimizer_states, 2 + setup.optimizer_states, 1 + setup.optimizer_states)
-    step = sum(
-        aligned(sub_group_buffer_numel(n, largest) * FP32, ALIGNMENT) * count
-        for n, count in zip(in_flight, tensors, strict=False)
-    )
-    step += sum(n * setup.itemsize for n in in_flight[:2])
-    step += facts.layer_numel * FP32
-    return min(budget, max(forward_backward, step))
+    forward_backward_budget, step_budget = pool_budgets(setup.fuyou.pinned_memory)
+    sub_groups = len(layout.sub_group_numels)
+    slot = aligned(max(layout.sub_group_numels, default=0) * FP32, ALIGNMENT)
+    states = setup.optimizer_states
+    backward = setup.overlap == "backward"
+    roles = [2 + states, 1 + states + (0 if backward else 1), 1 + states]  # stepped, read ahead, written back
+    slots = sum(roles[:sub_groups])
+    if setup.itemsize != FP32:
+        slots += min(2, sub_groups)
+    if setup.overlap != "off":  # held gradients ("backward") or updated parameters waiting to be taken ("forward")
+        slots += min(2, sub_groups - 1)
+    forward_backward = (window["max_live_parameters"] + 2 * window["prefetch_bucket_size"]) * setup.itemsize
+    step = slots * slot
+    if not backward:  # in backward, with no step running, a layer's gradients on their way to the SSD
+        step = max(step, facts.layer_numel * FP32)
+    return min(forward_backward_budget, forward_backward) + min(step_budget, step)
 
 
 def striped_member_bytes(nbytes: int, stripe: int, paths: int) -> list[int]:

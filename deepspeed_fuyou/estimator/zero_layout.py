@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
+from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig, overlap_mode
 from deepspeed_fuyou.errors import FuyouConfigError
 
 DS_AIO_ALIGNED_BYTES = 1024
@@ -56,6 +56,8 @@ class TrainingSetup:
     grad_accum_dtype: torch.dtype
     aio_alignment_bytes: int
     cpu_accelerator: bool = False  # DeepSpeed's CPU accelerator: "device" memory is host memory, counted resident
+    overlap: str = "off"  # fuyou's optimizer.overlap mode for this config: when sub-groups are stepped
+    gradient_accumulation_steps: int = 1
 
     @property
     def itemsize(self) -> int:
@@ -92,9 +94,13 @@ class TrainingSetup:
         optimizer = str((ds_config.get("optimizer") or {}).get("type", "adamw")).lower()
         aio = ds_config.get("aio") or {}
         grad_accum = (ds_config.get("data_types") or {}).get("grad_accum_dtype")
+        if fuyou is None and BLOCK in ds_config:
+            fuyou = FuyouConfig.from_ds_config(ds_config)
         return cls(
             zero=zero,
-            fuyou=fuyou if fuyou is not None or BLOCK not in ds_config else FuyouConfig.from_ds_config(ds_config),
+            fuyou=fuyou,
+            overlap=overlap_mode(fuyou.optimizer, ds_config) if fuyou is not None else "off",
+            gradient_accumulation_steps=_positive_int(ds_config.get("gradient_accumulation_steps"), 1),
             dtype=_training_dtype(ds_config),
             micro_batch=micro_batch,
             seq_len=seq_len,
@@ -103,6 +109,11 @@ class TrainingSetup:
             grad_accum_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(grad_accum, torch.float32),
             aio_alignment_bytes=DS_AIO_ALIGNED_BYTES * int(aio.get("intra_op_parallelism", 1)),
         )
+
+
+def _positive_int(value: Any, default: int) -> int:
+    """`value` if the config gives a positive integer there, else `default` (absent, or "auto" for the Trainer)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
 
 
 def _without_auto(block: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pydantic import Field, StrictInt, field_validator
 from deepspeed_fuyou.config.schema import FuyouModel, Size, invalid
 from deepspeed_fuyou.errors import FuyouConfigError, FuyouIOError
 from deepspeed_fuyou.io import native
+from deepspeed_fuyou.trace import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,13 @@ class IOFuture:
         if not self._checked:
             self._checked = True
             self._announce_fallback()
+            TRACE.record(
+                "ssd write" if self._is_write else "ssd read",
+                os.path.basename(self._paths[0]),
+                self._request.submitted_ns,
+                self._request.finished_ns,
+                self._request.nbytes,
+            )
             if self._copy_back_to is not None:
                 self._copy_back_to.copy_(self._tensor)
         return self._request.nbytes

@@ -45,7 +45,7 @@ class PinnedPool:
     buffers stay pageable and `stats().locked` shows it.
     """
 
-    def __init__(self, budget: int, lock: str = "auto", timeout: float = 60.0) -> None:
+    def __init__(self, budget: int, lock: str = "auto", timeout: float = 60.0, share: float = 1.0) -> None:
         if lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {LOCK_MODES}, got {lock!r}")
         if budget <= 0:
@@ -54,6 +54,7 @@ class PinnedPool:
             )
         self.budget = budget
         self.timeout = timeout
+        self.share = share  # of fuyou.pinned_memory this pool is: its messages name the whole budget
         self._pool = native.PinnedPool(budget, lock)
 
     def acquire(self, nbytes: int, timeout: float | None = None) -> torch.Tensor:
@@ -68,9 +69,9 @@ class PinnedPool:
         except ValueError as err:  # std::length_error: larger than the whole budget
             raise FuyouConfigError(
                 "fuyou.pinned_memory",
-                format_size(self.budget),
+                format_size(self.budget / self.share),
                 f"one staging buffer needs {format_size(nbytes)}",
-                f"raise fuyou.pinned_memory to at least {format_size(nbytes)}",
+                f"raise fuyou.pinned_memory to at least {format_size(nbytes / self.share)}",
             ) from err
         if buffer is None:
             stats = self.stats()
@@ -81,9 +82,9 @@ class PinnedPool:
                 need = stats.reserved + nbytes
             raise FuyouConfigError(
                 "fuyou.pinned_memory",
-                format_size(self.budget),
+                format_size(self.budget / self.share),
                 problem,
-                f"raise fuyou.pinned_memory to at least {format_size(need)}, or lower "
+                f"raise fuyou.pinned_memory to at least {format_size(need / self.share)}, or lower "
                 "params.prefetch_layers so fewer buffers are held at once",
             )
         return buffer

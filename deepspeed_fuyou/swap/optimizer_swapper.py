@@ -2,12 +2,20 @@
 
 Stage 3 steps the optimizer one sub-group at a time: swap in (master, states, gradients), unscale/clip, step, write
 the new low-precision parameters, swap out. This swapper answers the calls stage 3 makes on DeepSpeed's
-`PartitionedOptimizerSwapper`, and pipelines them: while sub-group i is stepped, the reads of sub-group i+1
-(stage 3 names it `async_parameter`) and the writes of sub-group i-1 are in flight on the I/O threads. Sub-group
-i-2's writes are finished before i+1's reads start: three sub-groups in memory at once, whatever the model's depth
-(on a disk slower than the step, a longer backlog would buy no speed and hold pinned memory that grows with the
-number of sub-groups). Buffers come from the one pinned budget; states an optimizer creates lazily at its first
-step are picked up when they appear.
+`PartitionedOptimizerSwapper`, and pipelines them: while sub-group i is stepped, the reads of the sub-group stepped
+next (stage 3 names it `async_parameter`) and the writes of the one stepped before are in flight on the I/O threads.
+The writes of the sub-group stepped before that are finished before the next reads start: three sub-groups in
+memory at once, whatever the model's depth (on a disk slower than the step, a longer backlog would buy no speed and
+hold pinned memory that grows with the number of sub-groups). Buffers come from the one pinned budget; states an
+optimizer creates lazily at its first step are picked up when they appear.
+
+Gradients reach a sub-group's gradient file as backward produces them (`swap_out_gradients`), or, when the optimizer
+steps each sub-group during backward (`optimizer.overlap: "backward"`), stay in a pinned buffer until that step
+(`hold_gradients`): they never touch the SSD then.
+
+Sub-groups and gradient files the DRAM tier takes (`plan_host_tier`, `fuyou.placement.host_memory`) are host tensors
+instead of files: the optimizer steps the sub-group's own master and states in place, and gradients are copied into
+and attached from the tensor. They take no pinned slot and no I/O.
 
 Checkpoints: DeepSpeed copies the directory `swap_folder` into the checkpoint and back. Our live files are striped
 over several SSDs, so `export_checkpoint` writes a self-contained copy there (plain files plus a manifest with the
@@ -28,7 +36,7 @@ import torch
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.swap.runtime import SwapRuntime
-from deepspeed_fuyou.swap.sizing import sub_group_buffer_numel
+from deepspeed_fuyou.trace import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +64,10 @@ class _SubGroup:
     numel: int
     layout: dict[str, tuple[int, torch.dtype]] = field(default_factory=dict)  # stored tensors: numel, dtype
     grad_pieces: dict[int, int] = field(default_factory=dict)  # element offset -> length in the gradient file
+    held_grad: torch.Tensor | None = None  # the gradient kept in memory for a step during backward
     prefetched: _Resident | None = None
+    host: dict[str, torch.Tensor] | None = None  # master and states, if the DRAM tier holds them
+    host_grad: torch.Tensor | None = None  # the gradient "file", if the DRAM tier holds it
 
     def file(self, name: str) -> str:
         return f"optim-{self.key}-{name}"
@@ -69,14 +80,15 @@ class _SubGroup:
 class FuyouOptimizerSwapper:
     """Drop-in for DeepSpeed's optimizer swappers, on the process's `SwapRuntime`."""
 
-    def __init__(self, runtime: SwapRuntime, optimizer: torch.optim.Optimizer, dtype: torch.dtype, pipelined: bool):
+    def __init__(self, runtime: SwapRuntime, optimizer: torch.optim.Optimizer, dtype: torch.dtype):
         self.runtime = runtime
         self.optimizer = optimizer
         self.dtype = dtype
-        self.pipelined = pipelined
+        self.holds_gradients = False  # final gradients stay in memory (`hold_gradients`) instead of their files
         self.groups: dict[str, _SubGroup] = {}
-        self._largest_numel = 0  # of any sub-group: sizes the step's buffers (`sub_group_buffer_numel`)
+        self._largest_numel = 0  # of any sub-group: sizes the step pool's slots (`SwapRuntime.step_slot_bytes`)
         self._written_by: collections.deque[int] = collections.deque(maxlen=2)  # writes started by the last swap-outs
+        self._host_plan: dict[str, tuple[bool, bool]] = {}  # sub-group key -> (gradient, master and states) in DRAM
 
     @property
     def swap_folder(self) -> str:
@@ -93,14 +105,30 @@ class FuyouOptimizerSwapper:
             numel = tensor.numel()
         return numel is not None and numel * self.dtype.itemsize >= ALIGNMENT
 
+    def plan_host_tier(self, sub_groups: list[tuple[str, int]], states: int, gradients_on_file: bool) -> None:
+        """Places sub-groups (key, elements) in the DRAM tier: every gradient file first (if gradients go to files in
+        this run), then whole sub-groups, master and `states` optimizer states, in order, while the budget lasts."""
+        host = self.runtime.host
+        itemsize = self.dtype.itemsize
+        gradients = {key: gradients_on_file and host.reserve(numel * itemsize) for key, numel in sub_groups}
+        for key, numel in sub_groups:
+            self._host_plan[key] = (gradients[key], host.reserve(numel * itemsize * (1 + states)))
+
     def initialize_parameters(self, parameters: list[torch.Tensor], src_tensors: list[torch.Tensor]) -> None:
-        """Creates each sub-group's master file from its initial (low-precision or fp32) weights."""
+        """Creates each sub-group's master file (or host tensor) from its initial (low-precision or fp32) weights."""
         for master, src in zip(parameters, src_tensors, strict=True):
             group = self.groups[master.ds_id] = _SubGroup(master.ds_id, master, src.numel())
             self._largest_numel = max(self._largest_numel, group.numel)
             group.layout[MASTER] = (src.numel(), self.dtype)
-            self._write_cast(src.reshape(-1), group.file(MASTER))
+            gradient_in_host, state_in_host = self._host_plan.get(group.key, (False, False))
+            if gradient_in_host:
+                group.host_grad = torch.zeros(group.numel, dtype=self.dtype)
+            if state_in_host:
+                group.host = {MASTER: src.reshape(-1).to(self.dtype, copy=True)}
+            else:
+                self._write_cast(src.reshape(-1), group.file(MASTER))
         self.runtime.flush()
+        self.runtime.step_slot_bytes = max(self.runtime.step_slot_bytes, self._largest_numel * self.dtype.itemsize)
 
     # -- the step ---------------------------------------------------------------------------------------------------
 
@@ -112,15 +140,17 @@ class FuyouOptimizerSwapper:
         self._discover_states(group)
         resident = group.prefetched or self._start_reads(group)
         group.prefetched = None
-        for future in resident.reads:
-            future.wait()
+        with TRACE.wait(f"optimizer state {group.key}"):
+            for future in resident.reads:
+                future.wait()
         self._attach(group, resident)
-        if self.pipelined and async_parameter is not None and async_parameter.ds_id in self.groups:
+        if async_parameter is not None and async_parameter.ds_id in self.groups:
             if len(self._written_by) == 2:  # the sub-group before last is written back before the next one is read
                 self.runtime.wait_for_writes(self._written_by[0])
             following = self.groups[async_parameter.ds_id]
-            self._discover_states(following)
-            following.prefetched = self._start_reads(following)
+            if following.prefetched is None:
+                self._discover_states(following)
+                following.prefetched = self._start_reads(following)
 
     def swap_out_optimizer_state(self, parameter: torch.Tensor, async_swap: bool = False) -> None:
         """Writes master and states back and frees their memory; the writes may finish behind the next sub-group."""
@@ -129,9 +159,9 @@ class FuyouOptimizerSwapper:
             return
         self._discover_states(group)
         self._write_state(group)
-        self._release(group)
+        self._release(group, stepped=True)
         self._written_by.append(self.runtime.writes_started)
-        if not (self.pipelined and async_swap):
+        if not async_swap:
             self.runtime.flush()
 
     def swap_out_gradients(
@@ -147,7 +177,32 @@ class FuyouOptimizerSwapper:
             return
         for offset, tensor in zip(gradient_offsets, gradient_tensors, strict=True):
             group.grad_pieces[offset] = tensor.numel()
-            self._write_cast(tensor.reshape(-1), group.grad_file, offset * self.dtype.itemsize)
+            if group.host_grad is not None:
+                group.host_grad.narrow(0, offset, tensor.numel()).copy_(tensor.reshape(-1))
+            else:
+                self._write_cast(tensor.reshape(-1), group.grad_file, offset * self.dtype.itemsize)
+
+    def hold_gradients(
+        self, parameter: torch.Tensor, gradient_offsets: list[int], gradient_tensors: list[torch.Tensor]
+    ) -> None:
+        """Copies a sub-group's final gradient pieces into its in-memory gradient, for a step during backward."""
+        group = self.groups.get(parameter.ds_id)
+        if group is None:
+            return
+        if group.held_grad is None:
+            group.held_grad = self._zeroed_gradient(group)
+        for offset, tensor in zip(gradient_offsets, gradient_tensors, strict=True):
+            group.held_grad.narrow(0, offset, tensor.numel()).copy_(tensor.reshape(-1))
+
+    def holds_no_gradient(self, parameter: torch.Tensor) -> bool:
+        group = self.groups.get(parameter.ds_id)
+        return group is None or group.held_grad is None
+
+    def forget_step_buffers(self) -> None:
+        """Drops gradients held in memory and states read ahead (a skipped step: none of them is used)."""
+        for group in self.groups.values():
+            group.held_grad = None
+            group.prefetched = None
 
     def read_gradient(self, parameter: torch.Tensor, offset: int, numel: int, device: torch.device) -> torch.Tensor:
         """A copy on `device` of the `numel` gradient elements at `offset` written last by `swap_out_gradients`.
@@ -156,6 +211,8 @@ class FuyouOptimizerSwapper:
         in flight.
         """
         group = self.groups[parameter.ds_id]
+        if group.host_grad is not None:
+            return group.host_grad.narrow(0, offset, numel).to(device=device, copy=True)
         staging = self.runtime.staging(numel * self.dtype.itemsize)
         view = staging.view(self.dtype).narrow(0, 0, numel)
         self.runtime.read(view, group.grad_file, offset * self.dtype.itemsize).wait()
@@ -180,7 +237,10 @@ class FuyouOptimizerSwapper:
         if write_gradients and parameter.grad is not None:
             for offset, length in group.grad_pieces.items():
                 piece = parameter.grad.narrow(0, offset, length)
-                self.runtime.write(piece, group.grad_file, offset * self.dtype.itemsize, keep=piece)
+                if group.host_grad is not None:
+                    group.host_grad.narrow(0, offset, length).copy_(piece)
+                else:
+                    self.runtime.write(piece, group.grad_file, offset * self.dtype.itemsize, keep=piece)
         self.runtime.flush()
         self._release(group)
 
@@ -189,6 +249,8 @@ class FuyouOptimizerSwapper:
         for group in self.groups.values():
             group.layout = {MASTER: group.layout[MASTER]}
             group.grad_pieces.clear()
+            if group.host is not None:
+                group.host = {MASTER: group.host[MASTER]}
 
     # Stage 3 brackets backward and the step with these for DeepSpeed's own timers; our counters run always.
     def init_timers(self) -> None:
@@ -215,7 +277,11 @@ class FuyouOptimizerSwapper:
         manifest = {"format": MANIFEST_FORMAT, "groups": {}}
         for group in self.groups.values():
             for name, (numel, dtype) in group.layout.items():
-                self._copy_file(numel, dtype, self.runtime.files(group.file(name)), [str(folder / group.file(name))])
+                target = [str(folder / group.file(name))]
+                if group.host is not None:
+                    self.runtime.engine.write(group.host[name], target).wait()
+                else:
+                    self._copy_file(numel, dtype, self.runtime.files(group.file(name)), target)
             manifest["groups"][group.key] = {
                 "layout": {
                     name: (numel, str(dtype).removeprefix("torch.")) for name, (numel, dtype) in group.layout.items()
@@ -255,7 +321,12 @@ class FuyouOptimizerSwapper:
             state.clear()
             state.update(saved["scalars"])
             for name, (numel, dtype) in group.layout.items():
-                self._copy_file(numel, dtype, [str(folder / group.file(name))], self.runtime.files(group.file(name)))
+                source = [str(folder / group.file(name))]
+                if group.host is not None:
+                    group.host[name] = torch.empty(numel, dtype=dtype)
+                    self.runtime.engine.read(group.host[name], source).wait()
+                else:
+                    self._copy_file(numel, dtype, source, self.runtime.files(group.file(name)))
                 if name != MASTER:
                     state[name] = torch.empty(0, dtype=dtype)
         self.runtime.flush()
@@ -280,59 +351,73 @@ class FuyouOptimizerSwapper:
         return {name: value for name, value in state.items() if name not in group.layout}
 
     def _start_reads(self, group: _SubGroup) -> _Resident:
-        """Starts reading a sub-group's tensors into pooled buffers (sized by `sub_group_buffer_numel`)."""
+        """Starts reading a sub-group's tensors into step pool slots."""
         views: dict[str, torch.Tensor] = {}
         reads: list[IOFuture] = []
         buffers: list[torch.Tensor] = []
         for name, (numel, dtype) in group.layout.items():
-            buffer = self.runtime.staging(sub_group_buffer_numel(numel, self._largest_numel) * dtype.itemsize)
+            if group.host is not None:
+                views[name] = group.host[name]
+                continue
+            buffer = self.runtime.step_staging(numel * dtype.itemsize)
             views[name] = buffer.view(dtype).narrow(0, 0, numel)
             buffers.append(buffer)
             reads.append(self.runtime.read(views[name], group.file(name)))
         grad = None
-        if group.grad_pieces:
-            buffer = self.runtime.staging(
-                sub_group_buffer_numel(group.numel, self._largest_numel) * self.dtype.itemsize
-            )
-            grad = buffer.view(self.dtype).narrow(0, 0, group.numel)
-            grad.zero_()  # padding between pieces is never written; it must read as zero gradient
-            buffers.append(buffer)
+        if group.grad_pieces and not self.holds_gradients and group.host_grad is not None:
+            grad = group.host_grad
+        elif group.grad_pieces and not self.holds_gradients:
+            grad = self._zeroed_gradient(group)
             for offset, length in group.grad_pieces.items():
                 reads.append(
                     self.runtime.read(grad.narrow(0, offset, length), group.grad_file, offset * grad.element_size())
                 )
         return _Resident(views, grad, reads, buffers)
 
+    def _zeroed_gradient(self, group: _SubGroup) -> torch.Tensor:
+        """A pooled gradient for `group`, zero: padding between parameters' pieces is never written."""
+        buffer = self.runtime.step_staging(group.numel * self.dtype.itemsize)
+        return buffer.view(self.dtype).narrow(0, 0, group.numel).zero_()
+
     def _attach(self, group: _SubGroup, resident: _Resident) -> None:
         group.master.data = resident.views[MASTER]
         for name, tensor in self._state_tensors(group).items():
             tensor.data = resident.views[name]
-        if resident.grad is not None:
+        if group.held_grad is not None:
+            group.master.grad = group.held_grad
+        elif resident.grad is not None:
             group.master.grad = resident.grad
 
     def _write_state(self, group: _SubGroup) -> None:
+        """Writes master and states to their files; a sub-group in the DRAM tier keeps them (new states included)."""
         tensors = {MASTER: group.master, **self._state_tensors(group)}
         for name, tensor in tensors.items():
             data = tensor.data.reshape(-1)
-            self.runtime.write(data, group.file(name), keep=data)
+            if group.host is not None:
+                group.host[name] = data
+            else:
+                self.runtime.write(data, group.file(name), keep=data)
 
-    def _release(self, group: _SubGroup) -> None:
-        """Points the sub-group's tensors at empty storage and drops its gradient; pooled buffers return once their
-        writes are done."""
+    def _release(self, group: _SubGroup, stepped: bool = False) -> None:
+        """Points the sub-group's tensors at empty storage and drops its gradient (a gradient held in memory only once
+        it has been stepped); pooled buffers return once their writes are done."""
         group.master.data = torch.empty(0, dtype=group.master.dtype)
         group.master.grad = None
+        if stepped:
+            group.held_grad = None
         for tensor in self._state_tensors(group).values():
             tensor.data = torch.empty(0, dtype=tensor.dtype)
 
     def _write_cast(self, tensor: torch.Tensor, name: str, offset: int = 0) -> IOFuture:
-        """Writes `tensor` converted to the master dtype through a staging buffer (the source may change next)."""
-        staging = self.runtime.staging(tensor.numel() * self.dtype.itemsize)
+        """Writes `tensor` converted to the master dtype through a staging buffer (the source may change next):
+        gradients while backward runs, initial master weights before anything else does."""
+        staging = self.runtime.gradient_staging(tensor.numel() * self.dtype.itemsize)
         view = staging.view(self.dtype).narrow(0, 0, tensor.numel())
         view.copy_(tensor)
         return self.runtime.write(view, name, offset, keep=staging)
 
     def _copy_file(self, numel: int, dtype: torch.dtype, source: list[str], target: list[str]) -> None:
-        buffer = self.runtime.staging(numel * dtype.itemsize)
+        buffer = self.runtime.step_staging(numel * dtype.itemsize)
         view = buffer.view(dtype).narrow(0, 0, numel)
         self.runtime.engine.read(view, source).wait()
         self.runtime.engine.write(view, target).wait()

@@ -6,7 +6,12 @@ stage 3's optimizer), with three differences users feel:
   "not enough buffers" assertion, any partition size (the engine aligns, files hold exactly the partition's bytes);
 - files are striped over `fuyou.nvme_paths` inside our private swap directories (0600, removed at exit), so a second
   `zero.Init` never deletes the files of the first;
-- every short read or failed write is a FuyouIOError naming the file.
+- every short read or failed write is a FuyouIOError naming the file;
+- with the optimizer stepping behind the forward (`optimizer.overlap: "forward"`), a partition whose sub-group is
+  not yet stepped is not prefetched, a read of it waits for its update, and an update the step has just produced is
+  taken from memory instead of its file (`SwapRuntime.updates`);
+- partitions placed in the DRAM tier (`fuyou.placement.host_memory`, `swap.host_tier`) live in a host tensor of
+  their own, which stage 3 gathers from directly: no file, no read, no pinned buffer.
 
 The state contract is DeepSpeed's: `ds_tensor` objects stay, only their `.data` moves; `ds_tensor.status` is
 DeepSpeed's own `PartitionedParamStatus`; while a partition is on the SSD its data is a 0-dim placeholder.
@@ -22,7 +27,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned
-from deepspeed_fuyou.swap.sizing import PREFETCH_SHARE
+from deepspeed_fuyou.trace import TRACE
 
 
 class FuyouParamSwapper:
@@ -36,6 +41,7 @@ class FuyouParamSwapper:
         self._buffers: dict[int, torch.Tensor] = {}  # ds_id -> pooled buffer holding the partition in memory
         self._reads: dict[int, tuple[torch.nn.Parameter, IOFuture]] = {}  # ds_id -> read in flight
         self._deferred: dict[int, torch.nn.Parameter] = {}  # ds_id -> release asked while its gather was in flight
+        self._resident: dict[int, torch.Tensor] = {}  # ds_id -> the partition, for those kept in the DRAM tier
         self._largest_nbytes = ALIGNMENT
 
     # -- what zero.Init calls while it partitions a freshly built module -------------------------------------------
@@ -46,8 +52,12 @@ class FuyouParamSwapper:
         return numel * self.dtype.itemsize >= ALIGNMENT
 
     def get_buffer(self, param: torch.nn.Parameter, numel: int) -> torch.Tensor:
-        """A pinned buffer for a partition about to be filled and then swapped out with `swap_out_and_release`."""
+        """A buffer for a partition about to be filled and then swapped out with `swap_out_and_release`: the
+        partition's own host tensor if the DRAM tier takes it (parameters are placed first), else a pinned buffer."""
         self._numel[param.ds_id] = numel
+        if param.ds_id in self._resident or self.runtime.host.reserve(numel * self.dtype.itemsize):
+            self._resident.setdefault(param.ds_id, torch.empty(numel, dtype=self.dtype))
+            return self._resident[param.ds_id]
         self._largest_nbytes = max(self._largest_nbytes, aligned(numel * self.dtype.itemsize))
         return self._hold(param, numel)
 
@@ -61,6 +71,9 @@ class FuyouParamSwapper:
         """
         params = list(params)
         for param in params:
+            if param.ds_id in self._resident:
+                continue  # the partition was filled in place
+            self.runtime.updates.discard(param.ds_id)
             self.runtime.write(self._view(param), self._file(param), keep=self._buffers[param.ds_id])
         self.runtime.flush()
         self.remove_partition_and_release_buffers(params)
@@ -76,13 +89,38 @@ class FuyouParamSwapper:
         partition already being read is not read again.
         """
         self._release_deferred()
+        params = list(params)
+        updates = self.runtime.updates
+        if not async_op:
+            with TRACE.wait("parameter update"):
+                updates.wait(param.ds_id for param in params)
+        handed_over: set[int] = set()
         for param in params:
-            if param.ds_id in self._reads:
-                continue
+            if param.ds_id in self._reads or param.ds_id in handed_over:
+                continue  # listed twice (a tied weight)
+            if async_op and updates.is_pending(param.ds_id):
+                continue  # not yet stepped: read once its update is written
             status = param.ds_tensor.status
             if status != PartitionedParamStatus.NOT_AVAILABLE:
                 raise RuntimeError(f"fuyou: swap_in of parameter {param.ds_id} whose partition is {status}")
-            self._hold(param, self._numel[param.ds_id])
+            if param.ds_id in self._resident:
+                param.ds_tensor.data = self._resident[param.ds_id]
+                param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+                handed_over.add(param.ds_id)
+                continue
+            fresh = updates.take(param.ds_id)
+            if fresh is not None:  # copied out, so that the step's memory goes back to its pool at once
+                param.ds_tensor.data = self._hold(param, self._numel[param.ds_id]).copy_(fresh.view(self.dtype))
+                param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+                handed_over.add(param.ds_id)
+                continue
+            if async_op:  # a prefetch: best effort, never a wait for memory only this thread's progress frees
+                buffer = self.runtime.try_staging(self._numel[param.ds_id] * self.dtype.itemsize)
+                if buffer is None:
+                    break
+                self._buffers[param.ds_id] = buffer
+            else:
+                self._hold(param, self._numel[param.ds_id])
             future = self.runtime.read(self._view(param), self._file(param))
             self._reads[param.ds_id] = (param, future)
             param.ds_tensor.status = PartitionedParamStatus.INFLIGHT
@@ -92,15 +130,17 @@ class FuyouParamSwapper:
     def synchronize_reads(self) -> None:
         """Waits for every read in flight and makes those partitions available."""
         reads, self._reads = self._reads, {}
-        for param, future in reads.values():
-            future.wait()
+        with TRACE.wait("parameters"):
+            for _, future in reads.values():
+                future.wait()
+        for param, _ in reads.values():
             param.ds_tensor.data = self._view(param)
             param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
 
     def available_swap_in_buffers(self) -> int:
-        """How many more partitions the coordinator may prefetch: the parameter share of the budget, in partitions."""
-        held = sum(buffer.numel() for buffer in self._buffers.values())
-        room = int(self.runtime.pool.budget * PREFETCH_SHARE) - held
+        """How many more partitions the coordinator may prefetch: the forward/backward pool's room, in partitions."""
+        held = sum(b.numel() * b.element_size() for b in self._buffers.values()) + self.runtime.updates.hand_over_bytes
+        room = self.runtime.pool.budget - held
         return max(0, room // self._largest_nbytes)
 
     def remove_partition_and_release_buffers(self, params: Iterable[torch.nn.Parameter]) -> None:
@@ -136,7 +176,10 @@ class FuyouParamSwapper:
     def swap_into_buffer(self, param: torch.nn.Parameter, dest_buffer: torch.Tensor) -> None:
         """Reads a partition straight into a caller's buffer (stage 3 moving it to CPU memory for good)."""
         view = dest_buffer.narrow(0, 0, self._numel[param.ds_id])
-        self.runtime.read(view, self._file(param)).wait()
+        if param.ds_id in self._resident:
+            view.copy_(self._resident[param.ds_id])
+        else:
+            self.runtime.read(view, self._file(param)).wait()
         param.ds_tensor.data = view.data
         param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
 
@@ -146,17 +189,37 @@ class FuyouParamSwapper:
     def swap_out_partitioned_params(
         self, dst_fp16_params: list[torch.nn.Parameter], src_fp32_params: list[torch.Tensor]
     ) -> None:
-        """Starts writing updated master weights, cast to the parameter dtype, into the partitions' files.
+        """Starts writing updated master weights, in the parameter dtype, into the partitions' files.
 
         Nothing waits here: the writes run behind the rest of the step, and the next read of a partition waits for
-        its own write (the runtime orders them), which is also where a failed write is reported.
+        its own write (the runtime orders them), which is also where a failed write is reported. The updated
+        partition is also handed over (`PendingUpdates.hand_over`) for a forward that is about to read it.
+
+        Master weights of the parameter dtype (fp32 training) are written from the master's own buffer, which the
+        writes keep alive; others are cast into one staging buffer for the whole sub-group, so that the step's pool
+        holds few, similar-sized buffers rather than one per parameter.
         """
+        on_file: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         for param, master in zip(dst_fp16_params, src_fp32_params, strict=True):
-            numel = self._numel[param.ds_id]
-            staging = self.runtime.staging(numel * self.dtype.itemsize)
-            low = staging.view(self.dtype).narrow(0, 0, numel)
-            low.copy_(master.reshape(-1)[:numel])
-            self.runtime.write(low, self._file(param), keep=staging)
+            source = master.reshape(-1)[: self._numel[param.ds_id]]
+            if param.ds_id in self._resident:
+                self._resident[param.ds_id].copy_(source)
+            else:
+                on_file.append((param, source))
+        if not on_file:
+            return
+        if on_file[0][1].dtype == self.dtype:
+            updated = [source for _, source in on_file]
+        else:
+            staging = self.runtime.step_staging(sum(src.numel() for _, src in on_file) * self.dtype.itemsize)
+            updated, offset = [], 0
+            for _, source in on_file:
+                updated.append(staging.view(self.dtype).narrow(0, offset, source.numel()).copy_(source))
+                offset += source.numel()
+        for (param, _), low in zip(on_file, updated, strict=True):
+            self.runtime.updates.discard(param.ds_id)
+            self.runtime.write(low, self._file(param), keep=low)
+            self.runtime.updates.hand_over(param.ds_id, low)
 
     # -- internals ------------------------------------------------------------------------------------------------
 

@@ -1,12 +1,21 @@
-"""What the parameter and optimizer swappers of one process share: the I/O engine, the pinned pool, the swap space.
+"""What the parameter and optimizer swappers of one process share: the I/O engine, the pinned pools, the swap space.
 
-Both swappers draw staging buffers from one budget. A buffer that backs a write in flight cannot be reused until the
-write ends, so a swapper that needs room first waits for the oldest writes rather than for the pool's timeout: the
-pool never deadlocks on buffers that only our own unfinished writes hold.
+The one budget `fuyou.pinned_memory` is split in two pools: `pool` (`PREFETCH_SHARE` of it) for what forward and
+backward hold (parameter partitions read ahead, activations on their way to and from the SSD), `step_pool` (the
+rest) for the optimizer step (sub-groups' master weights, states and gradients, updated parameters being written).
+With the step running beside forward or backward (`optimizer.overlap`), each side then waits only for memory that
+its own progress frees: the step thread never waits for the training thread's buffers, so neither can stall the
+other, and buffers of one side never fragment the other's. A buffer that backs a write in flight cannot be reused
+until the write ends, so a swapper that needs room first waits for the oldest writes rather than for the pool's
+timeout: a pool never deadlocks on buffers that only our own unfinished writes hold.
 
 Writes are never waited for just to be safe: a read (or another write) of a byte range waits only for the writes in
 flight to that same range of that file. So write-back of one step runs behind the next one's compute, and a read
 can never see data older than the last write issued before it.
+
+The training thread and the optimizer's step thread (`optimizer.overlap`) share one runtime. The list of writes in
+flight is guarded by a lock that is never held while waiting: a wait happens outside it, and a write leaves the list
+only once it has ended, so no reader can miss a write still in flight.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +35,10 @@ from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
 from deepspeed_fuyou.swap.host_heap import install_host_cache
+from deepspeed_fuyou.swap.host_tier import HostTier
+from deepspeed_fuyou.swap.sizing import PREFETCH_SHARE, pool_budgets
+from deepspeed_fuyou.swap.updates import PendingUpdates
+from deepspeed_fuyou.trace import start_from_environment
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +78,27 @@ class SwapRuntime:
 
     def __init__(self, config: FuyouConfig) -> None:
         self.config = config
+        start_from_environment(int(os.environ.get("RANK", 0)))
         if config.host_cache:
             install_host_cache()
-        self.pool = PinnedPool(config.pinned_memory)
+        forward_backward, step = pool_budgets(config.pinned_memory)
+        self.pool = PinnedPool(forward_backward, share=PREFETCH_SHARE)
+        self.step_pool = PinnedPool(step, share=1 - PREFETCH_SHARE)
+        self.step_slot_bytes = ALIGNMENT  # every step buffer is at least this (the optimizer swapper sets it)
         self.engine = IOEngine(config.io)
         self.space = SwapSpace([str(p) for p in config.nvme_paths])
+        self.host = HostTier(config.placement.budget(config.pinned_memory))
         self.counters = SwapCounters()
+        self.updates = PendingUpdates()
         self._writes: collections.deque[_Write] = collections.deque()
+        self._lock = threading.Lock()
         self.writes_started = 0
         log.info(
-            "fuyou: swapping to %s with %s I/O, pinned budget %s",
+            "fuyou: swapping to %s with %s I/O, pinned budget %s, DRAM tier %s",
             ", ".join(str(d) for d in self.space.dirs),
             self.engine.backend,
             format_size(config.pinned_memory),
+            format_size(self.host.budget),
         )
 
     @classmethod
@@ -96,28 +119,61 @@ class SwapRuntime:
         return self.space.files(name)
 
     def staging(self, nbytes: int) -> torch.Tensor:
-        """A pooled uint8 buffer of at least `nbytes`, aligned; waits for our own writes first when the pool is full."""
+        """A buffer of at least `nbytes` from `pool` (forward and backward), aligned; see `_acquire`."""
+        return self._acquire(self.pool, nbytes)
+
+    def try_staging(self, nbytes: int) -> torch.Tensor | None:
+        """A buffer from `pool` if it has room now, else None (for work that may as well not be done)."""
+        self._reap()
+        return self.pool.try_acquire(aligned(max(nbytes, 1)))
+
+    def step_staging(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least `nbytes` from `step_pool` (the optimizer step), aligned; see `_acquire`.
+
+        Smaller requests get a whole `step_slot_bytes` (the largest sub-group's fp32 tensor): every buffer of the step
+        pool then fits in any freed one, so the pool cannot fragment while the step runs beside compute and waits for
+        no memory that its own progress will not free.
+        """
+        return self._acquire(self.step_pool, max(nbytes, self.step_slot_bytes))
+
+    def gradient_staging(self, nbytes: int) -> torch.Tensor:
+        """A buffer of `nbytes` from `step_pool` for a gradient on its way to the SSD.
+
+        Gradients are written while backward runs and the step does not (its thread is drained before backward): they
+        take the step's memory, not the pool that holds the parameters backward reads, and their exact size, since
+        nothing of the step's slots is live to be fragmented around them.
+        """
+        return self._acquire(self.step_pool, nbytes)
+
+    def pinned_peak_reserved(self) -> int:
+        """The most both pools held at once, at most (the sum of their peaks)."""
+        return self.pool.stats().peak_reserved + self.step_pool.stats().peak_reserved
+
+    def _acquire(self, pool: PinnedPool, nbytes: int) -> torch.Tensor:
+        """A pooled uint8 buffer; waits for our own writes first when the pool is full."""
         need = aligned(max(nbytes, 1))
         self._reap()
-        while self._writes and self.pool.budget - self.pool.stats().in_use < need:
-            self._wait_oldest()
-        return self.pool.acquire(need)
+        while pool.budget - pool.stats().in_use < need and self._wait_oldest():
+            pass
+        return pool.acquire(need)
 
     def write(self, tensor: torch.Tensor, name: str, offset: int = 0, keep: object = None) -> IOFuture:
         """Starts writing `tensor` into logical file `name`; `keep` (e.g. its staging buffer) lives until it ends."""
         nbytes = tensor.numel() * tensor.element_size()
         self._order_after_writes(name, offset, offset + nbytes)
-        future = self.engine.write(tensor, self.files(name), offset)
-        self.counters.bytes_written += nbytes
-        self._writes.append(_Write(future, name, offset, offset + nbytes, keep, self.writes_started))
-        self.writes_started += 1
+        with self._lock:
+            future = self.engine.write(tensor, self.files(name), offset)
+            self.counters.bytes_written += nbytes
+            self._writes.append(_Write(future, name, offset, offset + nbytes, keep, self.writes_started))
+            self.writes_started += 1
         return future
 
     def read(self, tensor: torch.Tensor, name: str, offset: int = 0) -> IOFuture:
         """Starts reading logical file `name` at `offset` into `tensor`, after any write in flight to those bytes."""
         nbytes = tensor.numel() * tensor.element_size()
         self._order_after_writes(name, offset, offset + nbytes)
-        self.counters.bytes_read += nbytes
+        with self._lock:
+            self.counters.bytes_read += nbytes
         return self.engine.read(tensor, self.files(name), offset)
 
     def flush(self) -> None:
@@ -126,22 +182,42 @@ class SwapRuntime:
 
     def wait_for_writes(self, started_before: int) -> None:
         """Waits for the first `started_before` writes (a `writes_started` taken earlier); later ones stay in flight."""
-        while self._writes and self._writes[0].number < started_before:
-            self._wait_oldest()
+        while self._wait_oldest(started_before):
+            pass
 
     def _order_after_writes(self, name: str, start: int, end: int) -> None:
         """Waits for the writes in flight to bytes [start, end) of `name` (a failed one raises here)."""
         self._reap()
-        for write in self._writes:
-            if write.overlaps(name, start, end):
-                write.future.wait()
+        with self._lock:
+            pending = [write.future for write in self._writes if write.overlaps(name, start, end)]
+        for future in pending:
+            future.wait()
 
-    def _wait_oldest(self) -> None:
-        self._writes.popleft().future.wait()
+    def _wait_oldest(self, started_before: int | None = None) -> bool:
+        """Waits for the oldest write in flight (if it was started before `started_before`) and forgets it.
+
+        Returns whether there was one. It stays listed while it is waited for, so readers keep ordering after it.
+        """
+        with self._lock:
+            if not self._writes or (started_before is not None and self._writes[0].number >= started_before):
+                return False
+            oldest = self._writes[0]
+        try:
+            oldest.future.wait()
+        finally:
+            with self._lock:
+                if self._writes and self._writes[0] is oldest:
+                    self._writes.popleft()
+        return True
 
     def _reap(self) -> None:
-        while self._writes and self._writes[0].future.done():
-            self._wait_oldest()
+        """Forgets the writes that have ended (raising the first failure)."""
+        while True:
+            with self._lock:
+                if not self._writes or not self._writes[0].future.done():
+                    return
+                oldest = self._writes.popleft()
+            oldest.future.wait()
 
     def close(self) -> None:
         try:

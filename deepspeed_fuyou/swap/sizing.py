@@ -13,15 +13,26 @@ import torch
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 
 PREFETCH_SHARE = 0.5
-"""Share of the pinned budget that parameter reads in flight may hold; the rest stays for optimizer sub-groups
-and write-back staging, which run while prefetched parameters are still held."""
+"""Share of the pinned budget for what forward and backward hold (parameter reads in flight, activations); the rest
+is the optimizer step's (sub-groups and write-back staging), which may run at the same time (`optimizer.overlap`)."""
 
-SUBGROUP_TENSORS_IN_FLIGHT = 3 * 4
-"""Tensors a sub-group holds in flight per element: master, two Adam moments and the gradient, for the sub-group
-being prefetched, the one being stepped and the one being written back."""
 
-SLOT_SHARE = 0.8
-"""A sub-group tensor at least this share of the largest sub-group's is given a buffer of the largest's size."""
+def pool_budgets(pinned_memory: int) -> tuple[int, int]:
+    """The pinned budget split into the forward/backward pool and the optimizer step's pool (`SwapRuntime`)."""
+    forward_backward = int(pinned_memory * PREFETCH_SHARE)
+    return forward_backward, pinned_memory - forward_backward
+
+
+STEP_SLOTS = 15
+"""Buffers of the step pool's slot size (the largest sub-group's fp32 tensor) the optimizer step may hold at once,
+for Adam (master and two moments per sub-group), in the `optimizer.overlap` mode that holds the most, "forward": the
+sub-group read ahead (master, moments, gradient), the one stepped (the same), the one written back (master, moments),
+the new low-precision parameters of two sub-groups being written (a slot each unless they are fp32, written from the
+master's own slot) and the updated parameters kept for the next forward to take (`hand_over_limit`: one sub-group's,
+which may keep two slots alive). "off" holds two slots fewer; "backward" reads no gradient ahead but holds two in
+memory (the sub-group whose gradients backward is producing, one finished and waiting for the step thread). Every
+mode sizes sub-groups for the most, so that a mode never changes the sub-groups, nor the rounding of the global
+gradient norm that clipping uses, which sums per sub-group."""
 
 # DeepSpeed's names (in "zero_optimization") for the knobs `prefetch_window` derives, with their aliases.
 _WINDOW_KEYS = {
@@ -30,6 +41,11 @@ _WINDOW_KEYS = {
     "max_reuse_distance": ("stage3_max_reuse_distance", "max_reuse_distance"),
     "reduce_bucket_size": ("reduce_bucket_size",),
 }
+
+
+def repeated_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's layers: the blocks of its longest `ModuleList` (a transformer's decoder layers), [] if none."""
+    return list(max((m for m in module.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[]))
 
 
 def layer_numel(module: torch.nn.Module) -> int:
@@ -41,9 +57,8 @@ def layer_numel(module: torch.nn.Module) -> int:
     def numel(m: torch.nn.Module) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())
 
-    blocks = max((m for m in module.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
     leaves = [m for m in module.modules() if not list(m.children())]
-    return max(1, *(numel(m) for m in [*blocks, *leaves]))
+    return max(1, *(numel(m) for m in [*repeated_layers(module), *leaves]))
 
 
 def prefetch_window(module: torch.nn.Module, prefetch_layers: int) -> dict[str, int]:
@@ -73,21 +88,14 @@ def explicit_window_settings(ds_config: Mapping[str, Any]) -> set[str]:
     return {name for name, keys in _WINDOW_KEYS.items() if any(key in zero for key in keys)}
 
 
-def sub_group_cap(config: FuyouConfig, master_itemsize: int = 4) -> int:
-    """The largest sub-group (in elements) whose pipelined swap fits in the optimizer's share of the budget."""
-    share = int(config.pinned_memory * (1 - PREFETCH_SHARE))
-    return max(1, share // (SUBGROUP_TENSORS_IN_FLIGHT * master_itemsize))
+def sub_group_cap(config: FuyouConfig, largest_param: int, master_itemsize: int = 4) -> int:
+    """The `sub_group_size` (in elements) whose pipelined step fits in the optimizer's share of the budget.
 
-
-def sub_group_buffer_numel(numel: int, largest: int) -> int:
-    """Elements of the pooled buffer for a sub-group tensor of `numel` elements; the largest sub-group has `largest`.
-
-    Sub-groups differ by a few parameters, and a buffer freed by a smaller one cannot hold a larger one's tensor: the
-    pool would map another slab while the freed one sits idle, and pinned memory would grow with the number of
-    sub-groups, i.e. with the model's depth. Tensors within `SLOT_SHARE` of the largest take its size and reuse each
-    other's buffers; a much smaller one (the model's remainder) keeps its own size rather than hold room it never uses.
+    Stage 3 closes a sub-group at the parameter that reaches `sub_group_size`, so a sub-group can exceed it by up to
+    `largest_param` - 1 elements: the cap leaves room for that.
     """
-    return largest if numel >= SLOT_SHARE * largest else numel
+    _, step = pool_budgets(config.pinned_memory)
+    return max(1, step // (STEP_SLOTS * master_itemsize) - largest_param)
 
 
 def stage3_overrides(
@@ -96,7 +104,8 @@ def stage3_overrides(
     """The stage-3 arguments fuyou replaces: its window (unless set explicitly) and a sub-group size that fits."""
     explicit = explicit_window_settings(ds_config)
     window = prefetch_window(module, config.params.prefetch_layers)
+    largest_param = max((getattr(p, "ds_numel", p.numel()) for p in module.parameters()), default=0)
     return {
-        "sub_group_size": min(sub_group_size, sub_group_cap(config)),
+        "sub_group_size": min(sub_group_size, sub_group_cap(config, largest_param)),
         **{name: value for name, value in window.items() if name not in explicit},
     }
