@@ -45,6 +45,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument(
+        "--gradient-clipping",
+        type=float,
+        help="instead of the config's (0: none, so that fuyou's default overlap steps during backward)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="runs per side, interleaved")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--config", type=Path, help="a fuyou config (default: configs/fuyou_gpu.json or _cpu.json)")
@@ -165,7 +170,7 @@ def rows_for(label: str, results: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for side, values in results.items():
         if "error" in values:
-            rows.append([label, side, f"failed: {values['error']}", *[""] * len(COLUMNS)])
+            rows.append([label, side, "-", *["-"] * (len(COLUMNS) - 1), f"failed: {values['error']}"])
             continue
         speedup = f"{reference / values['step_s']:.2f}x" if reference else "-"
         rows.append([label, side, speedup, *(fmt.format(values[key]) for key, _, fmt in COLUMNS)])
@@ -177,11 +182,14 @@ def main() -> int:
     default = "fuyou_gpu.json" if torch.cuda.is_available() else "fuyou_cpu.json"
     base = json.loads((args.config or ROOT / "configs" / default).read_text())
     base["train_micro_batch_size_per_gpu"] = args.micro_batch
+    if args.gradient_clipping is not None:
+        base["gradient_clipping"] = args.gradient_clipping
     if args.offload_activations:
         activations = {"offload": "auto", "tier": args.offload_activations, "min_tensor_size": "128KiB"}
         base["fuyou"] = {**base["fuyou"], "activations": activations}
     tokens_per_step = args.micro_batch * args.seq_len * base.get("gradient_accumulation_steps", 1)
     header = ["layers / params", "side", f"speed-up vs {REFERENCE}", *(title for _, title, _ in COLUMNS)]
+    header[-1] += " (or why the side failed)"
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(dir=args.path, prefix="fuyou-bench-step-") as scratch:
         for layers in args.layers:
@@ -209,7 +217,8 @@ def main() -> int:
             results = {side: summarize(r, tokens_per_step, args.steps) for side, r in runs.items()}
             rows += rows_for(f"{layers} / {params / 1e6:.0f}M", results)
     settings = (
-        f"width {args.hidden}, micro-batch {args.micro_batch}, seq {args.seq_len}, {args.steps} steps, "
+        f"width {args.hidden}, micro-batch {args.micro_batch}, seq {args.seq_len}, "
+        f"gradient clipping {base.get('gradient_clipping', 0)}, {args.steps} steps, "
         f"{args.rounds} round(s) interleaved; step time is each run's median after its first step, median over rounds"
     )
     if args.offload_activations:
