@@ -36,3 +36,14 @@ fi
 # The import hook that registers fuyou when `deepspeed` is imported. A regular install ships it as data; an
 # editable install (this one) does not carry data files, so it is placed here.
 cp deepspeed_fuyou-hook.pth "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/"
+
+# DeepSpeed's C++ ops (minutes on 2 cores), built now rather than by the first training run: a run killed while
+# compiling leaves a lock that hangs every later one. Quick when they are built already.
+log=.venv/build_deepspeed_ops.log
+if .venv/bin/python scripts/build_deepspeed_ops.py >"$log" 2>&1; then
+  grep '^build_deepspeed_ops' "$log"
+else
+  tail -40 "$log" >&2
+  echo "install.sh: building DeepSpeed's ops failed (whole log: $log)" >&2
+  exit 1
+fi

@@ -1,0 +1,56 @@
+"""Builds the DeepSpeed C++ ops that training loads, once, at install time instead of inside the first training run.
+
+DeepSpeed compiles its ops (CPU Adam, async I/O, the shared-memory all-reduce, ...) on first use, under a lock
+file in torch's extension cache. A process killed while compiling (a launcher stopping its other ranks, a timeout,
+Ctrl-C) leaves that lock behind, and every later run then waits on it forever. Building here, with nothing able to
+kill the build half-way, keeps compilation out of training runs; a lock older than any build is removed first,
+with a message, because nothing can be holding it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch.utils.cpp_extension
+from deepspeed.accelerator import get_accelerator
+
+# The builders our training path, stock ZeRO-3 offload and the tests load on either accelerator.
+OPS = ("CPUAdamBuilder", "AsyncIOBuilder", "ShareMemCommBuilder", "PinMemoryBuilder", "FusedAdamBuilder")
+# No op takes this long to build on two cores, so an older lock belongs to a build that was killed.
+STALE_LOCK_SECONDS = 30 * 60
+
+
+def extension_cache() -> Path:
+    """Where torch keeps JIT-built extensions (one folder per Python and accelerator, one per op below it)."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root())
+
+
+def remove_stale_locks(cache: Path) -> None:
+    for lock in cache.glob("**/lock"):
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_LOCK_SECONDS:
+            print(f"build_deepspeed_ops: removing {lock}, left {age / 60:.0f} min ago by a build that was killed")
+            lock.unlink(missing_ok=True)
+
+
+def main() -> None:
+    cache = extension_cache()
+    if cache.is_dir():
+        remove_stale_locks(cache)
+    accelerator = get_accelerator()
+    for name in OPS:
+        builder = accelerator.create_op_builder(name)
+        if builder is None or not builder.is_compatible(verbose=False):
+            print(f"build_deepspeed_ops: {name} does not apply to the {accelerator.device_name()} accelerator")
+            continue
+        started = time.monotonic()
+        builder.load(verbose=False)
+        print(f"build_deepspeed_ops: {builder.name} ready ({time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()
