@@ -12,13 +12,9 @@ train from the set values only if the swapper wrote them back).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 
-import deepspeed
 import torch
 from deepspeed.utils import (
     safe_get_full_fp32_param,
@@ -27,12 +23,10 @@ from deepspeed.utils import (
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
 )
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.integrations import HfDeepSpeedConfig
+from probes import probe_arguments, tiny_llama_engine
 
 from deepspeed_fuyou.distributed import end_distributed
 
-MODEL = Path(__file__).resolve().parents[2] / "configs" / "models" / "llama-tiny"
 SEQ_LEN = 32
 
 
@@ -43,16 +37,8 @@ def summary(tensor: torch.Tensor) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--deepspeed_config", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
-    args = parser.parse_args()
-    ds_config = json.loads(args.deepspeed_config.read_text())
-    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers builds the model under zero.Init while it lives)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL), dtype=torch.float32)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    args, ds_config = probe_arguments()
+    engine, model = tiny_llama_engine(ds_config)
     named = dict(engine.module.named_parameters())
     probed = {name: named[name] for name in (next(iter(named)), "model.layers.1.mlp.up_proj.weight", "lm_head.weight")}
     batch = ds_config["train_micro_batch_size_per_gpu"]

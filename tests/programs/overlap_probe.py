@@ -15,23 +15,18 @@ Rank 0 writes the result.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
-import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.integrations import HfDeepSpeedConfig
+from probes import probe_arguments, tiny_llama_engine
 
 from deepspeed_fuyou.distributed import end_distributed
 
-MODEL = Path(__file__).resolve().parents[2] / "configs" / "models" / "llama-tiny"
 SEQ_LEN = 32
 STEPS = 4
 HELD_ITERATION = 2  # the iteration whose step thread is held back ("forward")
@@ -42,10 +37,7 @@ def probe(ds_config: dict[str, Any], mode: str) -> dict[str, Any]:
     config["fuyou"]["optimizer"] = {"overlap": mode}
     if mode == "backward":
         config["gradient_clipping"] = 0.0
-    keep = HfDeepSpeedConfig(config)  # noqa: F841  (transformers builds the model under zero.Init while it lives)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL), dtype=torch.float32)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine, model = tiny_llama_engine(config)
     optimizer = engine.optimizer
     runtime = optimizer.fuyou_runtime
     record: dict[str, Any] = {
@@ -123,12 +115,7 @@ def hold_step_thread(optimizer: Any, runtime: Any, record: dict[str, Any]) -> No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--deepspeed_config", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
-    args = parser.parse_args()
-    ds_config = json.loads(args.deepspeed_config.read_text())
+    args, ds_config = probe_arguments()
     deepspeed.init_distributed()
     result = {mode: probe(ds_config, mode) for mode in ("off", "backward", "forward")}
     if torch.distributed.get_rank() == 0:
