@@ -3,8 +3,8 @@
 DeepSpeed compiles its ops (CPU Adam, async I/O, the shared-memory all-reduce, ...) on first use, under a lock
 file in torch's extension cache. A process killed while compiling (a launcher stopping its other ranks, a timeout,
 Ctrl-C) leaves that lock behind, and every later run then waits on it forever. Building here, with nothing able to
-kill the build half-way, keeps compilation out of training runs; a lock older than any build is removed first,
-with a message, because nothing can be holding it.
+kill the build half-way, keeps compilation out of training runs; a lock that no running build holds is removed
+first, with a message.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from deepspeed.accelerator import get_accelerator
 
 # The builders our training path, stock ZeRO-3 offload and the tests load on either accelerator.
 OPS = ("CPUAdamBuilder", "AsyncIOBuilder", "ShareMemCommBuilder", "PinMemoryBuilder", "FusedAdamBuilder")
-# No op takes this long to build on two cores, so an older lock belongs to a build that was killed.
-STALE_LOCK_SECONDS = 30 * 60
+# A lock this young may belong to a build that is writing its ninja file or loading its result (the moments when
+# no compiler runs in the op's folder); older, with no compiler there, its build is gone.
+STALE_LOCK_SECONDS = 60
 
 
 def extension_cache() -> Path:
@@ -27,11 +28,24 @@ def extension_cache() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root())
 
 
+def build_running_in(folder: Path) -> bool:
+    """Whether any process works in `folder`: torch runs ninja, and ninja the compiler, with the op's folder as cwd."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = Path(os.readlink(proc / "cwd"))
+        except OSError:  # not a process, gone meanwhile, or not ours to inspect
+            continue
+        if cwd == folder or folder in cwd.parents:
+            return True
+    return False
+
+
 def remove_stale_locks(cache: Path) -> None:
+    """Removes every lock whose build was killed, so that no later run waits on it forever."""
     for lock in cache.glob("**/lock"):
         age = time.time() - lock.stat().st_mtime
-        if age > STALE_LOCK_SECONDS:
-            print(f"build_deepspeed_ops: removing {lock}, left {age / 60:.0f} min ago by a build that was killed")
+        if age > STALE_LOCK_SECONDS and not build_running_in(lock.parent.resolve()):
+            print(f"build_deepspeed_ops: removing {lock}, left {age:.0f} s ago by a build that was killed")
             lock.unlink(missing_ok=True)
 
 

@@ -19,6 +19,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own ops are compar
 BACKENDS = ["aio", "io_uring", "threads"]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A DeepSpeed op build killed before this session left a lock on which every launch below would wait forever."""
+    import build_deepspeed_ops  # scripts/, on pytest's pythonpath
+
+    build_deepspeed_ops.remove_stale_locks(build_deepspeed_ops.extension_cache())
+
+
 def make_engine(backend: str, **options: int) -> IOEngine:
     """An engine on `backend`, or a skip where this machine's kernel or build cannot provide it."""
     if backend == "io_uring" and not native.io_uring_compiled():
