@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -52,6 +54,63 @@ def test_directories_of_killed_processes_are_removed_by_the_next_swap_space(tmp_
     with SwapSpace([tmp_path]) as space:
         assert not stale.exists()
         assert space.dirs[0].exists()
+
+
+def start_job_in_another_pid_namespace(root: Path) -> tuple[subprocess.Popen[str], Path]:
+    """A process holding a SwapSpace on `root` from a new PID namespace, under a PID that is free here.
+
+    Skips where this machine does not let us make a PID namespace (unshare needs root or user namespaces).
+    """
+    free_here = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1000
+    while _alive(free_here):
+        free_here -= 1
+    job_code = (
+        f"import sys; from deepspeed_fuyou.io import SwapSpace; s = SwapSpace([{str(root)!r}]); "
+        "print(s.dirs[0], flush=True); sys.stdin.read()"
+    )
+    # The shell is PID 1 there; it sets the namespace's last PID, so Python gets `free_here`.
+    python = f"{shlex.quote(sys.executable)} -c {shlex.quote(job_code)}"
+    shell = f"echo {free_here - 1} > /proc/sys/kernel/ns_last_pid && {python}; :"
+    command = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c", shell]
+    job = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = job.stdout.readline().strip()
+    if not line:
+        job.kill()
+        pytest.skip(f"no PID namespace here: {job.communicate()[1].strip()}")
+    directory = Path(line)
+    assert directory.name.startswith(f"fuyou-swap-{free_here}-")  # a PID that names no process here
+    return job, directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_live_job_in_another_pid_namespace_keeps_its_swap_directory(tmp_path: Path) -> None:
+    job, theirs = start_job_in_another_pid_namespace(tmp_path)
+    try:
+        with SwapSpace([tmp_path]) as ours:
+            assert theirs.exists()
+            assert ours.dirs[0] != theirs
+    finally:
+        job.communicate(timeout=120)  # closes its stdin: it ends and removes its own directory
+    assert job.returncode == 0
+    assert not theirs.exists()
+
+
+def test_a_killed_job_of_another_pid_namespace_is_cleaned_up_by_the_next_swap_space(tmp_path: Path) -> None:
+    job, theirs = start_job_in_another_pid_namespace(tmp_path)
+    job.send_signal(signal.SIGKILL)  # unshare --kill-child takes the namespace down with it
+    job.stdout.read()  # end of file once every process of the namespace is gone; its stdin stays open until then
+    job.wait(timeout=120)
+    job.stdin.close()
+    assert theirs.exists()
+    with SwapSpace([tmp_path]):
+        assert not theirs.exists()
 
 
 def test_missing_or_unusable_roots_are_config_errors_naming_the_entry(tmp_path: Path) -> None:

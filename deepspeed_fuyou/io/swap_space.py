@@ -4,15 +4,21 @@ Stock ZeRO-Infinity writes into fixed folders under nvme_path, and each swapper 
 before it. Ours is one fresh directory per SwapSpace (mode 0700, files 0600), removed on close(), at garbage
 collection, or at interpreter exit; directories left behind by processes that were killed are removed the next
 time a SwapSpace is made on the same path.
+
+A directory's owner holds an exclusive `flock` on the lock file inside it for as long as it lives; the kernel drops
+it when the owner dies, however it dies. That is the only proof of death that holds for a job in another PID
+namespace (a second container on the same SSD), where the PID in a directory's name means nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +28,23 @@ from deepspeed_fuyou.errors import FuyouConfigError
 log = logging.getLogger(__name__)
 
 _PREFIX = "fuyou-swap-"
+_OWNER_LOCK = ".owner"
+# A directory without a lock file is another process's in the instant between creating it and locking it, or a
+# leftover of a version before the lock; only the second is this old.
+_UNLOCKED_GRACE_SECONDS = 60
+
+
+def _hold_ownership(directory: Path) -> int:
+    """Locks `directory` for this process: the returned descriptor must stay open for as long as it is in use."""
+    fd = os.open(directory / _OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh directory: nobody else can hold it
+    return fd
+
+
+def _release(dirs: list[Path], owner_fds: list[int]) -> None:
+    _remove(dirs)
+    for fd in owner_fds:
+        os.close(fd)
 
 
 def _remove(dirs: list[Path]) -> None:
@@ -29,23 +52,32 @@ def _remove(dirs: list[Path]) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def _remove_if_abandoned(entry: Path) -> None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fd = os.open(entry / _OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if time.time() - entry.stat().st_mtime > _UNLOCKED_GRACE_SECONDS:
+            log.info("fuyou: removing unlocked swap directory %s, left by an older version", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # its owner is alive, whichever PID namespace it runs in
+    else:
+        log.info("fuyou: removing swap directory %s of a process that is gone", entry)
+        shutil.rmtree(entry, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def _remove_stale(root: Path) -> None:
-    """Removes swap directories of processes that no longer exist (killed before they could clean up)."""
+    """Removes the swap directories whose owners are gone (killed before they could clean up)."""
     for entry in root.glob(f"{_PREFIX}*"):
-        pid = entry.name[len(_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            log.info("fuyou: removing stale swap directory %s of a process that is gone", entry)
-            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            _remove_if_abandoned(entry)
+        except OSError:  # removed meanwhile by its owner or by another job's clean-up, or not ours to inspect
+            continue
 
 
 def check_swap_root(root: str | os.PathLike, field: str) -> Path:
@@ -102,10 +134,12 @@ class SwapSpace:
             raise FuyouConfigError(field, [], "no swap directory given", "list at least one directory on an SSD")
         checked = [check_swap_root(root, f"{field}[{i}]") for i, root in enumerate(roots)]
         self.dirs: list[Path] = []
+        owner_fds: list[int] = []
         for root in checked:
             _remove_stale(root)
             self.dirs.append(Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=root)))
-        self._finalizer = weakref.finalize(self, _remove, list(self.dirs))
+            owner_fds.append(_hold_ownership(self.dirs[-1]))
+        self._finalizer = weakref.finalize(self, _release, list(self.dirs), owner_fds)
 
     def files(self, name: str) -> list[str]:
         """The paths that hold logical file `name`, one per directory, in stripe order."""
