@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shlex
 import signal
@@ -123,3 +125,20 @@ def test_missing_or_unusable_roots_are_config_errors_naming_the_entry(tmp_path: 
         SwapSpace([tmp_path / "file"])
     with pytest.raises(FuyouConfigError, match="no swap directory"):
         SwapSpace([])
+
+
+def test_a_file_system_that_refuses_locks_is_a_config_error_and_leaves_no_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        root.mkdir()
+    calls = iter([fcntl.flock, refuse])  # the first root locks, the second refuses
+    monkeypatch.setattr(fcntl, "flock", lambda fd, operation: next(calls)(fd, operation))
+    with pytest.raises(FuyouConfigError) as err:
+        SwapSpace(roots)
+    assert err.value.field == "fuyou.nvme_paths[1]" and "local file system" in err.value.fix
+    assert not [entry for root in roots for entry in root.iterdir()]

@@ -5,9 +5,11 @@ before it. Ours is one fresh directory per SwapSpace (mode 0700, files 0600), re
 collection, or at interpreter exit; directories left behind by processes that were killed are removed the next
 time a SwapSpace is made on the same path.
 
-A directory's owner holds an exclusive `flock` on the lock file inside it for as long as it lives; the kernel drops
+A directory's owner holds an exclusive `flock` on the directory itself for as long as it lives; the kernel drops
 it when the owner dies, however it dies. That is the only proof of death that holds for a job in another PID
-namespace (a second container on the same SSD), where the PID in a directory's name means nothing.
+namespace (a second container on the same SSD), where the PID in a directory's name means nothing. A directory is
+locked under a hidden name and only then renamed to the name the clean-up looks for, so no other job can see it
+unlocked.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import mmap
 import os
 import shutil
 import tempfile
-import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,38 +29,42 @@ from deepspeed_fuyou.errors import FuyouConfigError
 log = logging.getLogger(__name__)
 
 _PREFIX = "fuyou-swap-"
-_OWNER_LOCK = ".owner"
-# A directory without a lock file is another process's in the instant between creating it and locking it, or a
-# leftover of a version before the lock; only the second is this old.
-_UNLOCKED_GRACE_SECONDS = 60
+_UNLOCKED_PREFIX = ".fuyou-new-"  # not matched by the clean-up: a directory is still unlocked under this name
 
 
-def _hold_ownership(directory: Path) -> int:
-    """Locks `directory` for this process: the returned descriptor must stay open for as long as it is in use."""
-    fd = os.open(directory / _OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh directory: nobody else can hold it
-    return fd
+def _make_owned_directory(root: Path, field: str) -> tuple[Path, int]:
+    """A fresh swap directory under `root`, locked by this process: keep the descriptor open while it is in use.
+
+    Without the lock other jobs would take the directory for abandoned, so a file system that refuses locks is
+    refused, and the directory removed.
+    """
+    unlocked = Path(tempfile.mkdtemp(prefix=f"{_UNLOCKED_PREFIX}{os.getpid()}-", dir=root))
+    fd = os.open(unlocked, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh directory: nobody else can hold it
+    except OSError as err:
+        os.close(fd)
+        unlocked.rmdir()
+        raise FuyouConfigError(
+            field,
+            str(root),
+            f"its file system refuses file locks ({err.strerror}), which mark the swap directory as in use",
+            "put swap files on a local file system (ext4, xfs) of the SSD",
+        ) from None
+    directory = root / (_PREFIX + unlocked.name[len(_UNLOCKED_PREFIX) :])
+    os.rename(unlocked, directory)  # the lock belongs to the directory, not to its name
+    return directory, fd
 
 
 def _release(dirs: list[Path], owner_fds: list[int]) -> None:
-    _remove(dirs)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
     for fd in owner_fds:
         os.close(fd)
 
 
-def _remove(dirs: list[Path]) -> None:
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def _remove_if_abandoned(entry: Path) -> None:
-    try:
-        fd = os.open(entry / _OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        if time.time() - entry.stat().st_mtime > _UNLOCKED_GRACE_SECONDS:
-            log.info("fuyou: removing unlocked swap directory %s, left by an older version", entry)
-            shutil.rmtree(entry, ignore_errors=True)
-        return
+    fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -135,11 +140,16 @@ class SwapSpace:
         checked = [check_swap_root(root, f"{field}[{i}]") for i, root in enumerate(roots)]
         self.dirs: list[Path] = []
         owner_fds: list[int] = []
-        for root in checked:
-            _remove_stale(root)
-            self.dirs.append(Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=root)))
-            owner_fds.append(_hold_ownership(self.dirs[-1]))
-        self._finalizer = weakref.finalize(self, _release, list(self.dirs), owner_fds)
+        self._finalizer = weakref.finalize(self, _release, self.dirs, owner_fds)
+        try:
+            for i, root in enumerate(checked):
+                _remove_stale(root)
+                directory, owner_fd = _make_owned_directory(root, f"{field}[{i}]")
+                owner_fds.append(owner_fd)
+                self.dirs.append(directory)
+        except BaseException:
+            self._finalizer()  # the directories made before the failure
+            raise
 
     def files(self, name: str) -> list[str]:
         """The paths that hold logical file `name`, one per directory, in stripe order."""
