@@ -9,7 +9,9 @@ runs the main job (scripts/finetune.py, launched by `deepspeed`, no final checkp
 rounds interleave the sides (`--rounds`), so a noisy machine slows all of them alike. Reported per side: step time
 (median over rounds of each run's median after its first step, with the rounds' spread), tokens/s, peak RSS of the
 whole process and of the training steps, pinned buffers, SSD bytes read/written per step (/proc/self/io) and the
-ratio of the step time to stock ZeRO-Infinity's. A side that fails is reported with its error, not dropped.
+ratio of the step time to stock ZeRO-Infinity's. For fuyou's sides also `fuyou estimate`'s modelled step time and
+bound (from this machine's measured rates, `estimator.rates`) and the measured step's ratio to each. A side that
+fails is reported with its error, not dropped.
 
     python scripts/bench_step.py --layers 32 --hidden 1024 --seq-len 64 --micro-batch 1 --path /mnt/nvme0
 """
@@ -32,6 +34,8 @@ import torch
 from benchlib import append_result, comparison_config, table
 
 from deepspeed_fuyou.cli.main import main as fuyou_cli
+from deepspeed_fuyou.estimator.estimate import estimate, measured_rates
+from deepspeed_fuyou.estimator.step_time import StepTime
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("no-offload", "stock-cpu", "stock-nvme", "stock-nvme-nocache", "fuyou-ssd-off", "fuyou-ssd", "fuyou")
@@ -165,15 +169,28 @@ COLUMNS = (
 )
 
 
+def model_side(model_dir: Path, ds_config: dict[str, Any], seq_len: int) -> StepTime:
+    """`fuyou estimate`'s modelled step of one side (the machine's rates are measured once, then cached)."""
+    result = estimate(model_dir, ds_config, seq_len=seq_len, rates=measured_rates)
+    assert result.step_time is not None
+    return result.step_time
+
+
 def rows_for(label: str, results: dict[str, dict[str, Any]]) -> list[list[str]]:
     reference = results.get(REFERENCE, {}).get("step_s")
     rows = []
     for side, values in results.items():
         if "error" in values:
-            rows.append([label, side, "-", *["-"] * (len(COLUMNS) - 1), f"failed: {values['error']}"])
+            rows.append([label, side, "-", "-", *["-"] * (len(COLUMNS) - 1), f"failed: {values['error']}"])
             continue
         speedup = f"{reference / values['step_s']:.2f}x" if reference else "-"
-        rows.append([label, side, speedup, *(fmt.format(values[key]) for key, _, fmt in COLUMNS)])
+        model = "-"
+        if "model_s" in values:
+            model = (
+                f"{values['model_s']:.2f} / {values['bound_s']:.2f} ({values['bottleneck']}): "
+                f"{values['step_s'] / values['model_s']:.2f}x / {values['step_s'] / values['bound_s']:.2f}x"
+            )
+        rows.append([label, side, speedup, model, *(fmt.format(values[key]) for key, _, fmt in COLUMNS)])
     return rows
 
 
@@ -188,7 +205,8 @@ def main() -> int:
         activations = {"offload": "auto", "tier": args.offload_activations, "min_tensor_size": "128KiB"}
         base["fuyou"] = {**base["fuyou"], "activations": activations}
     tokens_per_step = args.micro_batch * args.seq_len * base.get("gradient_accumulation_steps", 1)
-    header = ["layers / params", "side", f"speed-up vs {REFERENCE}", *(title for _, title, _ in COLUMNS)]
+    header = ["layers / params", "side", f"speed-up vs {REFERENCE}", "model / bound s: step's ratio to each"]
+    header += [title for _, title, _ in COLUMNS]
     header[-1] += " (or why the side failed)"
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(dir=args.path, prefix="fuyou-bench-step-") as scratch:
@@ -204,17 +222,22 @@ def main() -> int:
             params = sum(p.numel() for p in model.parameters())
             largest = max(p.numel() for p in model.parameters())
             runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
+            modelled: dict[str, StepTime] = {}
             for round_ in range(args.rounds):
                 for side in args.sides:
                     swap = Path(scratch) / f"{model_dir.name}-{side}-{round_}-swap"
                     swap.mkdir()
                     ds_config = side_config(base, side, swap, largest)
+                    if side.startswith("fuyou") and side not in modelled:
+                        modelled[side] = model_side(model_dir, ds_config, args.seq_len)
                     workdir = Path(scratch) / f"{model_dir.name}-{side}-{round_}"
                     runs[side].append(run_side(side, ds_config, model_dir, workdir, args))
                     if args.trace and round_ == 0 and (workdir / "trace.json").exists():
                         picture = ROOT / "benchmarks" / f"trace-{layers}x{args.hidden}-{side}.png"
                         fuyou_cli(["trace", str(workdir / "trace.json"), "-o", str(picture), "--title", side])
             results = {side: summarize(r, tokens_per_step, args.steps) for side, r in runs.items()}
+            for side, step in modelled.items():
+                results[side].update(model_s=step.seconds, bound_s=step.bound_seconds, bottleneck=step.bottleneck)
             rows += rows_for(f"{layers} / {params / 1e6:.0f}M", results)
     settings = (
         f"width {args.hidden}, micro-batch {args.micro_batch}, seq {args.seq_len}, "

@@ -29,7 +29,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from deepspeed_fuyou.activations import ActivationStats
 from deepspeed_fuyou.distributed import end_distributed
 from deepspeed_fuyou.swap.host_heap import reset_peak_rss, rss_bytes
-from deepspeed_fuyou.swap.runtime import SwapRuntime
+from deepspeed_fuyou.swap.runtime import SWAP_FILE_KINDS, SwapRuntime
 from deepspeed_fuyou.trace import ENVIRONMENT, TRACE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +125,16 @@ def io_since(start: dict[str, int]) -> dict[str, int]:
     return {key: value - start[key] for key, value in storage_io().items()}
 
 
+def swap_traffic() -> dict[str, int]:
+    """Bytes fuyou's swap runtimes have moved so far, by direction and what the files hold (none under stock)."""
+    runtimes = list(SwapRuntime._instances.values())
+    return {
+        f"{kind}_{direction}": sum(getattr(runtime.counters, direction)[kind] for runtime in runtimes)
+        for kind in SWAP_FILE_KINDS
+        for direction in ("read", "written")
+    }
+
+
 def gradient_buffer_bytes(engine: deepspeed.DeepSpeedEngine) -> int:
     """Stage 3's whole-model gradient buffer (host memory when the optimizer is offloaded; fuyou streams instead)."""
     buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
@@ -179,6 +189,10 @@ def train_with_engine(
     tokens_per_step = args.seq_len * micro_batch * accumulation * world
     progress = tqdm(range(first_step, args.steps), disable=rank != 0, desc="fine-tune", unit="step")
     start, io_start = time.perf_counter(), storage_io()
+    traffic_per_step: list[dict[str, int]] = []
+    # Each step's window of swap traffic starts where the last one ended: an optimizer step behind the next forward
+    # moves bytes between two windows, and they must count for one of them.
+    traffic_start = swap_traffic()
     reset_peak_rss()  # the steps' own peak, apart from building the model and saving checkpoints
     for step in progress:
         step_start = time.perf_counter()
@@ -191,6 +205,9 @@ def train_with_engine(
             step_loss += loss.item() / accumulation
         losses.append(step_loss)
         step_seconds.append(time.perf_counter() - step_start)
+        traffic_end = swap_traffic()
+        traffic_per_step.append({key: value - traffic_start[key] for key, value in traffic_end.items()})
+        traffic_start = traffic_end
         elapsed = time.perf_counter() - start
         memory = memory_report(engine)
         progress.set_postfix(
@@ -203,6 +220,7 @@ def train_with_engine(
             engine.save_checkpoint(str(args.output_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
     tokens_per_s = tokens_per_step * len(losses) / (time.perf_counter() - start) if losses else 0.0
     summary = {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s, "step_seconds": step_seconds}
+    summary["swap_traffic_per_step"] = traffic_per_step  # what fuyou moved while each step ran
     summary["steps_peak_rss_bytes"] = rss_bytes("VmHWM")  # before the final checkpoint, which gathers the model
     summary.update(io_since(io_start))  # the steps' swap traffic, not the checkpoint below
     if not args.no_final_save:

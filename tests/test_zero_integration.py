@@ -19,6 +19,7 @@ from benchlib import comparison_config
 from deepspeed_fuyou.config.fuyou import ActivationOptions, host_memory_bytes
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
+from deepspeed_fuyou.estimator.rates import ComputeRates, MachineRates, SsdRates
 from tests.conftest import run_deepspeed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,3 +303,56 @@ def test_a_host_memory_budget_that_holds_everything_takes_the_ssd_out_of_trainin
     assert_losses_equal(tier["losses"], runs("stock-nvme", "base")["losses"])
     assert tier["fuyou_bytes_read"] == tier["fuyou_bytes_written"] == 0
     assert base["fuyou_bytes_read"] > 0 and base["fuyou_bytes_written"] > 0
+
+
+TRAFFIC_TOLERANCE = 0.03
+"""The model takes the parameters a backward finds still gathered from its forward to be `max_live_parameters`;
+stage 3 releases whole parameters, so it keeps up to one more."""
+
+
+def traffic_per_step(run: dict[str, Any], direction: str) -> float:
+    """Swap bytes the run moved in `direction` ("read", "written") per step, averaged over the steps after the first
+    (whose backward reads every parameter again; in "forward" a step's updates are written during the next one)."""
+    later = run["swap_traffic_per_step"][1:]
+    return sum(v for step in later for key, v in step.items() if key.endswith(f"_{direction}")) / len(later)
+
+
+def timed_estimate(run: dict[str, Any]) -> Any:
+    """`fuyou estimate --time` for the run's config (`step_time`); the traffic needs no real rates."""
+    config = json.loads((run["workdir"] / "ds_config.json").read_text())
+    machine = Machine(gpu_memory=None, host_memory=host_memory_bytes())
+    fixed = MachineRates(SsdRates(1e9, 1e9, 1e9), ComputeRates(*[1e-3] * 6))
+    return estimate(MODEL, config, seq_len=128, machine=machine, rates=lambda *_: fixed)
+
+
+@pytest.mark.parametrize(
+    ("variant", "overlap"),
+    [
+        ("no-clipping", "off"),
+        ("no-clipping", None),  # "backward"
+        ("accumulation-no-clipping", None),  # "backward", two micro-steps
+    ],
+)
+def test_the_modelled_ssd_traffic_of_a_step_is_what_the_run_moved(
+    runs: Callable[..., Any], variant: str, overlap: str | None
+) -> None:
+    """The step-time model's bytes against the swap runtime's counters, stepping after backward or during it, with
+    and without gradient accumulation."""
+    run = runs("fuyou", variant, overlap)
+    step = timed_estimate(run).step_time
+    assert traffic_per_step(run, "read") == pytest.approx(step.read_bytes, rel=TRAFFIC_TOLERANCE)
+    assert traffic_per_step(run, "written") == pytest.approx(step.written_bytes, rel=TRAFFIC_TOLERANCE)
+
+
+@pytest.mark.parametrize("variant", ["base", "accumulation"])
+def test_stepping_behind_the_forward_reads_at_most_one_more_copy_of_the_parameters_than_modelled(
+    runs: Callable[..., Any], variant: str
+) -> None:
+    """With "forward" the model hands every updated partition over to the next forward; the run keeps one
+    sub-group's (`hand_over_limit`), so where the step runs ahead of the forward, as on this tiny model, the forward
+    reads the others from their files. Writes do not depend on who is ahead."""
+    run = runs("fuyou", variant)
+    result = timed_estimate(run)
+    step, one_copy = result.step_time, result.fuyou.swapped["parameters"]
+    assert traffic_per_step(run, "written") == pytest.approx(step.written_bytes, rel=TRAFFIC_TOLERANCE)
+    assert step.read_bytes * (1 - TRAFFIC_TOLERANCE) <= traffic_per_step(run, "read") <= step.read_bytes + one_copy

@@ -7,6 +7,11 @@ breakdown, then the verdict for the plan the config selects. Exits 0 when it fit
 config or model is invalid. `--json` prints one JSON object instead (see the README for its keys). `--auto` searches
 the fastest micro-batch, prefetch depth and pinned budget that fit at the same global batch, and `--write` saves
 the resulting config.
+
+With a `"fuyou"` block it also prints where fuyou places each kind of model state (DRAM tier or SSD), and with
+`--time` its modelled step time: the SSD traffic of each phase priced with this machine's rates, measured on first
+use and cached (`estimator.rates`: a few seconds of SSD probe on the configured paths, and the model cut to a few
+layers run under ZeRO-Offload, half a minute or so), so that the estimate itself stays instant.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from deepspeed_fuyou.config.fuyou import BLOCK, EstimatorOptions
 from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.errors import FuyouConfigError
 from deepspeed_fuyou.estimator.auto import auto_configure
-from deepspeed_fuyou.estimator.estimate import Estimate, Machine, estimate
+from deepspeed_fuyou.estimator.estimate import Estimate, Machine, RatesSource, estimate, measured_rates, placement
 from deepspeed_fuyou.estimator.memory import COMPONENTS, DEVICES
+from deepspeed_fuyou.estimator.rates import cache_path
+from deepspeed_fuyou.estimator.step_time import StepTime
 
 DOES_NOT_FIT = 3
 DEVICE_NAMES = {"gpu": "accelerator", "pinned_host": "pinned host", "pageable_host": "pageable host", "ssd": "SSD"}
@@ -31,13 +38,14 @@ DEVICE_NAMES = {"gpu": "accelerator", "pinned_host": "pinned host", "pageable_ho
 def run(args: argparse.Namespace) -> int:
     if args.write and not args.auto:
         raise FuyouConfigError("--write", args.write, "only --auto proposes a config to write", "add --auto")
+    rates = measured_rates if args.time else None
     if not args.auto:
-        result, extra, header = estimate_from_args(args), {}, ""
+        result, extra, header = estimate_from_args(args, rates), {}, ""
     else:
         ds_config = read_ds_config(args.config)
         machine = machine_from_args(args, ds_config)
         proposal = auto_configure(
-            args.model, ds_config, seq_len=args.seq_len, world_size=args.world_size, machine=machine
+            args.model, ds_config, seq_len=args.seq_len, world_size=args.world_size, machine=machine, rates=rates
         )
         result, extra = proposal.estimate, {"config": proposal.ds_config, "changes": proposal.changes}
         header = "proposed by --auto:\n" + "".join(f"  {change}\n" for change in proposal.changes or ["no change"])
@@ -51,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.fits else DOES_NOT_FIT
 
 
-def estimate_from_args(args: argparse.Namespace) -> Estimate:
+def estimate_from_args(args: argparse.Namespace, rates: RatesSource | None = None) -> Estimate:
     ds_config = read_ds_config(args.config)
     return estimate(
         args.model,
@@ -60,6 +68,7 @@ def estimate_from_args(args: argparse.Namespace) -> Estimate:
         micro_batch=args.micro_batch,
         world_size=args.world_size,
         machine=machine_from_args(args, ds_config),
+        rates=rates,
     )
 
 
@@ -94,6 +103,12 @@ def render(result: Estimate) -> str:
             values = [getattr(p.device(device), component) for p in plans]
             if any(values):
                 lines.append(f"  {component:30}" + "".join(f"{format_size(v):>20}" for v in values))
+    if result.fuyou is not None:
+        lines += ["", f"{'fuyou places':32}{'DRAM tier':>20}{'SSD':>20}"]
+        for kind, tiers in placement(result.fuyou).items():
+            lines.append(f"  {kind:30}{format_size(tiers['dram']):>20}{format_size(tiers['ssd']):>20}")
+    if result.step_time is not None:
+        lines += ["", *render_step_time(result.step_time)]
     machine = result.machine
     accelerator = "shares host memory" if machine.accelerator_is_host else format_size(machine.gpu_memory)
     lines += [
@@ -109,6 +124,28 @@ def render(result: Estimate) -> str:
     return "\n".join(lines)
 
 
+def render_step_time(step: StepTime) -> list[str]:
+    lines = [
+        f"modelled step (fuyou): {step.seconds:.2f} s, bound {step.bound_seconds:.2f} s by the {step.bottleneck}; "
+        f"SSD {format_size(step.read_bytes)} read, {format_size(step.written_bytes)} written per step",
+        f"  {'phase':22}{'seconds':>9}  {'bound by':10}{'compute s':>10}{'optimizer s':>12}{'read':>12}{'written':>12}",
+    ]
+    for phase in step.phases:
+        lines.append(
+            f"  {phase.name:22}{phase.seconds:>9.2f}  {phase.bound_by:10}{phase.compute_s:>10.2f}"
+            f"{phase.optimizer_s:>12.2f}{format_size(phase.read_bytes):>12}{format_size(phase.written_bytes):>12}"
+        )
+    if step.rates is not None:
+        ssd, compute = step.rates.ssd, step.rates.compute
+        lines.append(
+            f"  rates: SSD {ssd.read / 1e9:.2f} GB/s read, {ssd.write / 1e9:.2f} written, {ssd.mixed / 1e9:.2f} both "
+            f"at once; per layer {compute.forward_per_layer * 1e3:.1f} ms forward, "
+            f"{compute.backward_per_layer * 1e3:.1f} backward, {compute.step_per_layer * 1e3:.1f} optimizer "
+            f"(measured once, cached in {cache_path()})"
+        )
+    return lines
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "estimate",
@@ -122,7 +159,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--auto",
         action="store_true",
-        help="propose the fastest micro-batch, prefetch depth and pinned budget that fit (same global batch)",
+        help="propose the fastest micro-batch, prefetch depth and pinned budget that fit (same global batch); with "
+        "--time also the placement and overlap of the shortest modelled step",
     )
     parser.add_argument("--write", metavar="PATH", help="with --auto: write the proposed DeepSpeed config here")
+    parser.add_argument(
+        "--time",
+        action="store_true",
+        help="also model fuyou's step time (measures this machine's SSD and compute rates on first use, then cached)",
+    )
     parser.set_defaults(run=run)

@@ -10,7 +10,10 @@ What is searched, and why in this order:
 - `fuyou.params.prefetch_layers`, 2 then 1 then 0: deeper prefetch hides SSD reads behind compute but holds more
   gathered layers, so it gives way only when even a micro-batch of one does not fit;
 - `fuyou.pinned_memory`: kept when given and it fits, else a quarter of host memory (at most 8 GiB), lowered
-  when the host cannot hold it next to everything else.
+  when the host cannot hold it next to everything else;
+- with the machine's rates (`--auto --time`), then `fuyou.placement.host_memory` and `fuyou.optimizer.overlap`:
+  the configured values against "auto" (the DRAM tier as large as the host allows; the optimizer stepped behind
+  compute where the config allows it), the one with the shortest modelled step that still fits.
 Offload placement stays as configured: fuyou needs parameters and optimizer states on NVMe.
 """
 
@@ -23,7 +26,7 @@ from typing import Any
 
 from deepspeed_fuyou.config.fuyou import BLOCK, MIN_PINNED_MEMORY, default_pinned_budget
 from deepspeed_fuyou.config.sizes import format_size, parse_size
-from deepspeed_fuyou.estimator.estimate import Estimate, Machine, estimate
+from deepspeed_fuyou.estimator.estimate import Estimate, Machine, RatesSource, estimate
 from deepspeed_fuyou.estimator.model import ModelSpec, build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup
 
@@ -45,10 +48,12 @@ def auto_configure(
     seq_len: int,
     world_size: int = 1,
     machine: Machine | None = None,
+    rates: RatesSource | None = None,
 ) -> AutoConfig:
     """Searches micro-batch, prefetch depth and pinned budget (see above) for the first setting whose accelerator
-    memory fits; what no setting here can fix (SSD space, host memory taken by model states) stays in the
-    estimate's problems. When nothing fits, the smallest setting is returned with its problems."""
+    memory fits, then (with `rates`) placement and overlap for the fastest; what no setting here can fix (SSD
+    space, host memory taken by model states) stays in the estimate's problems. When nothing fits, the smallest
+    setting is returned with its problems."""
     config = copy.deepcopy(dict(ds_config))
     block = config.setdefault(BLOCK, {})
     setup = TrainingSetup.from_ds_config(config, seq_len, world_size=world_size)
@@ -67,8 +72,31 @@ def auto_configure(
                 if "host" in result.exceeded or "accelerator" in result.exceeded:
                     result = _with_smaller_pinned_budget(fake, config, seq_len, world_size, machine, result)
                 if "accelerator" not in result.exceeded:  # what is still over (SSD space, ...) no setting here fixes
+                    if rates is not None:
+                        config, result = _fastest(fake, config, seq_len, world_size, machine, rates)
                     return AutoConfig(config, result, _changes(ds_config, config))
     return AutoConfig(config, result, _changes(ds_config, config))
+
+
+def _fastest(
+    fake: Any, config: dict[str, Any], seq_len: int, world_size: int, machine: Machine | None, rates: RatesSource
+) -> tuple[dict[str, Any], Estimate]:
+    """`config` with the placement and overlap (configured or "auto") of the shortest modelled step that fits."""
+    block = config[BLOCK]
+    placements = [None, *(["auto"] if block.get("placement", {}).get("host_memory", "auto") != "auto" else [])]
+    overlaps = [None, *(["auto"] if block.get("optimizer", {}).get("overlap", "auto") != "auto" else [])]
+    best: tuple[dict[str, Any], Estimate] | None = None
+    for host_memory in placements:  # None: as configured
+        for overlap in overlaps:
+            candidate = copy.deepcopy(config)
+            if host_memory is not None:
+                candidate[BLOCK].setdefault("placement", {})["host_memory"] = host_memory
+            if overlap is not None:
+                candidate[BLOCK].setdefault("optimizer", {})["overlap"] = overlap
+            result = estimate(fake, candidate, seq_len, world_size=world_size, machine=machine, rates=rates)
+            if result.fits and (best is None or result.step_time.seconds < best[1].step_time.seconds):
+                best = candidate, result
+    return best or (config, estimate(fake, config, seq_len, world_size=world_size, machine=machine, rates=rates))
 
 
 def _apply(config: dict[str, Any], micro_batch: int, accumulation: int, depth: int, offload: str | None) -> None:
@@ -115,6 +143,8 @@ def _changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
         (BLOCK, "params", "prefetch_layers"),
         (BLOCK, "activations", "offload"),
         (BLOCK, "pinned_memory"),
+        (BLOCK, "placement", "host_memory"),
+        (BLOCK, "optimizer", "overlap"),
     ]
     changes = []
     for path in paths:

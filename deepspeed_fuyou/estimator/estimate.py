@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -23,8 +23,10 @@ from deepspeed_fuyou.config.fuyou import MIN_PINNED_MEMORY, EstimatorOptions
 from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.estimator.memory import DEVICES, ModelFacts, Plan, fuyou_plan, stock_plan, stock_window
 from deepspeed_fuyou.estimator.model import FakeModel, ModelSpec, build_fake_model, load_model_config
+from deepspeed_fuyou.estimator.rates import MachineRates, compute_rates, ssd_rates
+from deepspeed_fuyou.estimator.step_time import StepShape, StepTime, model_step_time
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout
-from deepspeed_fuyou.swap.sizing import layer_numel, stage3_overrides
+from deepspeed_fuyou.swap.sizing import layer_numel, repeated_layers, stage3_overrides
 
 RUNTIME_OVERHEAD_HOST = 400 << 20
 """Pageable host memory of the training process before any model state: Python, torch, DeepSpeed, transformers
@@ -74,6 +76,7 @@ class Estimate:
     problems: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
     exceeded: dict[str, int] = field(default_factory=dict)  # "accelerator" / "host" / "ssd" -> bytes over
+    step_time: StepTime | None = None  # fuyou's modelled step, when the machine's rates were given
 
     @property
     def chosen(self) -> Plan:
@@ -94,6 +97,7 @@ class Estimate:
             "inputs": self.inputs,
             "machine": asdict(self.machine),
             "plans": {plan.name: _plan_json(plan) for plan in (self.stock, self.fuyou) if plan is not None},
+            "step_time": self.step_time.to_json() if self.step_time is not None else None,
         }
 
 
@@ -104,8 +108,18 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "pageable_host_peak_bytes": plan.pageable_host.total,
         "ssd_bytes": plan.ssd.total,
         "ssd_bytes_per_path": dict(plan.ssd_per_path),
+        "placement": placement(plan),
         "breakdown": {device: asdict(plan.device(device)) for device in DEVICES},
     }
+
+
+PLACED = ("parameters", "gradients", "optimizer_states")
+
+
+def placement(plan: Plan) -> dict[str, dict[str, int]]:
+    """Bytes of each kind of model state per tier: "dram" (fuyou's DRAM tier, or stock's host copies) and "ssd"."""
+    host = (plan.pageable_host, plan.pinned_host)
+    return {kind: {"dram": sum(getattr(h, kind) for h in host), "ssd": getattr(plan.ssd, kind)} for kind in PLACED}
 
 
 def estimate(
@@ -115,10 +129,13 @@ def estimate(
     micro_batch: int | None = None,
     world_size: int = 1,
     machine: Machine | None = None,
+    rates: RatesSource | None = None,
 ) -> Estimate:
     """Prices one training step of `model` under `ds_config` per rank; nothing real is allocated.
 
-    `model` may also be a `FakeModel` already built (`auto_configure` estimates one model many times).
+    `model` may also be a `FakeModel` already built (`auto_configure` estimates one model many times). With
+    `rates` (what gives this machine's measured rates for the setup, e.g. `measured_rates`), fuyou's step time is
+    modelled too (`step_time`).
     """
     setup = TrainingSetup.from_ds_config(ds_config, seq_len, micro_batch, world_size)
     machine = machine or Machine.detect(setup.fuyou.estimator if setup.fuyou else None)
@@ -157,7 +174,37 @@ def estimate(
         machine=machine,
     )
     _judge(result, setup, _offload_saving(setup, facts))
+    if plan is not None and rates is not None:
+        shape = StepShape(
+            parameters=plan.swapped.get("parameters", 0),
+            gradients=plan.swapped.get("gradients", 0),
+            optimizer_states=plan.swapped.get("optimizer_states", 0),
+            retained=plan.swapped.get("persistent_parameters", 0)
+            + window["max_live_parameters"] * setup.itemsize // world_size,  # this rank's partitions of the window
+            activations=plan.ssd.activations,
+            layers=len(repeated_layers(fake.module)),
+            sub_groups=len(layout.sub_group_numels),
+            micro_steps=setup.gradient_accumulation_steps,
+            overlap=setup.overlap,
+            accelerator_is_host=machine.accelerator_is_host,
+        )
+        result.step_time = model_step_time(shape, rates(fake, setup))
     return result
+
+
+RatesSource = Callable[[FakeModel, TrainingSetup], MachineRates]
+"""Gives the machine's rates for a model and setup (tests pass fixed ones; the CLI measures, `measured_rates`)."""
+
+
+def measured_rates(fake: FakeModel, setup: TrainingSetup) -> MachineRates:
+    """This machine's rates for the setup's SSD paths and I/O options and the model's shape, measured on first use
+    and cached (`estimator.rates`)."""
+    assert setup.fuyou is not None
+    device = "cuda" if torch.cuda.is_available() and not setup.cpu_accelerator else "cpu"
+    return MachineRates(
+        ssd=ssd_rates([str(p) for p in setup.fuyou.nvme_paths], setup.fuyou.io),
+        compute=compute_rates(fake.module.config, setup.micro_batch, setup.seq_len, setup.dtype, device),
+    )
 
 
 def _offload_saving(setup: TrainingSetup, facts: ModelFacts) -> int:

@@ -61,6 +61,9 @@ class Plan:
     pageable_host: Breakdown = field(default_factory=Breakdown)
     ssd: Breakdown = field(default_factory=Breakdown)
     ssd_per_path: dict[str, int] = field(default_factory=dict)
+    # fuyou: bytes of each kind its swap files hold (unrounded), and of "persistent_parameters", the parameter files
+    # of partitions stage 3 keeps gathered between uses (it reads them once a step, not in every backward)
+    swapped: dict[str, int] = field(default_factory=dict)
 
     def device(self, name: str) -> Breakdown:
         return getattr(self, name)
@@ -158,10 +161,16 @@ def fuyou_swap_files(layout: ZeroLayout, itemsize: int, optimizer_states: int) -
     for the gradients."""
     per_sub_group = [n * FP32 for n in layout.sub_group_numels if n * FP32 >= ALIGNMENT]
     return {
-        "parameters": [n * itemsize for n in layout.partitions if n * itemsize >= ALIGNMENT],
+        "parameters": [nbytes for _, nbytes in _parameter_files(layout, itemsize)],
         "optimizer_states": (1 + optimizer_states) * per_sub_group,
         "gradients": per_sub_group,
     }
+
+
+def _parameter_files(layout: ZeroLayout, itemsize: int) -> list[tuple[int, int]]:
+    """(full elements, partition bytes) of each parameter whose partition gets a file: one of at least a page."""
+    pairs = zip(layout.full, layout.partitions, strict=True)
+    return [(full, n * itemsize) for full, n in pairs if n * itemsize >= ALIGNMENT]
 
 
 def fuyou_plan(
@@ -183,12 +192,18 @@ def fuyou_plan(
     files = fuyou_swap_files(layout, setup.itemsize, setup.optimizer_states)
     if setup.overlap == "backward" and setup.gradient_accumulation_steps == 1:
         files["gradients"] = []  # kept in pinned memory from backward to their step, never written
-    for component, in_host in place_in_host_tier(files, setup.optimizer_states, host_tier_budget).items():
+    placed = place_in_host_tier(files, setup.optimizer_states, host_tier_budget)
+    for component, in_host in placed.items():
         for nbytes, here in zip(files[component], in_host, strict=True):
             if here:
                 setattr(plan.pageable_host, component, getattr(plan.pageable_host, component) + nbytes)
             else:
                 _stripe(plan, component, nbytes, setup.fuyou.io.block_size, nvme_paths)
+                plan.swapped[component] = plan.swapped.get(component, 0) + nbytes
+    threshold = setup.zero.param_persistence_threshold
+    for (full, nbytes), here in zip(_parameter_files(layout, setup.itemsize), placed["parameters"], strict=True):
+        if full <= threshold and not here:
+            plan.swapped["persistent_parameters"] = plan.swapped.get("persistent_parameters", 0) + nbytes
     # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
     plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
     _activation_offload(plan, setup.fuyou, facts, nvme_paths)

@@ -35,7 +35,7 @@ import torch
 
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
-from deepspeed_fuyou.swap.runtime import SwapRuntime
+from deepspeed_fuyou.swap.runtime import SwapRuntime, gradient_file, optimizer_file
 from deepspeed_fuyou.trace import TRACE
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,11 @@ class _SubGroup:
     host_grad: torch.Tensor | None = None  # the gradient "file", if the DRAM tier holds it
 
     def file(self, name: str) -> str:
-        return f"optim-{self.key}-{name}"
+        return optimizer_file(self.key, name)
 
     @property
     def grad_file(self) -> str:
-        return f"optim-{self.key}-grad"
+        return gradient_file(self.key)
 
 
 class FuyouOptimizerSwapper:

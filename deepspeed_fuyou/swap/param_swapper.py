@@ -26,7 +26,7 @@ from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedP
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
-from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned
+from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned, parameter_file
 from deepspeed_fuyou.trace import TRACE
 
 
@@ -232,4 +232,4 @@ class FuyouParamSwapper:
         return self._buffers[param.ds_id].view(self.dtype).narrow(0, 0, self._numel[param.ds_id])
 
     def _file(self, param: torch.nn.Parameter) -> str:
-        return f"param-{param.ds_id}"
+        return parameter_file(param.ds_id)

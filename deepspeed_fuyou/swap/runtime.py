@@ -25,7 +25,7 @@ import collections
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,12 +48,48 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
+SWAP_FILE_KINDS = ("parameters", "gradients", "optimizer_states")
+"""What a swap file holds; the estimator's traffic model (`estimator.step_time`) counts bytes by the same kinds."""
+
+
+def parameter_file(ds_id: int) -> str:
+    """The swap file of one low-precision parameter partition."""
+    return f"param-{ds_id}"
+
+
+def optimizer_file(sub_group: str, tensor: str) -> str:
+    """The swap file of one sub-group's fp32 master (`tensor` "master") or optimizer state ("exp_avg", ...)."""
+    return f"optim-{sub_group}-{tensor}"
+
+
+def gradient_file(sub_group: str) -> str:
+    """The swap file of one sub-group's fp32 gradient."""
+    return optimizer_file(sub_group, "grad")
+
+
+def swap_file_kind(name: str) -> str:
+    """Which of `SWAP_FILE_KINDS` the file `name` (made by the functions above) holds."""
+    if name.startswith("param-"):
+        return "parameters"
+    return "gradients" if name.endswith("-grad") else "optimizer_states"
+
+
 @dataclass
 class SwapCounters:
-    """Bytes each direction moved through the swap files, for benchmarks and logs."""
+    """Bytes each direction moved through the swap files, in all and by `swap_file_kind`, for benchmarks and logs."""
 
     bytes_written: int = 0
     bytes_read: int = 0
+    written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SWAP_FILE_KINDS, 0))
+    read: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SWAP_FILE_KINDS, 0))
+
+    def count(self, name: str, nbytes: int, write: bool) -> None:
+        if write:
+            self.bytes_written += nbytes
+            self.written[swap_file_kind(name)] += nbytes
+        else:
+            self.bytes_read += nbytes
+            self.read[swap_file_kind(name)] += nbytes
 
 
 @dataclass
@@ -163,7 +199,7 @@ class SwapRuntime:
         self._order_after_writes(name, offset, offset + nbytes)
         with self._lock:
             future = self.engine.write(tensor, self.files(name), offset)
-            self.counters.bytes_written += nbytes
+            self.counters.count(name, nbytes, write=True)
             self._writes.append(_Write(future, name, offset, offset + nbytes, keep, self.writes_started))
             self.writes_started += 1
         return future
@@ -173,7 +209,7 @@ class SwapRuntime:
         nbytes = tensor.numel() * tensor.element_size()
         self._order_after_writes(name, offset, offset + nbytes)
         with self._lock:
-            self.counters.bytes_read += nbytes
+            self.counters.count(name, nbytes, write=False)
         return self.engine.read(tensor, self.files(name), offset)
 
     def flush(self) -> None:

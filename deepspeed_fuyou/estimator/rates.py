@@ -1,0 +1,198 @@
+"""The machine's rates the step-time model needs, measured once and cached: the SSDs, and the model's compute.
+
+A step's time cannot be read off a config: it depends on how fast this machine's SSDs move bytes through our
+engine, and how fast it runs this model's forward, backward and optimizer step (DeepSpeed's CPU Adam with stage 3's
+bookkeeping). Each is measured with the code training runs: our `IOEngine` with the config's `io` options (a few
+seconds), and the model's own layers at the configured micro-batch under DeepSpeed (`compute_rates`, half a minute
+or so on 2 cores). Results are kept in a JSON cache (`$FUYOU_CACHE_DIR`, else `~/.cache/deepspeed-fuyou/rates.json`)
+under a key that changes when what was measured would: the file systems of the paths and the I/O options; the
+model's config, micro-batch, sequence length, dtype, device and threads. Delete the file to measure again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepspeed_fuyou.errors import FuyouError
+from deepspeed_fuyou.io import IOEngine, IOOptions, PinnedPool, SwapSpace
+
+SSD_PROBE_BYTES = 256 << 20
+"""Bytes each SSD probe moves per direction: many times the engine's requests in flight, so the queue is full for
+most of the probe, and a fraction of a second on an NVMe SSD."""
+
+PROBE_LAYERS = (4, 8)
+"""Depths the model is cut to for the compute probe (fewer when it has fewer): a layer's cost is their difference.
+Shallower cuts are dominated by what every step costs once, and their difference by noise."""
+
+REPEATS = 3  # timed runs per probe, after a warm-up: one slow run on a shared machine is not what is kept
+
+
+@dataclass(frozen=True)
+class SsdRates:
+    """Bytes per second through our engine to the striped paths: reading alone, writing alone, and both at once
+    (bytes of either direction, while the other one runs), which is how training's reads and writes meet."""
+
+    read: float
+    write: float
+    mixed: float
+
+
+PHASES = ("forward", "backward", "step")
+
+
+@dataclass(frozen=True)
+class ComputeRates:
+    """Seconds of each phase of a training step with everything in host memory (ZeRO-Offload): forward and
+    backward of one micro-step, and the optimizer step (CPU Adam and stage 3's bookkeeping around it), each as what
+    one layer adds and the rest (embedding, final norm, head, loss). Fuyou's step is this work plus its SSD traffic."""
+
+    forward_per_layer: float
+    forward_rest: float
+    backward_per_layer: float
+    backward_rest: float
+    step_per_layer: float
+    step_rest: float
+
+    def seconds(self, phase: str, layers: int) -> float:
+        return getattr(self, f"{phase}_rest") + layers * getattr(self, f"{phase}_per_layer")
+
+
+@dataclass(frozen=True)
+class MachineRates:
+    ssd: SsdRates
+    compute: ComputeRates
+
+
+def cache_path() -> Path:
+    root = os.environ.get("FUYOU_CACHE_DIR") or Path.home() / ".cache" / "deepspeed-fuyou"
+    return Path(root) / "rates.json"
+
+
+def _cached(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The cached measurement under `key`, else `measure()`'s, stored (under a lock: jobs may probe at once)."""
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            cache = json.loads(path.read_text())
+        if key not in cache:
+            cache[key] = measure()
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(cache, indent=1, sort_keys=True))
+            temporary.replace(path)
+        return cache[key]
+
+
+def _median_seconds(action: Callable[[], object]) -> float:
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ssd_rates(paths: Sequence[str], io: IOOptions) -> SsdRates:
+    """`paths` through an engine with `io`'s options, measured on first use per file systems and options."""
+    devices = sorted({os.stat(p).st_dev for p in paths})
+    key = f"ssd {devices} {len(paths)} paths {io.engine} {io.block_size} {io.queue_depth} {io.threads}"
+    return SsdRates(**_cached(key, lambda: _probe_ssd(paths, io)))
+
+
+def _probe_ssd(paths: Sequence[str], io: IOOptions) -> dict[str, float]:
+    pool = PinnedPool(2 * SSD_PROBE_BYTES)
+    with IOEngine(io) as engine, SwapSpace(list(paths), field="fuyou.nvme_paths") as space:
+        first, second = pool.acquire(SSD_PROBE_BYTES), pool.acquire(SSD_PROBE_BYTES)
+        first.fill_(1)
+        second.fill_(2)
+        files_a, files_b = space.files("probe-a"), space.files("probe-b")
+        engine.write(second, files_b).wait()
+        write = _median_seconds(lambda: engine.write(first, files_a).wait())
+        read = _median_seconds(lambda: engine.read(first, files_a).wait())
+
+        def both() -> None:
+            writing = engine.write(second, files_b)
+            engine.read(first, files_a).wait()
+            writing.wait()
+
+        mixed = _median_seconds(both)
+    return {"read": SSD_PROBE_BYTES / read, "write": SSD_PROBE_BYTES / write, "mixed": 2 * SSD_PROBE_BYTES / mixed}
+
+
+def compute_rates(model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str) -> ComputeRates:
+    """The model's forward, backward and step under DeepSpeed's ZeRO-Offload on `device`, cut to `PROBE_LAYERS`
+    layers (random weights and tokens), so that a layer's cost and the rest's separate; measured per model shape.
+
+    DeepSpeed itself, not the bare model, because stage 3's gathers, partitioning and gradient reduction cost as much
+    as the arithmetic on the CPU accelerator. It runs in a child process (`python -m
+    deepspeed_fuyou.estimator.zero3_probe`): DeepSpeed's process group, accelerator choice and logs stay out of the
+    caller.
+    """
+    text = json.dumps(model_config.to_diff_dict(), sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    key = f"compute {digest} {micro_batch}x{seq_len} {dtype} {device} {torch.get_num_threads()} threads"
+    return ComputeRates(**_cached(key, lambda: _probe_compute(model_config, micro_batch, seq_len, dtype, device)))
+
+
+def _probe_compute(model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str) -> dict:
+    layers = model_config.num_hidden_layers
+    depths = sorted({max(1, min(depth, layers)) for depth in PROBE_LAYERS})
+    measured = [_zero3_seconds(model_config, depth, micro_batch, seq_len, dtype, device) for depth in depths]
+    rates = {}
+    for phase in PHASES:
+        low, high = measured[0][phase], measured[-1][phase]
+        per_layer = max(0.0, (high - low) / (depths[-1] - depths[0])) if len(depths) > 1 else low / depths[0]
+        rates[f"{phase}_per_layer"] = per_layer
+        rates[f"{phase}_rest"] = max(0.0, low - depths[0] * per_layer)
+    return rates
+
+
+def _zero3_seconds(
+    model_config: Any, layers: int, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str
+) -> dict[str, float]:
+    """Median seconds of each of `PHASES` of the model cut to `layers` layers, from the child process."""
+    config = model_config.to_dict()
+    config["num_hidden_layers"] = layers
+    with tempfile.TemporaryDirectory(prefix="fuyou-compute-probe-") as scratch:
+        request = Path(scratch) / "request.json"
+        request.write_text(
+            json.dumps(
+                {
+                    "model_config": config,
+                    "micro_batch": micro_batch,
+                    "seq_len": seq_len,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "repeats": REPEATS,
+                }
+            )
+        )
+        env = dict(os.environ)
+        if not device.startswith("cuda"):
+            env["DS_ACCELERATOR"] = "cpu"
+        command = [sys.executable, "-m", "deepspeed_fuyou.estimator.zero3_probe", str(request)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=scratch)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise FuyouError(
+                f"measuring the model's step under ZeRO-Offload (python -m deepspeed_fuyou.estimator.zero3_probe) "
+                f"failed: {last}. It needs DeepSpeed's CPU Adam op (scripts/install.sh builds it); without --time "
+                "the estimate needs no measurement"
+            )
+        return json.loads((Path(scratch) / "answer.json").read_text())

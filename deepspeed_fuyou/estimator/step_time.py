@@ -1,0 +1,174 @@
+"""How long one optimizer step of fuyou takes, modelled from its SSD traffic and the machine's measured rates.
+
+A step is a sequence of phases: per micro-step a forward and a backward, and the optimizer's work on every
+sub-group (`rates.ComputeRates`: CPU Adam and stage 3's bookkeeping around it, as ZeRO-Offload does it). Each phase
+also moves bytes between the SSD and host memory:
+- a forward reads the parameter partitions on the SSD; a backward reads them again, except the last layers'
+  (`max_live_parameters`), which stay gathered from the forward, and the persistent (small) parameters, which stage
+  3 keeps gathered between uses;
+- with `optimizer.overlap` "off" and "forward", every backward writes the gradients of the sub-groups on the SSD,
+  and from the second micro-step on reads them first to accumulate; the step reads them once more. With
+  "backward" the last micro-step's gradients stay in memory: its backward reads the accumulated ones (if any), and
+  the step reads none;
+- the optimizer's work reads the master weights and optimizer states on the SSD and writes them back, with the
+  updated parameter partitions;
+- activations offloaded to the SSD are written by the forward and read by the backward.
+Where the optimizer's work goes is the overlap mode: a phase of its own after the last backward ("off"), inside
+that backward ("backward"), or inside the next forward, whose parameter reads it hands over in memory
+("forward"). When it shares a phase, one sub-group's share stays exposed (the last one, stepped once backward is
+over, or the first one, which the forward must wait for).
+
+A phase lasts as long as its busiest resource: the CPU (on DeepSpeed's CPU accelerator compute and optimizer add
+up there; on a GPU they overlap), or the SSD (reads at the read rate, writes at the write rate, both together at
+the mixed rate). The step's time is the sum of its phases; its bound is the busiest resource over the whole step,
+what perfect overlap would reach. The traffic is exact (it is what the swap runtime counts, `SwapCounters`); the
+times are as good as the rates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from deepspeed_fuyou.estimator.rates import MachineRates, SsdRates
+
+
+@dataclass
+class Phase:
+    """One phase of the step: the CPU or accelerator seconds and the SSD bytes it needs, and how long it takes."""
+
+    name: str
+    compute_s: float = 0.0  # forward or backward on the accelerator
+    optimizer_s: float = 0.0  # CPU Adam and stage 3's bookkeeping
+    read_bytes: int = 0
+    written_bytes: int = 0
+    seconds: float = 0.0
+    bound_by: str = ""
+
+
+@dataclass
+class StepTime:
+    """The modelled step of one plan on one machine."""
+
+    phases: list[Phase] = field(default_factory=list)
+    seconds: float = 0.0
+    bound_seconds: float = 0.0
+    bottleneck: str = ""  # the resource busiest over the whole step: "SSD", "compute" or "optimizer"
+    rates: MachineRates | None = None  # what the times were computed from
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(phase.read_bytes for phase in self.phases)
+
+    @property
+    def written_bytes(self) -> int:
+        return sum(phase.written_bytes for phase in self.phases)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "bound_seconds": self.bound_seconds,
+            "bottleneck": self.bottleneck,
+            "ssd_read_bytes": self.read_bytes,
+            "ssd_written_bytes": self.written_bytes,
+            "phases": [asdict(phase) for phase in self.phases],
+            "rates": asdict(self.rates) if self.rates is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What the model needs of a plan: bytes of each kind on the SSD, and how the step runs."""
+
+    parameters: int  # low-precision parameter partitions in swap files
+    gradients: int  # fp32 gradient files
+    optimizer_states: int  # master weights and optimizer states in swap files
+    retained: int  # parameter bytes a backward finds still gathered from its forward (persistent ones included)
+    activations: int  # activation bytes a forward writes to the SSD
+    layers: int
+    sub_groups: int
+    micro_steps: int
+    overlap: str  # "off", "backward" or "forward"
+    accelerator_is_host: bool
+
+
+def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
+    """The step's phases in order, with their work (see the module's docstring); times not yet set."""
+    compute = rates.compute
+    forward_s, backward_s = compute.seconds("forward", shape.layers), compute.seconds("backward", shape.layers)
+    optimizer = Phase(
+        "optimizer",
+        optimizer_s=compute.seconds("step", shape.layers),
+        read_bytes=shape.optimizer_states + (shape.gradients if shape.overlap != "backward" else 0),
+        written_bytes=shape.optimizer_states + shape.parameters,
+    )
+    result = []
+    k = shape.micro_steps
+    for micro in range(1, k + 1):
+        forward = Phase(f"forward {micro}", compute_s=forward_s, written_bytes=shape.activations)
+        forward.read_bytes = 0 if (micro == 1 and shape.overlap == "forward") else shape.parameters
+        backward = Phase(f"backward {micro}", compute_s=backward_s)
+        backward.read_bytes = max(0, shape.parameters - shape.retained) + shape.activations
+        keeps_gradient = shape.overlap == "backward" and micro == k
+        backward.written_bytes = 0 if keeps_gradient else shape.gradients
+        backward.read_bytes += shape.gradients if micro > 1 else 0
+        if micro == 1 and shape.overlap == "forward":
+            _merge(forward, optimizer, shape.sub_groups)
+        if keeps_gradient:
+            _merge(backward, optimizer, shape.sub_groups)
+        result += [forward, backward]
+    if shape.overlap == "off":
+        result.append(optimizer)
+    else:
+        result.append(_share(optimizer, 1 / max(1, shape.sub_groups), "exposed optimizer"))
+    return result
+
+
+def _merge(phase: Phase, optimizer: Phase, sub_groups: int) -> None:
+    """Puts all but one sub-group's share of the optimizer's work into `phase` (that one is exposed)."""
+    share = _share(optimizer, 1 - 1 / max(1, sub_groups), phase.name)
+    phase.optimizer_s += share.optimizer_s
+    phase.read_bytes += share.read_bytes
+    phase.written_bytes += share.written_bytes
+
+
+def _share(phase: Phase, fraction: float, name: str) -> Phase:
+    return Phase(
+        name,
+        compute_s=phase.compute_s * fraction,
+        optimizer_s=phase.optimizer_s * fraction,
+        read_bytes=int(phase.read_bytes * fraction),
+        written_bytes=int(phase.written_bytes * fraction),
+    )
+
+
+def model_step_time(shape: StepShape, rates: MachineRates) -> StepTime:
+    """The modelled step: each phase as long as its busiest resource, summed; and the step's bound."""
+    result = StepTime(phases=phases(shape, rates), rates=rates)
+    for phase in result.phases:
+        phase.seconds, phase.bound_by = _busiest(
+            phase.compute_s, phase.optimizer_s, phase.read_bytes, phase.written_bytes, shape, rates.ssd
+        )
+    result.seconds = sum(phase.seconds for phase in result.phases)
+    result.bound_seconds, result.bottleneck = _busiest(
+        sum(p.compute_s for p in result.phases),
+        sum(p.optimizer_s for p in result.phases),
+        result.read_bytes,
+        result.written_bytes,
+        shape,
+        rates.ssd,
+    )
+    return result
+
+
+def _busiest(
+    compute_s: float, optimizer_s: float, read: int, written: int, shape: StepShape, ssd: SsdRates
+) -> tuple[float, str]:
+    """Seconds of the busiest resource for this work, and its name."""
+    ssd_s = max(read / ssd.read, written / ssd.write, (read + written) / ssd.mixed)
+    if shape.accelerator_is_host:  # forward, backward and the optimizer share the same cores
+        candidates = {"compute": compute_s + optimizer_s, "SSD": ssd_s}
+    else:
+        candidates = {"compute": compute_s, "optimizer": optimizer_s, "SSD": ssd_s}
+    name = max(candidates, key=candidates.__getitem__)
+    return candidates[name], name

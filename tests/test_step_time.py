@@ -1,0 +1,208 @@
+"""The step-time model (`estimator.step_time`) and the rates it is priced with (`estimator.rates`).
+
+The traffic each overlap mode moves is checked here phase by phase on round numbers, and against what a real run's
+swap runtime counted in `tests/test_zero_integration.py`; the modelled times against measured steps are in
+benchmarks/RESULTS.md (bench_step.py), not in a test: they depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepspeed_fuyou.cli.main import main as fuyou
+from deepspeed_fuyou.estimator import estimate as estimate_module
+from deepspeed_fuyou.estimator import rates as rates_module
+from deepspeed_fuyou.estimator.auto import auto_configure
+from deepspeed_fuyou.estimator.estimate import Machine, estimate
+from deepspeed_fuyou.estimator.rates import ComputeRates, MachineRates, SsdRates, compute_rates, ssd_rates
+from deepspeed_fuyou.estimator.step_time import StepShape, model_step_time
+from deepspeed_fuyou.io import IOOptions
+
+GB = 10**9
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine_rates(read: float = 1.0, write: float = 1.0, mixed: float = 1.0, per_layer: float = 0.1) -> MachineRates:
+    """SSD rates in GB/s; every phase's compute `per_layer` seconds a layer, none for the rest."""
+    compute = ComputeRates(per_layer, 0.0, 2 * per_layer, 0.0, per_layer / 2, 0.0)
+    return MachineRates(SsdRates(read * GB, write * GB, mixed * GB), compute)
+
+
+def shape(**changes: object) -> StepShape:
+    """One GB of parameters (half of them still gathered when backward starts), 1 of gradients, 3 of optimizer
+    states, 10 layers, 4 sub-groups, one micro-step, on a GPU."""
+    values = dict(
+        parameters=GB,
+        gradients=GB,
+        optimizer_states=3 * GB,
+        retained=GB // 2,
+        activations=0,
+        layers=10,
+        sub_groups=4,
+        micro_steps=1,
+        overlap="off",
+        accelerator_is_host=False,
+    )
+    return StepShape(**(values | changes))
+
+
+def traffic(step) -> dict[str, tuple[int, int]]:
+    return {phase.name: (phase.read_bytes, phase.written_bytes) for phase in step.phases}
+
+
+def test_off_steps_after_backward_and_sends_the_gradients_through_the_ssd() -> None:
+    step = model_step_time(shape(), machine_rates())
+    assert traffic(step) == {
+        "forward 1": (GB, 0),
+        "backward 1": (GB // 2, GB),  # the parameters not retained; the gradients written
+        "optimizer": (4 * GB, 4 * GB),  # states and gradients in; states and updated parameters out
+    }
+    assert [phase.bound_by for phase in step.phases[1:]] == ["compute", "SSD"]  # 2 s against 1.5 GB at 1 GB/s
+    assert step.seconds == pytest.approx(1.0 + 2.0 + 8.0)
+    assert step.bound_seconds == pytest.approx(10.5) and step.bottleneck == "SSD"  # 5.5 GB read + 5 GB written
+
+
+def test_backward_mode_keeps_the_gradients_and_steps_all_but_the_last_sub_group_during_backward() -> None:
+    step = model_step_time(shape(overlap="backward", gradients=0), machine_rates())
+    assert traffic(step) == {
+        "forward 1": (GB, 0),
+        "backward 1": (GB // 2 + 3 * 3 * GB // 4, 3 * 4 * GB // 4),
+        "exposed optimizer": (3 * GB // 4, GB),
+    }
+    assert step.read_bytes + step.written_bytes == 1.5 * GB + 7 * GB  # no gradient moves at all
+
+
+def test_forward_mode_steps_behind_the_next_forward_which_takes_its_parameters_from_memory() -> None:
+    step = model_step_time(shape(overlap="forward"), machine_rates())
+    forward, backward, exposed = step.phases
+    assert forward.read_bytes == 3 * 4 * GB // 4  # three sub-groups' states and gradients; no parameter read
+    assert forward.optimizer_s == pytest.approx(0.75 * 0.5)
+    assert (backward.read_bytes, backward.written_bytes) == (GB // 2, GB)
+    assert (exposed.name, exposed.read_bytes, exposed.written_bytes) == ("exposed optimizer", GB, GB)
+
+
+def test_gradient_accumulation_reads_back_the_gradients_it_adds_to() -> None:
+    off = traffic(model_step_time(shape(micro_steps=2), machine_rates()))
+    assert off["backward 1"] == (GB // 2, GB) and off["backward 2"] == (GB // 2 + GB, GB)
+    assert off["forward 2"] == (GB, 0)  # every micro-step's forward reads the parameters again
+    backward = traffic(model_step_time(shape(micro_steps=2, overlap="backward"), machine_rates()))
+    assert backward["backward 1"] == (GB // 2, GB)  # written once, for the last micro-step to add to
+    assert backward["backward 2"][0] == GB // 2 + GB + 3 * 3 * GB // 4  # read back, kept, plus the step's reads
+
+
+def test_activations_on_the_ssd_are_written_by_forward_and_read_by_backward() -> None:
+    step = traffic(model_step_time(shape(activations=2 * GB), machine_rates()))
+    assert step["forward 1"] == (GB, 2 * GB) and step["backward 1"] == (GB // 2 + 2 * GB, GB)
+
+
+def test_on_the_cpu_accelerator_compute_and_optimizer_share_the_cores() -> None:
+    fast_disk = machine_rates(read=100, write=100, mixed=100)
+    gpu = model_step_time(shape(overlap="backward", gradients=0), fast_disk)
+    host = model_step_time(shape(overlap="backward", gradients=0, accelerator_is_host=True), fast_disk)
+    backward_gpu, backward_host = gpu.phases[1], host.phases[1]
+    assert backward_gpu.seconds == pytest.approx(2.0)  # compute 2 s, optimizer 0.375 s beside it
+    assert backward_host.seconds == pytest.approx(2.0 + 0.375)
+    assert gpu.bottleneck == "compute" and host.bottleneck == "compute"
+
+
+def test_a_phase_waits_for_the_mixed_rate_when_reads_and_writes_meet() -> None:
+    duplex = model_step_time(shape(), machine_rates(read=1, write=1, mixed=2))
+    optimizer = duplex.phases[-1]
+    assert optimizer.seconds == pytest.approx(4.0)  # 4 GB each way: 4 s each alone, 8 GB at 2 GB/s together
+    shared = model_step_time(shape(), machine_rates(read=1, write=1, mixed=1))
+    assert shared.phases[-1].seconds == pytest.approx(8.0)
+
+
+def test_overlap_never_makes_the_modelled_step_slower() -> None:
+    rates = machine_rates(read=1.2, write=1.8, mixed=1.4)
+    off = model_step_time(shape(), rates).seconds
+    assert model_step_time(shape(overlap="backward", gradients=0), rates).seconds < off
+    assert model_step_time(shape(overlap="forward"), rates).seconds < off
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FUYOU_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "rates.json"
+
+
+def test_the_ssd_is_measured_once_per_file_system_and_io_options(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rates_module, "SSD_PROBE_BYTES", 8 << 20)
+    options = IOOptions(threads=2)
+    measured = ssd_rates([str(tmp_path)], options)
+    assert measured.read > 0 and measured.write > 0 and measured.mixed > 0
+    assert not list(tmp_path.glob("fuyou-swap-*"))  # the probe's files are gone
+    monkeypatch.setattr(rates_module, "_probe_ssd", lambda *_: pytest.fail("measured twice"))
+    assert ssd_rates([str(tmp_path)], options) == measured
+    assert len(json.loads(cache.read_text())) == 1
+    monkeypatch.setattr(rates_module, "_probe_ssd", lambda *_: {"read": 1.0, "write": 2.0, "mixed": 3.0})
+    assert ssd_rates([str(tmp_path)], IOOptions(threads=3)) == SsdRates(1.0, 2.0, 3.0)  # other options: measured
+
+
+def test_compute_is_measured_under_zero_offload_per_layer_and_then_cached(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        **(json.loads((ROOT / "configs/models/llama-tiny/config.json").read_text()) | {"num_hidden_layers": 8})
+    )
+    measured = compute_rates(config, 1, 32, torch.float32, "cpu")
+    assert measured.forward_per_layer > 0 and measured.backward_per_layer > 0 and measured.step_per_layer > 0
+    assert measured.seconds("backward", 8) > measured.seconds("backward", 4)
+    monkeypatch.setattr(rates_module, "_probe_compute", lambda *_: pytest.fail("measured twice"))
+    assert compute_rates(config, 1, 32, torch.float32, "cpu") == measured
+
+
+def test_estimate_with_time_prints_the_placement_and_the_modelled_step(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = json.loads((ROOT / "configs/fuyou_cpu.json").read_text())
+    config["fuyou"]["nvme_paths"] = [str(tmp_path)]
+    config["fuyou"]["placement"] = {"host_memory": "4MiB"}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    monkeypatch.setattr(estimate_module, "ssd_rates", lambda *_: SsdRates(GB, GB, GB))
+    rates = machine_rates(per_layer=0.01).compute
+    monkeypatch.setattr(estimate_module, "compute_rates", lambda *_: rates)
+    command = ["estimate", "--model", str(ROOT / "configs/models/llama-tiny"), "--config", str(tmp_path / "ds.json")]
+    assert fuyou([*command, "--seq-len", "64", "--json"]) == 0
+    untimed = json.loads(capsys.readouterr().out)
+    assert untimed["step_time"] is None
+    assert 0 < untimed["placement"]["parameters"]["dram"] <= 4 << 20  # the first partitions, up to the budget
+    assert untimed["placement"]["optimizer_states"]["dram"] == 0
+    assert fuyou([*command, "--seq-len", "64", "--json", "--time"]) == 0
+    step = json.loads(capsys.readouterr().out)["step_time"]
+    assert step["seconds"] >= step["bound_seconds"] > 0 and step["bottleneck"] in ("SSD", "compute")
+    assert [phase["name"] for phase in step["phases"]] == ["forward 1", "backward 1", "exposed optimizer"]
+    assert fuyou([*command, "--seq-len", "64", "--time"]) == 0
+    text = capsys.readouterr().out
+    assert "fuyou places" in text and "modelled step (fuyou)" in text and "exposed optimizer" in text
+
+
+def test_auto_with_rates_picks_the_placement_and_overlap_of_the_shortest_modelled_step(tmp_path: Path) -> None:
+    config = json.loads((ROOT / "configs/fuyou_cpu.json").read_text())
+    config["gradient_clipping"] = 0.0
+    config["zero_optimization"]["sub_group_size"] = 10**6  # a few sub-groups: with one, nothing can be overlapped
+    config["fuyou"]["nvme_paths"] = [str(tmp_path)]
+    config["fuyou"]["placement"] = {"host_memory": 0}
+    config["fuyou"]["optimizer"] = {"overlap": "off"}
+    machine = Machine(gpu_memory=80 << 30, host_memory=64 << 30)  # a GPU: its compute overlaps CPU Adam
+    model = ROOT / "configs/models/llama-tiny"
+    untimed = auto_configure(model, config, seq_len=64, machine=machine)
+    assert untimed.estimate.step_time is None
+    assert untimed.ds_config["fuyou"]["placement"] == {"host_memory": 0}  # nothing to compare without rates
+    slow_disk = machine_rates(read=0.01, write=0.01, mixed=0.01)  # so that every SSD byte saved shows
+    timed = auto_configure(model, config, seq_len=64, machine=machine, rates=lambda *_: slow_disk)
+    assert timed.ds_config["fuyou"]["placement"] == {"host_memory": "auto"}  # the whole model fits in DRAM
+    assert timed.ds_config["fuyou"]["optimizer"] == {"overlap": "auto"}  # "backward": no clipping here
+    assert "fuyou.placement.host_memory: 0 -> auto" in timed.changes
+    assert "fuyou.optimizer.overlap: off -> auto" in timed.changes
+    assert timed.estimate.step_time.read_bytes == 0  # nothing left on the SSD to read
+    given = estimate(model, config, seq_len=64, machine=machine, rates=lambda *_: slow_disk).step_time
+    assert timed.estimate.step_time.seconds < given.seconds
