@@ -114,7 +114,7 @@ def parameter_swapper(ds_config: Any, model_dtype: Any) -> Any:
 
 def zero3_optimizer(module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> Any:
     """Factory in place of `DeepSpeedZeroOptimizer_Stage3(...)` inside the engine."""
-    if kwargs["ds_config"].get(BLOCK) is None:  # FuyouZeroOptimizer validates the block itself
+    if BLOCK not in kwargs["ds_config"]:  # FuyouZeroOptimizer validates the block itself (null is an error)
         return STOCK_STAGE3(module, init_optimizer, param_names, *args, **kwargs)
     from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
 

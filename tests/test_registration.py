@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 
-from deepspeed_fuyou.errors import FuyouError
+from deepspeed_fuyou.errors import FuyouConfigError, FuyouError
 
 PROBE = """
 import sys
@@ -91,3 +92,18 @@ assert integration.STOCK_STAGE3.__module__ == "deepspeed.runtime.zero.stage3"
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_a_null_fuyou_block_is_refused_by_both_factories_instead_of_running_stock() -> None:
+    """`"fuyou": null` looks like "no block" to a `.get()`; it is a mistake to report, not a request for stock."""
+    import torch
+
+    from deepspeed_fuyou import integration
+
+    class Config:
+        _param_dict: ClassVar[dict] = {"fuyou": None}
+
+    with pytest.raises(FuyouConfigError, match="must be a JSON object"):
+        integration.parameter_swapper(Config(), torch.float32)
+    with pytest.raises(FuyouConfigError, match="must be a JSON object"):
+        integration.zero3_optimizer(None, None, None, ds_config={"fuyou": None})

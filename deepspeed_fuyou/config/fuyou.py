@@ -178,10 +178,11 @@ class FuyouConfig(FuyouModel):
 
         Raises one FuyouConfigError listing every problem: of the block, of the DeepSpeed fields it depends on and,
         with `estimator.validate` on, of this machine (`ssd_bytes`, when known, is checked against free space).
+        A block that is there but not an object (`"fuyou": null` included) is a problem, never stock DeepSpeed.
         """
-        block = ds_config.get(BLOCK)
-        if block is None:
+        if BLOCK not in ds_config:
             return None
+        block = ds_config[BLOCK]
         problems = checks.deepspeed_problems(ds_config)
         if not isinstance(block, Mapping):
             problems.insert(0, FuyouConfigError(BLOCK, block, "must be a JSON object", 'write "fuyou": {...}'))

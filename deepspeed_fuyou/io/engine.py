@@ -24,6 +24,9 @@ from deepspeed_fuyou.trace import TRACE
 log = logging.getLogger(__name__)
 
 ALIGNMENT: int = native.ALIGNMENT
+MAX_BLOCK_SIZE = 64 << 20
+MAX_QUEUE_DEPTH = 1024
+MAX_THREADS = 64
 
 # Directories already announced as lacking O_DIRECT: the fallback is logged once per directory, not per request.
 _announced_fallback_dirs: set[str] = set()
@@ -36,14 +39,19 @@ class IOOptions(FuyouModel):
 
     engine: Literal["auto", "aio", "io_uring", "threads"] = "auto"
     block_size: Size = Field(1 << 20, examples=["1MiB"])
-    queue_depth: StrictInt = Field(32, ge=1, examples=[32])
-    threads: StrictInt = Field(4, ge=1, examples=[4])
+    # Upper bounds: past them nothing gets faster, and the engine would try to allocate what no machine has (a
+    # queue slot per request in flight, a bounce buffer of `block_size` per unaligned transfer) or start threads by
+    # the thousand.
+    queue_depth: StrictInt = Field(32, ge=1, le=MAX_QUEUE_DEPTH, examples=[32])
+    threads: StrictInt = Field(4, ge=1, le=MAX_THREADS, examples=[4])
 
     @field_validator("block_size")
     @classmethod
     def _power_of_two(cls, block: int) -> int:
         if block < ALIGNMENT or block & (block - 1):
             raise invalid(f"must be a power of two of at least {ALIGNMENT} bytes", 'use e.g. "1MiB"')
+        if block > MAX_BLOCK_SIZE:
+            raise invalid(f"is larger than {MAX_BLOCK_SIZE >> 20} MiB, which no SSD needs", 'use e.g. "1MiB"')
         return block
 
 
