@@ -153,7 +153,9 @@ def test_compute_is_measured_under_zero_offload_per_layer_and_then_cached(
     config = AutoConfig.for_model(
         **(json.loads((ROOT / "configs/models/llama-tiny/config.json").read_text()) | {"num_hidden_layers": 8})
     )
+    shared_memory = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     measured = compute_rates(config, 1, 32, torch.float32, "cpu")
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_memory  # the probe cleaned up
     assert measured.forward_per_layer > 0 and measured.backward_per_layer > 0 and measured.step_per_layer > 0
     assert measured.seconds("backward", 8) > measured.seconds("backward", 4)
     monkeypatch.setattr(rates_module, "_probe_compute", lambda *_: pytest.fail("measured twice"))
