@@ -39,7 +39,7 @@ PROBE_LAYERS = (4, 8)
 """Depths the model is cut to for the compute probe (fewer when it has fewer): a layer's cost is their difference.
 Shallower cuts are dominated by what every step costs once, and their difference by noise."""
 
-REPEATS = 3  # timed runs per probe, after a warm-up: one slow run on a shared machine is not what is kept
+REPEATS = 3  # timed runs per probe (SSD: the median; compute: the fastest, after a warm-up run)
 
 
 @dataclass(frozen=True)
