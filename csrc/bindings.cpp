@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "fuyou/async_queue.h"
+#include "fuyou/checksums.h"
 #include "fuyou/engine.h"
 #include "fuyou/host_allocator.h"
 #include "fuyou/pinned_pool.h"
@@ -68,6 +69,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ALIGNMENT") = fuyou::kAlign;
   m.def("io_uring_compiled", &fuyou::io_uring_compiled);
   m.def("cuda_compiled", &fuyou::cuda_compiled);
+  m.def("crc32c", [](const py::bytes& data) {
+    std::string_view view = data;
+    return fuyou::crc32c(view.data(), static_cast<int64_t>(view.size()));
+  });
   m.def("host_cache_size_class", &fuyou::HostBlockCache::size_class);
   m.def("install_host_allocator", [] { fuyou::install_host_allocator(); });
   m.def("host_allocator_installed", &fuyou::host_allocator_installed);
@@ -87,16 +92,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Destroying an engine joins its workers, which finish every queued transfer first: do that without the GIL.
   py::class_<fuyou::Engine, std::shared_ptr<fuyou::Engine>>(m, "Engine")
       .def(py::init([](const std::string& backend, int64_t block_size, int queue_depth, int threads,
-                       bool buffered_fallback) {
+                       bool buffered_fallback, bool verify) {
              return std::shared_ptr<fuyou::Engine>(
-                 new fuyou::Engine(fuyou::EngineOptions{backend, block_size, queue_depth, threads, buffered_fallback}),
+                 new fuyou::Engine(
+                     fuyou::EngineOptions{backend, block_size, queue_depth, threads, buffered_fallback, verify}),
                  [](fuyou::Engine* e) {
                    py::gil_scoped_release release;
                    delete e;
                  });
            }),
-           "backend"_a, "block_size"_a, "queue_depth"_a, "threads"_a, "buffered_fallback"_a)
+           "backend"_a, "block_size"_a, "queue_depth"_a, "threads"_a, "buffered_fallback"_a, "verify"_a)
       .def("submit", &submit, "is_write"_a, "paths"_a, "stripe_size"_a, "tensor"_a, "file_offset"_a)
+      .def("forget_checksums", &fuyou::Engine::forget_checksums, "path"_a)
+      .def_property_readonly("checksummed_bytes", &fuyou::Engine::checksummed_bytes)
       .def_property_readonly("backend", [](const fuyou::Engine& e) { return e.options().backend; })
       .def_property_readonly("bytes_read", &fuyou::Engine::bytes_read)
       .def_property_readonly("bytes_written", &fuyou::Engine::bytes_written)

@@ -90,13 +90,17 @@ def gate_parameter_fetches(coordinator: Any, wait: Callable[[Iterable[Any]], Non
 
 
 def track_pending_steps(optimizer: Any) -> None:
-    """`optimizer.finish_pending_steps()` runs before any `GatheredParameters` block is entered."""
+    """`optimizer.finish_pending_steps()` runs before a `GatheredParameters` block of its parameters is entered
+    (`optimizer.steps_any(ds_ids)`): the block must see them updated, and a failed step raises there. Blocks of
+    other models' parameters neither wait for this optimizer nor inherit its failure."""
     _overlapped_optimizers.add(optimizer)
 
 
 def _gathered_parameters_enter(self: Any) -> Any:
+    gathered = {param.ds_id for param in getattr(self, "params", ())}  # none when the block is disabled
     for optimizer in list(_overlapped_optimizers):
-        optimizer.finish_pending_steps()
+        if optimizer.steps_any(gathered):
+            optimizer.finish_pending_steps()
     return STOCK_GATHERED_ENTER(self)
 
 

@@ -135,10 +135,11 @@ def run_side(
 
 
 def summarize(runs: list[dict[str, Any]], tokens_per_step: int, steps: int) -> dict[str, Any]:
-    """Medians over the rounds that succeeded; the step time's spread over them."""
+    """Medians over the rounds that succeeded; the step time's spread over them; the error of a failed round."""
     good = [run for run in runs if "error" not in run]
     if not good:
         return {"error": runs[0]["error"]}
+    failed = [run["error"] for run in runs if "error" in run]
     step_times = [statistics.median(run["step_seconds"][1:] or run["step_seconds"]) for run in good]
     step = statistics.median(step_times)
 
@@ -154,6 +155,7 @@ def summarize(runs: list[dict[str, Any]], tokens_per_step: int, steps: int) -> d
         "pinned_mib": median("pinned_peak_bytes", 2**20),
         "ssd_read_gib_per_step": median("ssd_bytes_read", steps * 2**30),
         "ssd_write_gib_per_step": median("ssd_bytes_written", steps * 2**30),
+        **({"failed_rounds": f"{len(failed)} of {len(runs)} rounds failed: {failed[0]}"} if failed else {}),
     }
 
 
@@ -190,7 +192,10 @@ def rows_for(label: str, results: dict[str, dict[str, Any]]) -> list[list[str]]:
                 f"{values['model_s']:.2f} / {values['bound_s']:.2f} ({values['bottleneck']}): "
                 f"{values['step_s'] / values['model_s']:.2f}x / {values['step_s'] / values['bound_s']:.2f}x"
             )
-        rows.append([label, side, speedup, model, *(fmt.format(values[key]) for key, _, fmt in COLUMNS)])
+        cells = [fmt.format(values[key]) for key, _, fmt in COLUMNS]
+        if "failed_rounds" in values:  # the medians are of the other rounds
+            cells[-1] += f" ({values['failed_rounds']})"
+        rows.append([label, side, speedup, model, *cells])
     return rows
 
 

@@ -49,6 +49,10 @@ def test_json_report_has_every_engine_and_ratio(tmp_path: Path) -> None:
     ):
         assert key in report
     assert report["fuyou_read_gbps"] > 0 and report["fuyou_write_gbps"] > 0
+    assert report["fuyou_unverified_read_gbps"] > 0  # the same engine without checksums, for their cost
+    assert report["fuyou_read_vs_fuyou_unverified"] == pytest.approx(
+        report["fuyou_read_gbps"] / report["fuyou_unverified_read_gbps"]
+    )
     assert report["buffered_read_gbps"] > 0 and report["buffered_write_gbps"] > 0
     assert report["deepspeed_read_gbps"] is None and report["deepspeed_unavailable_reason"] == "skipped"
     assert len(report["samples_gbps"]["fuyou"]["read"]) == 2

@@ -326,3 +326,17 @@ def test_the_dram_tier_moves_files_from_the_ssd_to_host_memory_in_the_order_trai
     )
     # stepped during backward (no clipping), gradients are never written: they take no place
     assert plan("1GiB", clipping=0.0).pageable_host.gradients == 0
+
+
+def test_fp32_partitions_on_the_ssd_are_counted_as_stored_in_their_masters_and_others_are_not(tmp_path: Path) -> None:
+    machine = Machine(gpu_memory=None, host_memory=1 << 40)
+
+    def swapped(host_memory: int, bf16: bool = False) -> dict[str, int]:
+        config = fuyou_config(tmp_path, validate=False) | {"bf16": {"enabled": bf16}}
+        config["fuyou"]["placement"] = {"host_memory": host_memory}
+        return estimate(TINY_LLAMA, config, seq_len=64, machine=machine).chosen.swapped
+
+    on_ssd = swapped(0)
+    assert on_ssd["parameters_in_masters"] == on_ssd["parameters"] > 0
+    assert swapped(on_ssd["parameters"]).get("parameters_in_masters") == 0  # the DRAM tier holds the partitions
+    assert swapped(0, bf16=True).get("parameters_in_masters", 0) == 0  # bf16 partitions are not the fp32 masters

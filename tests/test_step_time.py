@@ -39,6 +39,7 @@ def shape(**changes: object) -> StepShape:
         parameters=GB,
         gradients=GB,
         optimizer_states=3 * GB,
+        parameters_in_masters=0,
         retained=GB // 2,
         activations=0,
         layers=10,
@@ -83,6 +84,12 @@ def test_forward_mode_steps_behind_the_next_forward_which_takes_its_parameters_f
     assert forward.optimizer_s == pytest.approx(0.75 * 0.5)
     assert (backward.read_bytes, backward.written_bytes) == (GB // 2, GB)
     assert (exposed.name, exposed.read_bytes, exposed.written_bytes) == ("exposed optimizer", GB, GB)
+
+
+def test_parameters_stored_in_their_masters_are_written_once_with_the_master() -> None:
+    step = traffic(model_step_time(shape(parameters_in_masters=GB), machine_rates()))
+    assert step["optimizer"] == (4 * GB, 3 * GB)  # the updated parameters are part of the masters' write
+    assert step["forward 1"] == (GB, 0)  # and are read as before, from the masters' files
 
 
 def test_gradient_accumulation_reads_back_the_gradients_it_adds_to() -> None:

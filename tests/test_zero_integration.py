@@ -9,6 +9,7 @@ stock ZeRO-3 with CPU offload and stock ZeRO-Infinity (NVMe) must agree for the 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
 FULL_STATE_PROBE = ROOT / "tests" / "programs" / "full_state_probe.py"
 OVERLAP_PROBE = ROOT / "tests" / "programs" / "overlap_probe.py"
+CORRUPTION_PROBE = ROOT / "tests" / "programs" / "corruption_probe.py"
 MODEL = ROOT / "configs" / "models" / "llama-tiny"  # the main job's default model
 FUYOU_CONFIG = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
 STEPS = 10
@@ -294,6 +296,21 @@ def test_each_overlap_mode_steps_the_sub_groups_when_it_says(tmp_path: Path) -> 
     assert forward["adam"] and all(a["where"] == "step thread" for a in forward["adam"])
     assert forward["queued_during_backward"] == 0 and forward["gradient_pieces_written_at_boundary"] > 0
     assert forward["losses"] == off["losses"]  # the same config; only when the sub-groups were stepped differs
+
+
+def test_a_swap_file_corrupted_mid_run_stops_training_at_its_next_read_in_every_overlap_mode(tmp_path: Path) -> None:
+    """4 KiB of random bytes written over a master-weights file between steps (tests/programs/corruption_probe.py):
+    the next read of it raises FuyouIOError naming that file and the checksums, and no step completes after it,
+    whichever thread (training or step thread) reads it first. Without checksums this trained on to NaN."""
+    launch(CORRUPTION_PROBE, config_for("fuyou", tmp_path), tmp_path, "--out", str(tmp_path / "corruption.json"))
+    result = json.loads((tmp_path / "corruption.json").read_text())
+    assert [r["mode"] for r in result.values()] == ["off", "backward", "forward"]
+    for record in result.values():
+        assert all(math.isfinite(loss) for loss in record["losses_before"]) and len(record["losses_before"]) == 2
+        assert record["losses_after"] == [], record
+        error = record["error"]
+        assert (error["type"], error["path"], error["offset"]) == ("FuyouIOError", record["corrupted"], 0), error
+        assert "checksum mismatch" in error["message"]
 
 
 def test_a_host_memory_budget_that_holds_everything_takes_the_ssd_out_of_training(runs: Callable[..., Any]) -> None:

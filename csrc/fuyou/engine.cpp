@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -222,6 +223,8 @@ class Worker {
       if (fd >= 0) ::close(fd);
       result = more < 0 ? more : done + more;
     }
+    Checksums* checksums = engine_.checksums_.get();
+    if (checksums && r.op_ == Op::kWrite && result < b.len) checksums->invalidate(path, b.offset, b.len);
     if (result < 0) {
       r.fail({static_cast<int>(-result), path, b.offset, b.len, r.op_ == Op::kRead ? "read" : "write"});
     } else if (result < b.len) {
@@ -235,6 +238,16 @@ class Worker {
         what = "short write: only " + std::to_string(result) + " of " + std::to_string(b.len) + " bytes written";
       }
       r.fail({EIO, path, b.offset, b.len, what});
+    } else if (checksums && r.op_ == Op::kWrite) {
+      checksums->record(path, b.offset, b.buf, b.len);
+      engine_.bytes_written_.fetch_add(b.len);
+    } else if (std::optional<ChecksumMismatch> bad = checksums ? checksums->verify(path, b.offset, b.buf, b.len)
+                                                               : std::nullopt) {
+      char what[160];
+      std::snprintf(what, sizeof what,
+                    "checksum mismatch: the CRC32C of these bytes was 0x%08x when written and is 0x%08x now",
+                    bad->expected, bad->found);
+      r.fail({EIO, path, bad->offset, Checksums::kChunk, what});
     } else {
       (r.op_ == Op::kRead ? engine_.bytes_read_ : engine_.bytes_written_).fetch_add(b.len);
     }
@@ -263,6 +276,7 @@ Engine::Engine(EngineOptions options) : options_(std::move(options)) {
   if (options_.queue_depth < 1 || options_.threads < 1) {
     throw std::invalid_argument("queue_depth and threads must be >= 1");
   }
+  if (options_.verify) checksums_ = std::make_unique<Checksums>();
   bool async = options_.backend != "threads";
   // Queues are created here, not in the threads, so that a kernel refusal surfaces to the caller.
   std::vector<std::unique_ptr<AsyncQueue>> queues;
@@ -286,6 +300,12 @@ int64_t Engine::bounce_bytes() const {
   for (const auto& w : workers_) total += w->bounce_bytes();
   return total;
 }
+
+void Engine::forget_checksums(const std::string& path) {
+  if (checksums_) checksums_->forget(path);
+}
+
+int64_t Engine::checksummed_bytes() const { return checksums_ ? checksums_->chunks() * Checksums::kChunk : 0; }
 
 std::optional<Block> Engine::pop(bool block) {
   std::unique_lock<std::mutex> lock(mu_);

@@ -5,7 +5,8 @@
 //     memory is aligned too, otherwise through per-worker bounce blocks;
 //   * the unaligned head and tail (a file offset or size that is not a multiple of 4 KiB) go through a buffered
 //     descriptor of the same file, which the kernel keeps coherent with O_DIRECT.
-// Every byte is accounted for: a short read or write is an error, never a silent truncation.
+// Every byte is accounted for: a short read or write is an error, never a silent truncation; with `verify`, a read
+// of bytes this engine wrote that no longer have their checksum is an error too (see checksums.h).
 #pragma once
 
 #include <atomic>
@@ -19,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "checksums.h"
 #include "common.h"
 
 namespace fuyou {
@@ -31,6 +33,8 @@ struct EngineOptions {
   // When a file system refuses O_DIRECT (EINVAL at open, e.g. ramfs or some FUSE), use buffered I/O for that file
   // instead of failing. The request records it so the Python layer can announce it once per directory.
   bool buffered_fallback = true;
+  // CRC32C of every 4 KiB written, checked on every read of it (checksums.h).
+  bool verify = true;
 };
 
 // One file of a (possibly striped) transfer, opened once per request.
@@ -114,6 +118,9 @@ class Engine {
   int64_t bytes_read() const { return bytes_read_.load(); }
   int64_t bytes_written() const { return bytes_written_.load(); }
   int64_t bounce_bytes() const;  // bounce memory the workers hold (allocated lazily, kept for reuse)
+  // Drops the checksums of `path`, which someone other than this engine has replaced (no-op without `verify`).
+  void forget_checksums(const std::string& path);
+  int64_t checksummed_bytes() const;  // bytes of the files whose checksums are known
 
  private:
   friend class Worker;
@@ -129,6 +136,7 @@ class Engine {
   bool stopping_ = false;
   std::atomic<int64_t> bytes_read_{0};
   std::atomic<int64_t> bytes_written_{0};
+  std::unique_ptr<Checksums> checksums_;  // null without `verify`
   std::vector<std::unique_ptr<Worker>> workers_;
 };
 

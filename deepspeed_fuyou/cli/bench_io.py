@@ -1,5 +1,6 @@
 """`fuyou bench-io`: sequential write and read throughput of our engine against DeepSpeed's `aio_handle`, plain
-buffered Python file I/O and (where installed) fio's O_DIRECT ceiling, in one run, on the same directories.
+buffered Python file I/O and (where installed) fio's O_DIRECT ceiling, in one run, on the same directories. Ours
+runs twice, with and without its checksums (`io.verify`), so that their cost is a ratio of the same run.
 
 Each round writes and reads `--size` bytes per engine, spread over the `--path` directories (our engine stripes;
 the others write one file per directory, concurrently where they can), engines interleaved so that a noisy
@@ -63,10 +64,11 @@ def _split(buffer: torch.Tensor, parts: int) -> list[torch.Tensor]:
 
 
 class _Fuyou:
-    name = "fuyou"
+    """Our engine; `name` "fuyou_unverified" for the one without checksums (`io.verify` off), to show their cost."""
 
-    def __init__(self, engine: IOEngine, space: SwapSpace, buffer: torch.Tensor) -> None:
-        self.engine, self.paths, self.buffer = engine, space.files("fuyou.bin"), buffer
+    def __init__(self, engine: IOEngine, space: SwapSpace, buffer: torch.Tensor, name: str = "fuyou") -> None:
+        self.name = name
+        self.engine, self.paths, self.buffer = engine, space.files(f"{name}.bin"), buffer
 
     def write(self) -> None:
         self.engine.write(self.buffer, self.paths).wait()
@@ -243,9 +245,18 @@ def run(settings: BenchSettings) -> dict[str, object]:
     data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pool = PinnedPool(size + 2 * (64 << 20) + (1 << 20))
     staged = pool.acquire(size)
-    with IOEngine(settings.options) as engine, SwapSpace(settings.paths) as space:
+    unverified_options = settings.options.model_copy(update={"verify": False})
+    with (
+        IOEngine(settings.options.model_copy(update={"verify": True})) as engine,
+        IOEngine(unverified_options) as unverified,
+        SwapSpace(settings.paths) as space,
+    ):
         report["engine"] = engine.backend
-        benches: list[object] = [_Fuyou(engine, space, staged), _Buffered(space, staged)]
+        benches: list[object] = [
+            _Fuyou(engine, space, staged),
+            _Fuyou(unverified, space, staged, "fuyou_unverified"),
+            _Buffered(space, staged),
+        ]
         handle, reason = _deepspeed_handle(settings.options) if settings.deepspeed else (None, "skipped")
         report["deepspeed_unavailable_reason"] = reason
         if handle is not None:
@@ -269,7 +280,7 @@ def run(settings: BenchSettings) -> dict[str, object]:
         for bench in benches:
             if isinstance(bench, _DeepSpeed):
                 bench.close()
-        for name in ("fio", "fuyou", "deepspeed", "buffered"):
+        for name in ("fio", "fuyou", "fuyou_unverified", "deepspeed", "buffered"):
             for kind in ("write", "read"):
                 report[f"{name}_{kind}_gbps"] = samples[name].median(kind) if name in samples else None
         report["samples_gbps"] = {name: {"write": s.write, "read": s.read} for name, s in samples.items()}
@@ -277,7 +288,7 @@ def run(settings: BenchSettings) -> dict[str, object]:
             report.update(_device_pipeline(settings, engine, space, pool, staged, data))
     for kind in ("write", "read"):
         ours = report[f"fuyou_{kind}_gbps"]
-        for other in ("fio", "deepspeed"):
+        for other in ("fio", "deepspeed", "fuyou_unverified"):
             theirs = report[f"{other}_{kind}_gbps"]
             report[f"fuyou_{kind}_vs_{other}"] = ours / theirs if theirs else None
     return report
@@ -298,13 +309,14 @@ def format_table(report: dict[str, object]) -> str:
     for name, label in (
         ("fio", "fio O_DIRECT ceiling"),
         ("fuyou", "fuyou"),
+        ("fuyou_unverified", "fuyou, io.verify off"),
         ("deepspeed", "deepspeed aio_handle"),
         ("buffered", "python buffered"),
     ):
         lines.append(f"{label:<22}{cell(report[f'{name}_write_gbps']):>12}{cell(report[f'{name}_read_gbps']):>12}")
-    for other in ("fio", "deepspeed"):
+    for other, label in (("fio", "fio"), ("deepspeed", "deepspeed"), ("fuyou_unverified", "no checksums")):
         lines.append(
-            f"{'fuyou / ' + other:<22}{cell(report[f'fuyou_write_vs_{other}'], '{:.2f}x'):>12}"
+            f"{'fuyou / ' + label:<22}{cell(report[f'fuyou_write_vs_{other}'], '{:.2f}x'):>12}"
             f"{cell(report[f'fuyou_read_vs_{other}'], '{:.2f}x'):>12}"
         )
     for name in ("deepspeed", "fio"):

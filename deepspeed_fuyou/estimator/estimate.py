@@ -177,6 +177,7 @@ def estimate(
     if plan is not None and rates is not None:
         shape = StepShape(
             parameters=plan.swapped.get("parameters", 0),
+            parameters_in_masters=plan.swapped.get("parameters_in_masters", 0),
             gradients=plan.swapped.get("gradients", 0),
             optimizer_states=plan.swapped.get("optimizer_states", 0),
             retained=plan.swapped.get("persistent_parameters", 0)

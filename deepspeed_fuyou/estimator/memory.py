@@ -61,8 +61,9 @@ class Plan:
     pageable_host: Breakdown = field(default_factory=Breakdown)
     ssd: Breakdown = field(default_factory=Breakdown)
     ssd_per_path: dict[str, int] = field(default_factory=dict)
-    # fuyou: bytes of each kind its swap files hold (unrounded), and of "persistent_parameters", the parameter files
-    # of partitions stage 3 keeps gathered between uses (it reads them once a step, not in every backward)
+    # fuyou: bytes of each kind its swap files hold (unrounded); of "persistent_parameters", the parameter files
+    # of partitions stage 3 keeps gathered between uses (it reads them once a step, not in every backward); and of
+    # "parameters_in_masters", the partitions read from their sub-group's master file (fp32 training)
     swapped: dict[str, int] = field(default_factory=dict)
 
     def device(self, name: str) -> Breakdown:
@@ -204,10 +205,27 @@ def fuyou_plan(
     for (full, nbytes), here in zip(_parameter_files(layout, setup.itemsize), placed["parameters"], strict=True):
         if full <= threshold and not here:
             plan.swapped["persistent_parameters"] = plan.swapped.get("persistent_parameters", 0) + nbytes
+    if setup.itemsize == FP32:
+        plan.swapped["parameters_in_masters"] = _parameters_in_masters(layout, placed)
     # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
     plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
     _activation_offload(plan, setup.fuyou, facts, nvme_paths)
     return plan
+
+
+def _parameters_in_masters(layout: ZeroLayout, placed: dict[str, list[bool]]) -> int:
+    """Bytes of fp32 parameter partitions on the SSD that are stored in their sub-group's master file on the SSD
+    (`FuyouZeroOptimizer._store_partitions_in_masters`): the step writes them once, with the master."""
+    has_file = [n * FP32 >= ALIGNMENT for n in layout.partitions]
+    partition_on_ssd = iter([not here for here in placed["parameters"]])
+    on_ssd = [has and next(partition_on_ssd) for has in has_file]
+    swappable = [n * FP32 >= ALIGNMENT for n in layout.sub_group_numels]
+    master_on_ssd = iter([not here for here in placed["optimizer_states"]])
+    total = 0
+    for group, swapped in zip(layout.groups, swappable, strict=True):
+        if swapped and next(master_on_ssd):
+            total += sum(layout.partitions[i] * FP32 for i in group if on_ssd[i])
+    return total
 
 
 def place_in_host_tier(files: dict[str, list[int]], optimizer_states: int, budget: int) -> dict[str, list[bool]]:

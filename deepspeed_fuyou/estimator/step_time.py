@@ -11,7 +11,7 @@ also moves bytes between the SSD and host memory:
   "backward" the last micro-step's gradients stay in memory: its backward reads the accumulated ones (if any), and
   the step reads none;
 - the optimizer's work reads the master weights and optimizer states on the SSD and writes them back, with the
-  updated parameter partitions;
+  updated parameter partitions that are not stored in their master's file (in fp32 training they are);
 - activations offloaded to the SSD are written by the forward and read by the backward.
 Where the optimizer's work goes is the overlap mode: a phase of its own after the last backward ("off"), inside
 that backward ("backward"), or inside the next forward, whose parameter reads it hands over in memory
@@ -81,6 +81,7 @@ class StepShape:
     """What the model needs of a plan: bytes of each kind on the SSD, and how the step runs."""
 
     parameters: int  # low-precision parameter partitions in swap files
+    parameters_in_masters: int  # those of them stored in their sub-group's master file, which the step writes anyway
     gradients: int  # fp32 gradient files
     optimizer_states: int  # master weights and optimizer states in swap files
     retained: int  # parameter bytes a backward finds still gathered from its forward (persistent ones included)
@@ -100,7 +101,7 @@ def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
         "optimizer",
         optimizer_s=compute.seconds("step", shape.layers),
         read_bytes=shape.optimizer_states + (shape.gradients if shape.overlap != "backward" else 0),
-        written_bytes=shape.optimizer_states + shape.parameters,
+        written_bytes=shape.optimizer_states + shape.parameters - shape.parameters_in_masters,
     )
     result = []
     k = shape.micro_steps

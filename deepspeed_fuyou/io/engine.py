@@ -3,7 +3,8 @@
 `IOEngine.read` / `IOEngine.write` start a transfer of a host tensor's bytes to or from a file (or a file striped
 over several directories, one per SSD) and return an `IOFuture` at once. Any size, any storage offset and any file
 offset work: the engine aligns internally. Whatever goes wrong surfaces from `IOFuture.wait()` as a
-`FuyouIOError` that names the file, offset, size and errno; no transfer ends with fewer bytes than asked.
+`FuyouIOError` that names the file, offset, size and errno; no transfer ends with fewer bytes than asked, and
+(with `io.verify`) no read returns bytes other than the ones this engine wrote there.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, StrictInt, field_validator
+from pydantic import Field, StrictBool, StrictInt, field_validator
 
 from deepspeed_fuyou.config.schema import FuyouModel, Size, invalid
 from deepspeed_fuyou.errors import FuyouConfigError, FuyouIOError
@@ -44,6 +45,9 @@ class IOOptions(FuyouModel):
     # the thousand.
     queue_depth: StrictInt = Field(32, ge=1, le=MAX_QUEUE_DEPTH, examples=[32])
     threads: StrictInt = Field(4, ge=1, le=MAX_THREADS, examples=[4])
+    # true: a CRC32C of every 4 KiB written, checked when it is read back, so a byte the SSD (or anyone) changed
+    # fails the read that would have trained on it. false: no checksums (to measure what they cost).
+    verify: StrictBool = Field(True, examples=[True])
 
     @field_validator("block_size")
     @classmethod
@@ -53,6 +57,12 @@ class IOOptions(FuyouModel):
         if block > MAX_BLOCK_SIZE:
             raise invalid(f"is larger than {MAX_BLOCK_SIZE >> 20} MiB, which no SSD needs", 'use e.g. "1MiB"')
         return block
+
+
+CORRUPTION_FIX = (
+    "the bytes on the SSD changed after fuyou wrote them, and nothing was computed from them: check the disk "
+    "(dmesg, smartctl) and that nothing else writes to the swap directories, then resume from the last checkpoint"
+)
 
 
 class IOFuture:
@@ -109,7 +119,8 @@ class IOFuture:
         if what == "open":  # the open failed before any block existed: report the transfer as the caller saw it
             offset, nbytes = self._offset, self._request.nbytes
             what = f"opening for {'writing' if self._is_write else 'reading'}"
-        raise FuyouIOError(path, offset, nbytes, errno, what)
+        fix = CORRUPTION_FIX if what.startswith("checksum mismatch") else None
+        raise FuyouIOError(path, offset, nbytes, errno, what, fix)
 
     def _announce_fallback(self) -> None:
         if not self._request.used_buffered_fallback:
@@ -138,6 +149,7 @@ class IOEngine:
                 options.queue_depth,
                 options.threads,
                 buffered_fallback=options.engine == "auto",
+                verify=options.verify,
             )
 
         if options.engine == "io_uring" and not native.io_uring_compiled():
@@ -211,6 +223,17 @@ class IOEngine:
     @property
     def bytes_written(self) -> int:
         return self._engine.bytes_written
+
+    @property
+    def checksummed_bytes(self) -> int:
+        """Bytes of the files whose checksums the engine holds (0 with `io.verify` off)."""
+        return self._engine.checksummed_bytes
+
+    def forget_checksums(self, paths: Sequence[str]) -> None:
+        """Forgets what this engine wrote to `paths`: someone else has replaced those files (a checkpoint copied
+        into place), so their bytes are no longer the engine's to check."""
+        for path in paths:
+            self._engine.forget_checksums(os.fspath(path))
 
     @property
     def bounce_bytes(self) -> int:

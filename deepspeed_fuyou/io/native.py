@@ -16,6 +16,7 @@ Request = _C.Request
 PinnedPool = _C.PinnedPool
 io_uring_compiled = _C.io_uring_compiled
 cuda_compiled = _C.cuda_compiled
+crc32c = _C.crc32c
 install_host_allocator = _C.install_host_allocator
 host_allocator_installed = _C.host_allocator_installed
 host_cache_stats = _C.host_cache_stats

@@ -130,6 +130,11 @@ class FuyouOptimizerSwapper:
         self.runtime.flush()
         self.runtime.step_slot_bytes = max(self.runtime.step_slot_bytes, self._largest_numel * self.dtype.itemsize)
 
+    def master_file(self, parameter: torch.Tensor) -> str | None:
+        """The swap file of the sub-group's master weights, None if it has none (DRAM tier, or not swapped)."""
+        group = self.groups.get(parameter.ds_id)
+        return None if group is None or group.host is not None else group.file(MASTER)
+
     # -- the step ---------------------------------------------------------------------------------------------------
 
     def swap_in_optimizer_state(self, parameter: torch.Tensor, async_parameter: torch.Tensor | None = None) -> None:
@@ -322,6 +327,7 @@ class FuyouOptimizerSwapper:
             state.update(saved["scalars"])
             for name, (numel, dtype) in group.layout.items():
                 source = [str(folder / group.file(name))]
+                self.runtime.engine.forget_checksums(source)  # DeepSpeed copied them into place, not our engine
                 if group.host is not None:
                     group.host[name] = torch.empty(numel, dtype=dtype)
                     self.runtime.engine.read(group.host[name], source).wait()

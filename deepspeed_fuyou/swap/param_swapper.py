@@ -11,7 +11,10 @@ stage 3's optimizer), with three differences users feel:
   not yet stepped is not prefetched, a read of it waits for its update, and an update the step has just produced is
   taken from memory instead of its file (`SwapRuntime.updates`);
 - partitions placed in the DRAM tier (`fuyou.placement.host_memory`, `swap.host_tier`) live in a host tensor of
-  their own, which stage 3 gathers from directly: no file, no read, no pinned buffer.
+  their own, which stage 3 gathers from directly: no file, no read, no pinned buffer;
+- in fp32 training a partition on the SSD is the same bytes as its piece of its sub-group's master weights, so once
+  the optimizer has written the masters it is read from there (`store_in`) and the step writes it only once, as
+  part of the master: stock writes every updated parameter a second time, into its own file.
 
 The state contract is DeepSpeed's: `ds_tensor` objects stay, only their `.data` moves; `ds_tensor.status` is
 DeepSpeed's own `PartitionedParamStatus`; while a partition is on the SSD its data is a 0-dim placeholder.
@@ -26,8 +29,10 @@ from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedP
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
-from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned, parameter_file
+from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned, parameter_file, swap_file_kind
 from deepspeed_fuyou.trace import TRACE
+
+PARAMETERS = swap_file_kind(parameter_file(0))  # how the swap counters count a partition's bytes, wherever stored
 
 
 class FuyouParamSwapper:
@@ -42,6 +47,8 @@ class FuyouParamSwapper:
         self._reads: dict[int, tuple[torch.nn.Parameter, IOFuture]] = {}  # ds_id -> read in flight
         self._deferred: dict[int, torch.nn.Parameter] = {}  # ds_id -> release asked while its gather was in flight
         self._resident: dict[int, torch.Tensor] = {}  # ds_id -> the partition, for those kept in the DRAM tier
+        self._stored_in: dict[int, tuple[str, int]] = {}  # ds_id -> (file, byte offset), if not its own file
+        self._apart: dict[int, tuple[str, int]] = {}  # ds_id -> its master's place, until the next step writes it
         self._largest_nbytes = ALIGNMENT
 
     # -- what zero.Init calls while it partitions a freshly built module -------------------------------------------
@@ -74,7 +81,8 @@ class FuyouParamSwapper:
             if param.ds_id in self._resident:
                 continue  # the partition was filled in place
             self.runtime.updates.discard(param.ds_id)
-            self.runtime.write(self._view(param), self._file(param), keep=self._buffers[param.ds_id])
+            name, offset = self._location(param)
+            self.runtime.write(self._view(param), name, offset, keep=self._buffers[param.ds_id], kind=PARAMETERS)
         self.runtime.flush()
         self.remove_partition_and_release_buffers(params)
 
@@ -121,7 +129,7 @@ class FuyouParamSwapper:
                 self._buffers[param.ds_id] = buffer
             else:
                 self._hold(param, self._numel[param.ds_id])
-            future = self.runtime.read(self._view(param), self._file(param))
+            future = self.runtime.read(self._view(param), *self._location(param), kind=PARAMETERS)
             self._reads[param.ds_id] = (param, future)
             param.ds_tensor.status = PartitionedParamStatus.INFLIGHT
         if not async_op:
@@ -179,9 +187,29 @@ class FuyouParamSwapper:
         if param.ds_id in self._resident:
             view.copy_(self._resident[param.ds_id])
         else:
-            self.runtime.read(view, self._file(param)).wait()
+            self.runtime.read(view, *self._location(param), kind=PARAMETERS).wait()
         param.ds_tensor.data = view.data
         param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+
+    def store_in(self, param: torch.nn.Parameter, name: str, byte_offset: int) -> None:
+        """From now on the partition of `param` is the bytes at `byte_offset` of file `name`, which hold the same
+        values: its piece of its sub-group's fp32 master, written by the optimizer's swapper. A partition without a
+        file of its own (too small, or in the DRAM tier) keeps living where it is."""
+        if param.ds_id in self._numel and param.ds_id not in self._resident:
+            self._stored_in[param.ds_id] = (name, byte_offset)
+
+    def keep_apart_from_master(self, param: torch.nn.Parameter) -> None:
+        """The master of `param` is about to change outside a step (stage 3's `set_full_hp_param`), which leaves the
+        partition as it is until the next step: the partition's current bytes go back to a file of its own, and
+        the next step's update stores it in the master's file again."""
+        location = self._stored_in.pop(param.ds_id, None)
+        if location is None:
+            return
+        self._apart[param.ds_id] = location
+        staging = self.runtime.staging(self._numel[param.ds_id] * self.dtype.itemsize)
+        current = staging.view(self.dtype).narrow(0, 0, self._numel[param.ds_id])
+        self.runtime.read(current, *location, kind=PARAMETERS).wait()
+        self.runtime.write(current, parameter_file(param.ds_id), keep=staging, kind=PARAMETERS)
 
     def reserve_partitioned_swap_space(self, partition_num_elems: list[int]) -> None:
         """Stock DeepSpeed allocates a dedicated write-back buffer here; ours are drawn from the pool per write."""
@@ -193,7 +221,8 @@ class FuyouParamSwapper:
 
         Nothing waits here: the writes run behind the rest of the step, and the next read of a partition waits for
         its own write (the runtime orders them), which is also where a failed write is reported. The updated
-        partition is also handed over (`PendingUpdates.hand_over`) for a forward that is about to read it.
+        partition is also handed over (`PendingUpdates.hand_over`) for a forward that is about to read it. A
+        partition stored in its master's file (`store_in`) is not written here: the master's write is its write.
 
         Master weights of the parameter dtype (fp32 training) are written from the master's own buffer, which the
         writes keep alive; others are cast into one staging buffer for the whole sub-group, so that the step's pool
@@ -218,7 +247,10 @@ class FuyouParamSwapper:
                 offset += source.numel()
         for (param, _), low in zip(on_file, updated, strict=True):
             self.runtime.updates.discard(param.ds_id)
-            self.runtime.write(low, self._file(param), keep=low)
+            if param.ds_id in self._apart:
+                self._stored_in[param.ds_id] = self._apart.pop(param.ds_id)
+            if param.ds_id not in self._stored_in:
+                self.runtime.write(low, *self._location(param), keep=low)
             self.runtime.updates.hand_over(param.ds_id, low)
 
     # -- internals ------------------------------------------------------------------------------------------------
@@ -231,5 +263,6 @@ class FuyouParamSwapper:
     def _view(self, param: torch.nn.Parameter) -> torch.Tensor:
         return self._buffers[param.ds_id].view(self.dtype).narrow(0, 0, self._numel[param.ds_id])
 
-    def _file(self, param: torch.nn.Parameter) -> str:
-        return parameter_file(param.ds_id)
+    def _location(self, param: torch.nn.Parameter) -> tuple[str, int]:
+        """The file and byte offset that hold the partition of `param`."""
+        return self._stored_in.get(param.ds_id, (parameter_file(param.ds_id), 0))

@@ -83,13 +83,15 @@ class SwapCounters:
     written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SWAP_FILE_KINDS, 0))
     read: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SWAP_FILE_KINDS, 0))
 
-    def count(self, name: str, nbytes: int, write: bool) -> None:
+    def count(self, name: str, nbytes: int, write: bool, kind: str | None = None) -> None:
+        """Counts a transfer of file `name`, as `kind` if given (a parameter partition stored in a master file)."""
+        kind = kind or swap_file_kind(name)
         if write:
             self.bytes_written += nbytes
-            self.written[swap_file_kind(name)] += nbytes
+            self.written[kind] += nbytes
         else:
             self.bytes_read += nbytes
-            self.read[swap_file_kind(name)] += nbytes
+            self.read[kind] += nbytes
 
 
 @dataclass
@@ -193,23 +195,26 @@ class SwapRuntime:
             pass
         return pool.acquire(need)
 
-    def write(self, tensor: torch.Tensor, name: str, offset: int = 0, keep: object = None) -> IOFuture:
-        """Starts writing `tensor` into logical file `name`; `keep` (e.g. its staging buffer) lives until it ends."""
+    def write(
+        self, tensor: torch.Tensor, name: str, offset: int = 0, keep: object = None, kind: str | None = None
+    ) -> IOFuture:
+        """Starts writing `tensor` into logical file `name`; `keep` (e.g. its staging buffer) lives until it ends.
+        `kind` counts the bytes as one of `SWAP_FILE_KINDS` other than the file's own."""
         nbytes = tensor.numel() * tensor.element_size()
         self._order_after_writes(name, offset, offset + nbytes)
         with self._lock:
             future = self.engine.write(tensor, self.files(name), offset)
-            self.counters.count(name, nbytes, write=True)
+            self.counters.count(name, nbytes, write=True, kind=kind)
             self._writes.append(_Write(future, name, offset, offset + nbytes, keep, self.writes_started))
             self.writes_started += 1
         return future
 
-    def read(self, tensor: torch.Tensor, name: str, offset: int = 0) -> IOFuture:
+    def read(self, tensor: torch.Tensor, name: str, offset: int = 0, kind: str | None = None) -> IOFuture:
         """Starts reading logical file `name` at `offset` into `tensor`, after any write in flight to those bytes."""
         nbytes = tensor.numel() * tensor.element_size()
         self._order_after_writes(name, offset, offset + nbytes)
         with self._lock:
-            self.counters.count(name, nbytes, write=False)
+            self.counters.count(name, nbytes, write=False, kind=kind)
         return self.engine.read(tensor, self.files(name), offset)
 
     def flush(self) -> None:

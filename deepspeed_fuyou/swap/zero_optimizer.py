@@ -87,11 +87,50 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         self._mode = overlap_mode(self.fuyou_config.optimizer, kwargs["ds_config"])
         self._gradient_files = self._mode != "backward" or kwargs.get("gradient_accumulation_steps", 1) > 1
         super().__init__(module, init_optimizer, param_names, *args, **kwargs)
+        self._store_partitions_in_masters()
         self._set_up_overlap(self._mode)
         self.activation_offloader = self._offload_activations(module)
         if TRACE.enabled:
             self._trace_phases(module)
         release_free_heap()
+
+    def _store_partitions_in_masters(self) -> None:
+        """In fp32 training each parameter partition on the SSD is stored once: in its sub-group's master file.
+
+        The master of a sub-group is its partitions laid end to end, at the same precision when parameters are fp32,
+        so after the base constructor has written both, the partition files hold nothing the masters do not. The
+        parameter swapper reads the partitions from the masters from then on, and the step writes each update once
+        (stock writes it into the master and again into the partition's file).
+        """
+        if not self.swap_optimizer or self.dtype != self.master_weights_and_grads_dtype:
+            return
+        for i, params in enumerate(self.fp16_groups):
+            name = self._swappable_optimizer_subgroup(i) and self.optimizer_swapper.master_file(
+                self.fp32_partitioned_groups_flat[i]
+            )
+            if not name:
+                continue
+            offset = 0
+            for param, partition in zip(params, self.fp16_partitioned_groups[i], strict=True):
+                if partition.final_location == OffloadDeviceEnum.nvme:
+                    param.nvme_swapper.store_in(param, name, offset * self.dtype.itemsize)
+                offset += partition.ds_numel
+
+    def set_full_hp_param(self, value: torch.Tensor, param: Any, optim_state_key: str | None = None) -> None:
+        self._before_setting(param, optim_state_key)
+        super().set_full_hp_param(value, param, optim_state_key)
+
+    def set_local_hp_param(self, value: torch.Tensor, param: Any, optim_state_key: str | None = None) -> None:
+        self._before_setting(param, optim_state_key)
+        super().set_local_hp_param(value, param, optim_state_key)
+
+    def _before_setting(self, param: Any, optim_state_key: str | None) -> None:
+        """Stage 3 sets master weights outside a step without touching the low-precision partition, which keeps its
+        value until the next step: a partition stored in its master's file first gets its own file back."""
+        self.finish_pending_steps()
+        swapper = getattr(param, "nvme_swapper", None)
+        if optim_state_key is None and swapper is not None:
+            swapper.keep_apart_from_master(param)
 
     # -- overlap ----------------------------------------------------------------------------------------------------
 
@@ -125,6 +164,12 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             largest = max(self.fp16_partitioned_groups_flat_numel, default=0)
             self.fuyou_runtime.updates.hand_over_limit = int(largest) * self.dtype.itemsize  # one sub-group
             gate_parameter_fetches(self.parameter_offload.get_param_coordinator(), self._wait_for_updates)
+
+    def steps_any(self, ds_ids: set[int]) -> bool:
+        """Whether this optimizer steps any of the parameters `ds_ids`."""
+        if not hasattr(self, "_stepped_ids"):
+            self._stepped_ids = {param.ds_id for group in self.fp16_groups for param in group}
+        return not self._stepped_ids.isdisjoint(ds_ids)
 
     def finish_pending_steps(self) -> None:
         """Waits for every sub-group step still running behind compute; raises the error of one that failed."""
@@ -479,9 +524,7 @@ _WHEN = {
 
 _AFTER_PENDING_STEPS = (
     "get_full_hp_param",
-    "set_full_hp_param",
     "get_local_fp32_param",
-    "set_local_hp_param",
     "state_dict",
     "load_state_dict",
     "destroy",

@@ -15,28 +15,19 @@ Rank 0 writes the result.
 
 from __future__ import annotations
 
-import copy
 import functools
-import json
 import threading
 from typing import Any
 
-import deepspeed
 import torch
-from probes import probe_arguments, tiny_llama_engine
-
-from deepspeed_fuyou.distributed import end_distributed
+from probes import probe_each_overlap_mode, tiny_llama_engine
 
 SEQ_LEN = 32
 STEPS = 4
 HELD_ITERATION = 2  # the iteration whose step thread is held back ("forward")
 
 
-def probe(ds_config: dict[str, Any], mode: str) -> dict[str, Any]:
-    config = copy.deepcopy(ds_config)
-    config["fuyou"]["optimizer"] = {"overlap": mode}
-    if mode == "backward":
-        config["gradient_clipping"] = 0.0
+def probe(config: dict[str, Any]) -> dict[str, Any]:
     engine, model = tiny_llama_engine(config)
     optimizer = engine.optimizer
     runtime = optimizer.fuyou_runtime
@@ -114,14 +105,5 @@ def hold_step_thread(optimizer: Any, runtime: Any, record: dict[str, Any]) -> No
     runtime.updates.wait = waiting
 
 
-def main() -> None:
-    args, ds_config = probe_arguments()
-    deepspeed.init_distributed()
-    result = {mode: probe(ds_config, mode) for mode in ("off", "backward", "forward")}
-    if torch.distributed.get_rank() == 0:
-        args.out.write_text(json.dumps(result))
-    end_distributed()
-
-
 if __name__ == "__main__":
-    main()
+    probe_each_overlap_mode(probe)

@@ -7,8 +7,10 @@ Each probe is launched by the `deepspeed` launcher (`tests/conftest.py::run_deep
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import deepspeed
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
+
+from deepspeed_fuyou.distributed import end_distributed
 
 MODEL = Path(__file__).resolve().parents[2] / "configs" / "models" / "llama-tiny"
 
@@ -37,3 +41,26 @@ def tiny_llama_engine(ds_config: dict[str, Any]) -> tuple[Any, torch.nn.Module]:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL), dtype=torch.float32)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine, model
+
+
+OVERLAP_MODES = ("off", "backward", "forward")
+
+
+def with_overlap(ds_config: dict[str, Any], mode: str) -> dict[str, Any]:
+    """A copy of `ds_config` whose fuyou block steps the optimizer in `mode` (without clipping for "backward")."""
+    config = copy.deepcopy(ds_config)
+    config["fuyou"]["optimizer"] = {"overlap": mode}
+    if mode == "backward":
+        config["gradient_clipping"] = 0.0
+    return config
+
+
+def probe_each_overlap_mode(probe: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Runs `probe` on a fresh engine's config per overlap mode, in this process; rank 0 writes the results, keyed
+    by mode, to `--out`."""
+    args, ds_config = probe_arguments()
+    deepspeed.init_distributed()
+    result = {mode: probe(with_overlap(ds_config, mode)) for mode in OVERLAP_MODES}
+    if torch.distributed.get_rank() == 0:
+        args.out.write_text(json.dumps(result))
+    end_distributed()
