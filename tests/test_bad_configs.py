@@ -2,7 +2,7 @@
 
 Each file holds `config` (a whole DeepSpeed config) and `expected_fields` (the JSON paths the error must name, all
 of them in one error). `$SWAP` stands for a writable directory, `$MISSING` for one that does not exist and `$FILE`
-for a regular file.
+for a regular file, `$LOOP` for a symbolic link to itself (through a second one).
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ def load(path: Path, tmp_path: Path) -> tuple[dict, list[str]]:
     swap, regular_file = tmp_path / "swap", tmp_path / "file"
     swap.mkdir()
     regular_file.write_text("not a directory")
+    loop, back = tmp_path / "loop", tmp_path / "back"
+    loop.symlink_to(back)
+    back.symlink_to(loop)
     text = path.read_text()
-    for placeholder, value in {"$SWAP": swap, "$MISSING": tmp_path / "missing", "$FILE": regular_file}.items():
+    for placeholder, value in {
+        "$SWAP": swap,
+        "$MISSING": tmp_path / "missing",
+        "$FILE": regular_file,
+        "$LOOP": loop,
+    }.items():
         text = text.replace(placeholder, str(value))
     case = json.loads(text)
     return case["config"], case["expected_fields"]

@@ -109,6 +109,11 @@ def machine_problems(config: FuyouConfig, ssd_bytes: int | None = None) -> list[
     seen: dict[Path, int] = {}
     for i, path in enumerate(config.nvme_paths):
         field = f"fuyou.nvme_paths[{i}]"
+        try:
+            check_swap_root(path, field)
+        except FuyouConfigError as err:
+            problems.append(err)
+            continue
         resolved = path.resolve()
         if resolved in seen:
             problems.append(
@@ -118,11 +123,6 @@ def machine_problems(config: FuyouConfig, ssd_bytes: int | None = None) -> list[
             )
             continue
         seen[resolved] = i
-        try:
-            check_swap_root(path, field)
-        except FuyouConfigError as err:
-            problems.append(err)
-            continue
         usable[os.stat(path).st_dev].append(path)
         if not supports_o_direct(path):
             warnings.warn(

@@ -160,6 +160,8 @@ class FuyouConfig(FuyouModel):
         for path in paths:
             if not isinstance(path, str | os.PathLike) or not str(path):
                 raise invalid(f"{path!r} is not a directory path", "write each directory as a non-empty string")
+            if "\x00" in str(path):
+                raise invalid(f"{path!r} contains a NUL byte, which no file name can", "remove it from the path")
         return paths
 
     @field_validator("pinned_memory")

@@ -19,6 +19,7 @@ import logging
 import mmap
 import os
 import shutil
+import stat
 import tempfile
 import weakref
 from collections.abc import Sequence
@@ -92,12 +93,19 @@ def check_swap_root(root: str | os.PathLike, field: str) -> Path:
     read-only file system.
     """
     path = Path(root)
-    if path.exists() and not path.is_dir():
-        raise FuyouConfigError(field, str(root), "is a file, not a directory", "give a directory on an SSD")
-    if not path.exists():
+    try:
+        is_directory = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
         raise FuyouConfigError(
             field, str(root), "does not exist", f"create it (mkdir -p {root}) or choose another directory"
-        )
+        ) from None
+    except (OSError, ValueError) as err:  # a symlink loop, a name too long, a NUL byte, a component not a directory
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise FuyouConfigError(
+            field, str(root), f"cannot be used as a directory ({reason})", "give an existing directory on an SSD"
+        ) from None
+    if not is_directory:
+        raise FuyouConfigError(field, str(root), "is a file, not a directory", "give a directory on an SSD")
     try:
         with tempfile.TemporaryFile(dir=path):
             pass
