@@ -17,6 +17,7 @@ from deepspeed_fuyou.estimator.estimate import GLIBC_HEAP_SLACK, RUNTIME_OVERHEA
 from deepspeed_fuyou.estimator.memory import striped_member_bytes
 from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.zero_layout import ZeroLayout, sub_groups
+from deepspeed_fuyou.io.engine import checksum_table_bytes
 from tests.conftest import run_deepspeed
 from tests.estimator_models import FAMILIES, transformers_config
 
@@ -340,3 +341,17 @@ def test_fp32_partitions_on_the_ssd_are_counted_as_stored_in_their_masters_and_o
     assert on_ssd["parameters_in_masters"] == on_ssd["parameters"] > 0
     assert swapped(on_ssd["parameters"]).get("parameters_in_masters") == 0  # the DRAM tier holds the partitions
     assert swapped(0, bf16=True).get("parameters_in_masters", 0) == 0  # bf16 partitions are not the fp32 masters
+
+
+def test_the_checksums_of_the_swap_files_are_counted_in_host_memory_only_when_verified(tmp_path: Path) -> None:
+    machine = Machine(gpu_memory=None, host_memory=1 << 40)
+
+    def plan(verify: bool) -> Any:
+        config = fuyou_config(tmp_path, validate=False)
+        config["fuyou"] |= {"io": {"verify": verify}, "placement": {"host_memory": 0}}
+        return estimate(TINY_LLAMA, config, seq_len=64, machine=machine).chosen
+
+    verified, unverified = plan(True), plan(False)
+    assert verified.ssd.total == unverified.ssd.total > 0
+    extra = verified.pageable_host.buffers - unverified.pageable_host.buffers
+    assert extra == checksum_table_bytes(verified.ssd.total) == -(-verified.ssd.total // 4096) * 5

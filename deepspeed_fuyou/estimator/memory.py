@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout, aligned
-from deepspeed_fuyou.io.engine import ALIGNMENT
+from deepspeed_fuyou.io.engine import ALIGNMENT, checksum_table_bytes
 from deepspeed_fuyou.swap.host_tier import HostTier
 from deepspeed_fuyou.swap.sizing import pool_budgets
 
@@ -210,6 +210,8 @@ def fuyou_plan(
     # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
     plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
     _activation_offload(plan, setup.fuyou, facts, nvme_paths)
+    if setup.fuyou.io.verify:  # the engine's checksums of every swap file it writes
+        plan.pageable_host.buffers += checksum_table_bytes(plan.ssd.total)
     return plan
 
 

@@ -29,6 +29,16 @@ MAX_BLOCK_SIZE = 64 << 20
 MAX_QUEUE_DEPTH = 1024
 MAX_THREADS = 64
 
+CHECKSUM_BYTES_PER_CHUNK = 5
+"""Host bytes `io.verify` keeps per 4 KiB of each file the engine writes: a CRC32C and a "known" flag
+(csrc/fuyou/checksums.h)."""
+
+
+def checksum_table_bytes(file_bytes: int) -> int:
+    """Host memory the checksums of `file_bytes` of written files take (with `io.verify` on)."""
+    return -(-file_bytes // ALIGNMENT) * CHECKSUM_BYTES_PER_CHUNK
+
+
 # Directories already announced as lacking O_DIRECT: the fallback is logged once per directory, not per request.
 _announced_fallback_dirs: set[str] = set()
 
