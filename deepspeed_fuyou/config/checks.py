@@ -40,7 +40,8 @@ def offload_nvme_paths(ds_config: Mapping[str, Any]) -> list[str]:
     """The `nvme_path`s of the ZeRO offload blocks that point at NVMe: where `fuyou.nvme_paths` defaults to."""
     zero = section(ds_config, "zero_optimization")
     offloads = [section(zero, name) for name in _OFFLOADS]
-    return list(dict.fromkeys(o["nvme_path"] for o in offloads if o.get("device") == "nvme" and o.get("nvme_path")))
+    paths = (o.get("nvme_path") for o in offloads if o.get("device") == "nvme")
+    return list(dict.fromkeys(path for path in paths if isinstance(path, str) and path))
 
 
 def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
@@ -67,6 +68,17 @@ def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
                 'set offload_param and/or offload_optimizer "device": "nvme", or remove "fuyou"',
             )
         )
+    for name in _OFFLOADS:
+        path = section(zero, name).get("nvme_path")
+        if devices[name] == "nvme" and path is not None and not isinstance(path, str):
+            problems.append(
+                FuyouConfigError(
+                    f"zero_optimization.{name}.nvme_path",
+                    path,
+                    "must be a directory path (a string)",
+                    'write e.g. "/mnt/nvme0"; several SSDs go in "fuyou": {"nvme_paths": [...]}',
+                )
+            )
     if section(zero, "offload_optimizer").get("fast_init"):
         problems.append(
             FuyouConfigError(
