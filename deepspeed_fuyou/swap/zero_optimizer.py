@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -104,17 +104,22 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         """
         if not self.swap_optimizer or self.dtype != self.master_weights_and_grads_dtype:
             return
-        for i, params in enumerate(self.fp16_groups):
+        for i in range(len(self.fp16_groups)):
             name = self._swappable_optimizer_subgroup(i) and self.optimizer_swapper.master_file(
                 self.fp32_partitioned_groups_flat[i]
             )
             if not name:
                 continue
-            offset = 0
-            for param, partition in zip(params, self.fp16_partitioned_groups[i], strict=True):
+            for param, partition, offset in self._partitions_in_master(i):
                 if partition.final_location == OffloadDeviceEnum.nvme:
                     param.nvme_swapper.store_in(param, name, offset * self.dtype.itemsize)
-                offset += partition.ds_numel
+
+    def _partitions_in_master(self, i: int) -> Iterator[tuple[Any, Any, int]]:
+        """Each parameter of sub-group `i`, its partition, and the element offset of that partition in the master."""
+        offset = 0
+        for param, partition in zip(self.fp16_groups[i], self.fp16_partitioned_groups[i], strict=True):
+            yield param, partition, offset
+            offset += partition.ds_numel
 
     def set_full_hp_param(self, value: torch.Tensor, param: Any, optim_state_key: str | None = None) -> None:
         self._before_setting(param, optim_state_key)
@@ -157,6 +162,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         self._stepped: set[int] = set()  # sub-groups of this iteration already stepped during backward
         self._reduced: dict[int, set[int]] = {}  # sub-group -> its parameters whose final gradient arrived
         self._gradient_not_finite = False
+        self._stepped_ids = {param.ds_id for group in self.fp16_groups for param in group}
         track_pending_steps(self)
         if self.overlap == "backward":
             self.optimizer_swapper.holds_gradients = True
@@ -167,8 +173,6 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
 
     def steps_any(self, ds_ids: set[int]) -> bool:
         """Whether this optimizer steps any of the parameters `ds_ids`."""
-        if not hasattr(self, "_stepped_ids"):
-            self._stepped_ids = {param.ds_id for group in self.fp16_groups for param in group}
         return not self._stepped_ids.isdisjoint(ds_ids)
 
     def finish_pending_steps(self) -> None:
@@ -292,17 +296,15 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         partition still in memory, about to be dropped unwritten: the file is where the update must go.
         """
         master = self.fp32_partitioned_groups_flat[i]
-        offset = 0
         to_file: list[Any] = []
         sources: list[torch.Tensor] = []
-        for param, partition in zip(self.fp16_groups[i], self.fp16_partitioned_groups[i], strict=True):
+        for param, partition, offset in self._partitions_in_master(i):
             source = master.narrow(0, offset, partition.ds_numel)
             if partition.final_location == OffloadDeviceEnum.nvme:
                 to_file.append(param)
                 sources.append(source)
             else:
                 partition.data.copy_(source.data)
-            offset += partition.ds_numel
         if to_file:
             to_file[0].nvme_swapper.swap_out_partitioned_params(dst_fp16_params=to_file, src_fp32_params=sources)
 
