@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
 from deepspeed_fuyou.activations import ActivationStats
-from deepspeed_fuyou.distributed import end_distributed
+from deepspeed_fuyou.distributed import exit_distributed
 from deepspeed_fuyou.swap.host_heap import reset_peak_rss, rss_bytes
 from deepspeed_fuyou.swap.runtime import SWAP_FILE_KINDS, SwapRuntime
 from deepspeed_fuyou.trace import ENVIRONMENT, TRACE
@@ -296,7 +296,7 @@ def main() -> None:
         if args.metrics:
             args.metrics.write_text(json.dumps(summary))
     TRACE.save()
-    end_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

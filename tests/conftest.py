@@ -67,7 +67,7 @@ def free_port() -> int:
 def run_deepspeed(program: Path, *args: str, cwd: Path, ranks: int = 1, **env: str) -> subprocess.CompletedProcess[str]:
     """Starts `program` as a user would, with the `deepspeed` launcher (one process per rank), on the CPU accelerator.
 
-    A run that succeeds must also have removed DeepSpeed's shared-memory all-reduce buffers (`end_distributed`):
+    A run that succeeds must also have removed DeepSpeed's shared-memory all-reduce buffers (`exit_distributed`):
     left behind, each holds 66 MiB of host memory until reboot.
     """
     port = free_port()

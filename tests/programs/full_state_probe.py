@@ -25,7 +25,7 @@ from deepspeed.utils import (
 )
 from probes import probe_arguments, tiny_llama_engine
 
-from deepspeed_fuyou.distributed import end_distributed
+from deepspeed_fuyou.distributed import exit_distributed
 
 SEQ_LEN = 32
 
@@ -78,7 +78,7 @@ def main() -> None:
     result["fp32_after_set"] = {n: summary(safe_get_full_fp32_param(p)) for n, p in probed.items()}
     if engine.global_rank == 0:
         args.out.write_text(json.dumps(result))
-    end_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

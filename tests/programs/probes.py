@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from deepspeed_fuyou.distributed import end_distributed
+from deepspeed_fuyou.distributed import exit_distributed
 
 MODEL = Path(__file__).resolve().parents[2] / "configs" / "models" / "llama-tiny"
 
@@ -63,4 +63,4 @@ def probe_each_overlap_mode(probe: Callable[[dict[str, Any]], dict[str, Any]]) -
     result = {mode: probe(with_overlap(ds_config, mode)) for mode in OVERLAP_MODES}
     if torch.distributed.get_rank() == 0:
         args.out.write_text(json.dumps(result))
-    end_distributed()
+    exit_distributed()

@@ -18,7 +18,7 @@ import deepspeed
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from deepspeed_fuyou.distributed import end_distributed
+from deepspeed_fuyou.distributed import exit_distributed
 
 
 def probe(name: str, fields: dict, ds_config: dict, out: Path) -> None:
@@ -53,7 +53,7 @@ def main() -> None:
     ds_config = json.loads(Path(args.config).read_text())
     for name, fields in json.loads(Path(args.models).read_text()).items():
         probe(name, fields, ds_config, Path(args.out))
-    end_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":
