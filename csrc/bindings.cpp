@@ -73,6 +73,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     std::string_view view = data;
     return fuyou::crc32c(view.data(), static_cast<int64_t>(view.size()));
   });
+  m.def("crc32c", [](const torch::Tensor& tensor) {
+    TORCH_CHECK(tensor.device().is_cpu() && tensor.is_contiguous(), "crc32c needs a contiguous host tensor");
+    const char* data = static_cast<const char*>(tensor.data_ptr());
+    int64_t nbytes = static_cast<int64_t>(tensor.nbytes());
+    py::gil_scoped_release release;
+    return fuyou::crc32c(data, nbytes);
+  });
   m.def("host_cache_size_class", &fuyou::HostBlockCache::size_class);
   m.def("install_host_allocator", [] { fuyou::install_host_allocator(); });
   m.def("host_allocator_installed", &fuyou::host_allocator_installed);

@@ -33,6 +33,11 @@ def test_crc32c_is_the_castagnoli_checksum_of_iscsi_and_ext4() -> None:
     assert native.crc32c(b"") == 0
 
 
+def test_crc32c_of_a_host_tensor_is_that_of_its_bytes() -> None:
+    values = torch.randn(3 * 4096 + 5)
+    assert native.crc32c(values) == native.crc32c(values.numpy().tobytes())
+
+
 def test_a_byte_changed_on_the_ssd_fails_the_read_naming_the_file_the_4kib_and_both_checksums(
     engine: IOEngine, tmp_path: Path
 ) -> None:

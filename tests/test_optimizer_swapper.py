@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import IOFuture
 from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
-from deepspeed_fuyou.swap.runtime import SwapRuntime
+from deepspeed_fuyou.swap.runtime import SwapRuntime, optimizer_file
 
 MiB = 1 << 20
 STEPS = 3
@@ -159,3 +160,61 @@ def test_pinned_memory_of_the_step_does_not_grow_with_the_number_of_sub_groups(t
     for stats in peaks.values():  # read ahead and stepped: master, moments, gradient; written back: master, moments
         assert stats.peak_in_use <= (4 + 4 + 3) * tensor
     assert peaks[12].peak_reserved == peaks[4].peak_reserved
+
+
+def trained_swapper(runtime: SwapRuntime) -> tuple[FuyouOptimizerSwapper, list[torch.Tensor]]:
+    """A swapper after two steps of Adam over three sub-groups (so its moments exist), and its masters."""
+    masters = []
+    for index in range(3):
+        master = torch.empty(0, requires_grad=True)
+        master.ds_id = f"{index}"
+        masters.append(master)
+    optimizer = torch.optim.Adam([torch.empty(0, requires_grad=True)], lr=1e-2)
+    swapper = FuyouOptimizerSwapper(runtime, optimizer, torch.float32)
+    for master, weights in zip(masters, initial_weights(3), strict=True):
+        swapper.initialize_parameters([master], [weights])
+    for step in range(2):
+        for master, grad in zip(masters, gradients([MiB] * 3, step), strict=True):
+            swapper.swap_out_gradients(master, [0], [grad[: swapper.groups[master.ds_id].numel]])
+        runtime.flush()
+        stage3_step(swapper, masters, optimizer)
+    return swapper, masters
+
+
+def resident_state(swapper: FuyouOptimizerSwapper, masters: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    state = []
+    for master in masters:
+        swapper.swap_in_optimizer_state(master)
+        tensors = {"master": master.detach().clone()}
+        tensors |= {k: v.clone() for k, v in swapper.optimizer.state[master].items() if torch.is_tensor(v)}
+        state.append(tensors)
+        swapper.release_swap_buffers(master)
+    return state
+
+
+def test_a_checkpoint_export_imports_back_to_the_same_state_with_its_checksums_verified(runtime: SwapRuntime) -> None:
+    swapper, masters = trained_swapper(runtime)
+    saved = resident_state(swapper, masters)
+    swapper.export_checkpoint()
+    stage3_step(swapper, masters, swapper.optimizer)  # the run moves on: the import must bring the saved state back
+    swapper.import_checkpoint()
+    restored = resident_state(swapper, masters)
+    assert [sorted(s) for s in restored] == [sorted(s) for s in saved]
+    assert all(torch.equal(r[k], s[k]) for r, s in zip(restored, saved, strict=True) for k in s)
+
+
+def test_a_corrupted_checkpoint_file_is_refused_naming_the_file_and_both_checksums(runtime: SwapRuntime) -> None:
+    swapper, _ = trained_swapper(runtime)
+    swapper.export_checkpoint()
+    victim = Path(swapper.swap_folder) / optimizer_file("1", "exp_avg")
+    assert victim.exists(), sorted(p.name for p in Path(swapper.swap_folder).iterdir())
+    with open(victim, "r+b") as f:
+        f.seek(123 * 4)
+        byte = f.read(1)
+        f.seek(123 * 4)
+        f.write(bytes([byte[0] ^ 0x01]))  # one flipped bit
+    with pytest.raises(FuyouIOError) as err:
+        swapper.import_checkpoint()
+    message = str(err.value)
+    assert str(victim) in message
+    assert "CRC32C" in message and "previous checkpoint" in message

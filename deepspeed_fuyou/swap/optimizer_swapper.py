@@ -19,8 +19,9 @@ and attached from the tensor. They take no pinned slot and no I/O.
 
 Checkpoints: DeepSpeed copies the directory `swap_folder` into the checkpoint and back. Our live files are striped
 over several SSDs, so `export_checkpoint` writes a self-contained copy there (plain files plus a manifest with the
-optimizer's non-tensor state such as Adam's step count) and `import_checkpoint` restores from it. Unlike stock
-DeepSpeed, whose lazily created Adam moments are not restored in a fresh process, a resumed run continues exactly.
+optimizer's non-tensor state such as Adam's step count, and the CRC32C of every file) and `import_checkpoint` restores
+from it, refusing a file whose bytes no longer have their checksum. Unlike stock DeepSpeed, whose lazily created Adam
+moments are not restored in a fresh process, a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
+from deepspeed_fuyou.io.native import crc32c
 from deepspeed_fuyou.swap.runtime import SwapRuntime, gradient_file, optimizer_file
 from deepspeed_fuyou.trace import TRACE
 
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MASTER = "master"  # the name under which a sub-group's fp32 weights are stored next to its optimizer states
 MANIFEST = "fuyou-optimizer.pt"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: with each file's CRC32C
 
 
 @dataclass
@@ -281,17 +283,20 @@ class FuyouOptimizerSwapper:
         folder.mkdir(mode=0o700)
         manifest = {"format": MANIFEST_FORMAT, "groups": {}}
         for group in self.groups.values():
+            checksums = {}
             for name, (numel, dtype) in group.layout.items():
                 target = [str(folder / group.file(name))]
                 if group.host is not None:
                     self.runtime.engine.write(group.host[name], target).wait()
+                    checksums[name] = crc32c(group.host[name])
                 else:
-                    self._copy_file(numel, dtype, self.runtime.files(group.file(name)), target)
+                    checksums[name] = self._copy_file(numel, dtype, self.runtime.files(group.file(name)), target)
             manifest["groups"][group.key] = {
                 "layout": {
                     name: (numel, str(dtype).removeprefix("torch.")) for name, (numel, dtype) in group.layout.items()
                 },
                 "scalars": self._scalar_state(group),
+                "checksums": checksums,
             }
         torch.save(manifest, folder / MANIFEST)
         self.runtime.flush()
@@ -310,6 +315,15 @@ class FuyouOptimizerSwapper:
                 "load a checkpoint saved with the fuyou block enabled (stock DeepSpeed NVMe checkpoints differ)",
             )
         manifest = torch.load(manifest_path, weights_only=True)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise FuyouIOError(
+                str(manifest_path),
+                0,
+                0,
+                None,
+                f"checkpoint manifest has format {manifest.get('format')}, this fuyou reads format {MANIFEST_FORMAT}",
+                "load it with the fuyou version that saved it, or resume from a checkpoint saved by this one",
+            )
         for key, saved in manifest["groups"].items():
             group = self.groups.get(key)
             if group is None:
@@ -328,11 +342,13 @@ class FuyouOptimizerSwapper:
             for name, (numel, dtype) in group.layout.items():
                 source = [str(folder / group.file(name))]
                 self.runtime.engine.forget_checksums(source)  # DeepSpeed copied them into place, not our engine
+                expected = saved["checksums"][name]
                 if group.host is not None:
                     group.host[name] = torch.empty(numel, dtype=dtype)
                     self.runtime.engine.read(group.host[name], source).wait()
+                    _check_saved(group.host[name], source[0], expected)
                 else:
-                    self._copy_file(numel, dtype, source, self.runtime.files(group.file(name)))
+                    self._copy_file(numel, dtype, source, self.runtime.files(group.file(name)), expected)
                 if name != MASTER:
                     state[name] = torch.empty(0, dtype=dtype)
         self.runtime.flush()
@@ -422,8 +438,29 @@ class FuyouOptimizerSwapper:
         view.copy_(tensor)
         return self.runtime.write(view, name, offset, keep=staging)
 
-    def _copy_file(self, numel: int, dtype: torch.dtype, source: list[str], target: list[str]) -> None:
+    def _copy_file(
+        self, numel: int, dtype: torch.dtype, source: list[str], target: list[str], expected: int | None = None
+    ) -> int:
+        """Copies a tensor's file (`expected`: the CRC32C its bytes must have, checked before anything is written);
+        returns the CRC32C of what it copied."""
         buffer = self.runtime.step_staging(numel * dtype.itemsize)
         view = buffer.view(dtype).narrow(0, 0, numel)
         self.runtime.engine.read(view, source).wait()
+        checksum = _check_saved(view, source[0], expected)
         self.runtime.engine.write(view, target).wait()
+        return checksum
+
+
+def _check_saved(tensor: torch.Tensor, path: str, expected: int | None) -> int:
+    """The CRC32C of `tensor`, read from the checkpoint file `path`; raises if it is not `expected` (None: any)."""
+    found = crc32c(tensor)
+    if expected is not None and found != expected:
+        raise FuyouIOError(
+            path,
+            0,
+            tensor.nbytes,
+            None,
+            f"checkpoint file corrupted: its CRC32C is 0x{found:08x}, 0x{expected:08x} when it was saved",
+            "resume from the previous checkpoint (this one cannot be trusted), and check the disk that holds it",
+        )
+    return found
