@@ -1,14 +1,31 @@
-"""Leaving a `deepspeed`-launched process cleanly (kept apart from `integration`, which registers fuyou on import)."""
+"""Leaving a `deepspeed`-launched process cleanly (kept apart from `integration`, which registers fuyou on import).
+
+Two things outlive a rank unless someone removes them: fuyou's swap directories (removed at interpreter exit, see
+`swap.runtime`) and DeepSpeed's shared-memory all-reduce buffer, a 66 MiB `/dev/shm` file per rank and launch that
+DeepSpeed never removes: host memory that stays taken until reboot. A run that ends normally calls
+`exit_distributed`; `clean_up_when_stopped` covers the runs that do not end normally.
+"""
 
 from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
 import torch.distributed
+
+_stop_handlers_installed = False
+
+
+def _shared_memory_buffer(rank: int | str) -> Path:
+    """This rank's DeepSpeed CPU all-reduce buffer, named by user, rendezvous address and port, and global rank."""
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}")
 
 
 def exit_distributed() -> NoReturn:
@@ -20,17 +37,47 @@ def exit_distributed() -> NoReturn:
     -6. So the atexit handlers (fuyou's swap-directory removal, pending background steps, logging) run here, the
     standard streams are flushed, and the process leaves without running C++ static destructors.
 
-    Why unlink: DeepSpeed's CPU all-reduce creates a 66 MiB `/dev/shm` file per rank and launch that nothing
-    removes: host memory that stays taken until reboot. Every rank has mapped every other rank's file by the end,
-    so unlinking after the barrier cannot starve a peer.
+    Every rank has mapped every other rank's buffer by the end, so unlinking after the barrier cannot starve a peer.
     """
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-        address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-        Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
+        _shared_memory_buffer(rank).unlink(missing_ok=True)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def clean_up_when_stopped() -> None:
+    """Makes a rank that is stopped (SIGTERM) or fails (an exception) remove what `exit_distributed` would have.
+
+    The `deepspeed` launcher stops its ranks with SIGTERM (also when it gets Ctrl-C), whose default action ends the
+    process on the spot, without atexit. Here SIGTERM becomes a `SystemExit` (and SIGINT stays a
+    `KeyboardInterrupt`), so the training loop unwinds and the atexit handlers run: the swap directories go, and so
+    does the rank's all-reduce buffer (also after an exception). The first stop signal makes later ones ignored, so
+    that a second one cannot cut the clean-up short. A handler the script installed itself is left alone, and so is
+    a rank stuck in native code, which only SIGKILL ends: the next run on the same SSD removes its swap directory.
+
+    Called by fuyou's integration when it takes over a run's swapping; installs once per process.
+    """
+    global _stop_handlers_installed
+    if _stop_handlers_installed:
+        return
+    _stop_handlers_installed = True
+    rank = os.environ.get("RANK")
+    if rank is not None:
+        atexit.register(_shared_memory_buffer(rank).unlink, missing_ok=True)
+    if threading.current_thread() is threading.main_thread():  # the only thread that may install handlers
+        for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+            if signal.getsignal(signum) is default:
+                signal.signal(signum, _stop)
+
+
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    for each in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(each, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)

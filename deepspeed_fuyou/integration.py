@@ -37,6 +37,7 @@ from deepspeed.runtime.zero import partition_parameters, partitioned_param_coord
 from packaging.version import Version
 
 from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
+from deepspeed_fuyou.distributed import clean_up_when_stopped
 from deepspeed_fuyou.errors import FuyouError
 
 SUPPORTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))  # [low, high): the versions whose internals we checked
@@ -113,6 +114,7 @@ def parameter_swapper(ds_config: Any, model_dtype: Any) -> Any:
     from deepspeed_fuyou.swap.param_swapper import FuyouParamSwapper
     from deepspeed_fuyou.swap.runtime import SwapRuntime
 
+    clean_up_when_stopped()
     return FuyouParamSwapper(SwapRuntime.for_config(config), model_dtype)
 
 
@@ -122,6 +124,7 @@ def zero3_optimizer(module: Any, init_optimizer: Any, param_names: Any, *args: A
         return STOCK_STAGE3(module, init_optimizer, param_names, *args, **kwargs)
     from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
 
+    clean_up_when_stopped()
     return FuyouZeroOptimizer(module, init_optimizer, param_names, *args, **kwargs)
 
 
