@@ -11,6 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deepspeed_fuyou.cli.main import main as fuyou
+from deepspeed_fuyou.config.checks import space_problems
+from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import saved_tensors
 from deepspeed_fuyou.estimator.auto import auto_configure
 from deepspeed_fuyou.estimator.estimate import GLIBC_HEAP_SLACK, RUNTIME_OVERHEAD_HOST, Machine, estimate
@@ -23,6 +25,7 @@ from tests.estimator_models import FAMILIES, transformers_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "programs" / "zero_state_probe.py"
+MiB = 1 << 20
 TINY_LLAMA = ROOT / "configs" / "models" / "llama-tiny"
 ACTIVATION_TOLERANCE = 0.03
 
@@ -221,6 +224,31 @@ def test_training_refuses_to_start_when_the_ssd_cannot_hold_the_optimizer_swap(t
     assert result.returncode != 0
     assert "FuyouConfigError" in output and "fuyou.nvme_paths[0]" in output and "of swap space" in output
     assert not list(small.rglob("optim-*")), "no optimizer swap file may be written before the check"
+
+
+def test_the_ssd_check_counts_a_checkpoint_export_on_the_first_path_only(tmp_path: Path, mounted: Any) -> None:
+    """Swap that fits a file system is refused there once the checkpoint export must fit beside it, and only on the
+    file system of the first path, where `export_checkpoint` writes."""
+    small = mounted("tmpfs", "size=8m")
+    alone = FuyouConfig(nvme_paths=[small])
+    assert space_problems(alone, 6 * MiB) == []
+    (problem,) = space_problems(alone, 6 * MiB, export_bytes=4 * MiB)
+    assert problem.field == "fuyou.nvme_paths[0]" and "checkpoint's export" in str(problem)
+    big = tmp_path / "big"
+    big.mkdir()
+    assert space_problems(FuyouConfig(nvme_paths=[big, small]), 12 * MiB, export_bytes=4 * MiB) == []
+    (problem,) = space_problems(FuyouConfig(nvme_paths=[small, big]), 12 * MiB, export_bytes=4 * MiB)
+    assert problem.field == "fuyou.nvme_paths[0]"
+
+
+def test_the_estimate_reports_the_checkpoint_export_as_every_sub_groups_master_and_states(tmp_path: Path) -> None:
+    config = fuyou_config(tmp_path)
+    config["fuyou"]["placement"] = {"host_memory": 0}  # everything on the SSD: the export is what the SSD holds
+    result = estimate(TINY_LLAMA, config, seq_len=64)
+    assert result.fuyou.checkpoint_export == result.fuyou.swapped["optimizer_states"] > 0
+    assert result.to_json()["plans"]["fuyou"]["checkpoint_export_bytes"] == result.fuyou.checkpoint_export
+    config["fuyou"]["placement"] = {"host_memory": "1GiB"}  # the DRAM tier holds it all: exported all the same
+    assert estimate(TINY_LLAMA, config, seq_len=64).fuyou.checkpoint_export == result.fuyou.checkpoint_export
 
 
 def test_auto_keeps_the_global_batch_and_picks_the_largest_micro_batch_that_fits(tmp_path: Path) -> None:

@@ -114,8 +114,11 @@ def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
     return problems
 
 
-def machine_problems(config: FuyouConfig, ssd_bytes: int | None = None) -> list[FuyouConfigError]:
-    """Swap directories and host memory of this machine against the config (and `ssd_bytes` of swap, when known)."""
+def machine_problems(
+    config: FuyouConfig, ssd_bytes: int | None = None, export_bytes: int = 0
+) -> list[FuyouConfigError]:
+    """Swap directories and host memory of this machine against the config (and `ssd_bytes` of swap, when known, with
+    `export_bytes` of checkpoint export on the first path: see `space_problems`)."""
     problems = []
     usable: dict[int, list[Path]] = defaultdict(list)  # file system (st_dev) -> swap directories on it
     seen: dict[Path, int] = {}
@@ -145,7 +148,7 @@ def machine_problems(config: FuyouConfig, ssd_bytes: int | None = None) -> list[
                 stacklevel=2,
             )
     if ssd_bytes is not None:
-        problems += _space_problems(config, list(usable.values()), ssd_bytes)
+        problems += _space_problems(config, list(usable.values()), ssd_bytes, export_bytes)
     host = config.estimator.host_memory_bytes
     usable_host = int(host * (1 - config.estimator.margin))
     if config.pinned_memory > usable_host:
@@ -161,30 +164,44 @@ def machine_problems(config: FuyouConfig, ssd_bytes: int | None = None) -> list[
     return problems
 
 
-def space_problems(config: FuyouConfig, ssd_bytes: int) -> list[FuyouConfigError]:
-    """`ssd_bytes` of swap files against the free space of the (already checked) swap directories."""
+def space_problems(config: FuyouConfig, ssd_bytes: int, export_bytes: int = 0) -> list[FuyouConfigError]:
+    """`ssd_bytes` of swap files against the free space of the (already checked) swap directories.
+
+    `export_bytes` is what a checkpoint save writes next to the swap files on the first path (the optimizer's master
+    weights and states, exported before DeepSpeed copies them into the checkpoint): a run that has room to train
+    but not to save would die at its first save, after the training it could not keep.
+    """
     usable: dict[int, list[Path]] = defaultdict(list)
     distinct = {path.resolve(): path for path in reversed(config.nvme_paths)}  # the first spelling of each
     for path in distinct.values():
         usable[os.stat(path).st_dev].append(path)
-    return _space_problems(config, list(usable.values()), ssd_bytes)
+    return _space_problems(config, list(usable.values()), ssd_bytes, export_bytes)
 
 
-def _space_problems(config: FuyouConfig, usable: list[list[Path]], ssd_bytes: int) -> list[FuyouConfigError]:
-    """Files are striped evenly over the paths: each file system needs its paths' share of `ssd_bytes`."""
+def _space_problems(
+    config: FuyouConfig, usable: list[list[Path]], ssd_bytes: int, export_bytes: int
+) -> list[FuyouConfigError]:
+    """Files are striped evenly over the paths: each file system needs its paths' share of `ssd_bytes`, and the one
+    of the first path the checkpoint export too."""
     problems = []
     share = ssd_bytes / len(config.nvme_paths)
+    first = config.nvme_paths[0].resolve()
     for paths in usable:
-        need = int(share * len(paths))
+        swap = int(share * len(paths))
+        export = export_bytes if any(path.resolve() == first for path in paths) else 0
         free = shutil.disk_usage(paths[0]).free
-        if need > free:
+        if swap + export > free:
             i = config.nvme_paths.index(paths[0])
+            need = f"{format_size(swap)} of swap space"
+            if export:
+                need += f" and {format_size(export)} for a checkpoint's export of the optimizer state"
             problems.append(
                 FuyouConfigError(
                     f"fuyou.nvme_paths[{i}]",
                     str(paths[0]),
-                    f"needs {format_size(need)} of swap space, has {format_size(free)} free",
-                    "free space there, or add another SSD to fuyou.nvme_paths (files are striped over all of them)",
+                    f"needs {need}, has {format_size(free)} free",
+                    "free space there, or add another SSD to fuyou.nvme_paths (files are striped over all of them; "
+                    "checkpoint exports go to the first)",
                 )
             )
     return problems

@@ -108,6 +108,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "pageable_host_peak_bytes": plan.pageable_host.total,
         "ssd_bytes": plan.ssd.total,
         "ssd_bytes_per_path": dict(plan.ssd_per_path),
+        "checkpoint_export_bytes": plan.checkpoint_export,
         "placement": placement(plan),
         "breakdown": {device: asdict(plan.device(device)) for device in DEVICES},
     }
@@ -262,7 +263,7 @@ def _judge(result: Estimate, setup: TrainingSetup, offload_saving: int) -> None:
         if machine.accelerator_is_host:
             _suggest_host(result, setup)
     if result.fuyou is not None:
-        for problem in machine_problems(setup.fuyou, plan.ssd.total):
+        for problem in machine_problems(setup.fuyou, plan.ssd.total, plan.checkpoint_export):
             result.problems.append(problem.line())
             result.suggestions.append(problem.fix)
             result.exceeded.setdefault("ssd", 0)

@@ -65,6 +65,9 @@ class Plan:
     # of partitions stage 3 keeps gathered between uses (it reads them once a step, not in every backward); and of
     # "parameters_in_masters", the partitions read from their sub-group's master file (fp32 training)
     swapped: dict[str, int] = field(default_factory=dict)
+    # fuyou: what a checkpoint save writes on the first SSD path besides the swap files (master and optimizer states
+    # of every sub-group, whichever tier holds them), before DeepSpeed copies it into the checkpoint
+    checkpoint_export: int = 0
 
     def device(self, name: str) -> Breakdown:
         return getattr(self, name)
@@ -194,6 +197,7 @@ def fuyou_plan(
     if setup.overlap == "backward" and setup.gradient_accumulation_steps == 1:
         files["gradients"] = []  # kept in pinned memory from backward to their step, never written
     placed = place_in_host_tier(files, setup.optimizer_states, host_tier_budget)
+    plan.checkpoint_export = sum(files["optimizer_states"])
     for component, in_host in placed.items():
         for nbytes, here in zip(files[component], in_host, strict=True):
             if here:

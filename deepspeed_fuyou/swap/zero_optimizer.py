@@ -339,7 +339,8 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         )
         states = OPTIMIZER_STATES.get(type(optimizer).__name__.lower(), 2)
         files = fuyou_swap_files(layout, params[0].dtype.itemsize, states)
-        problems = space_problems(self.fuyou_config, sum(sum(sizes) for sizes in files.values()))
+        swap = sum(sum(sizes) for sizes in files.values())
+        problems = space_problems(self.fuyou_config, swap, export_bytes=sum(files["optimizer_states"]))
         if problems:
             raise FuyouConfigError.combine(problems)
 
