@@ -13,6 +13,9 @@ coordinator waits for a parameter's pending update before it gathers it (`gate_p
 and `GatheredParameters` first finishes every pending step (`register()`), since user code and checkpoints gather
 parameters outside the coordinator.
 
+When fuyou runs an engine, its `save_checkpoint` writes under a temporary tag and commits it once complete, and its
+`load_checkpoint` refuses a checkpoint that was never completed (`deepspeed_fuyou.checkpoints`).
+
 `register()` is idempotent. It runs from the import hook that the package installs (`deepspeed_fuyou-hook.pth`,
 active when `deepspeed` is imported, off with `FUYOU_DISABLE=1`), from `import deepspeed_fuyou.integration`, and
 from `deepspeed_fuyou.initialize`. `check_deepspeed_internals()` asserts every DeepSpeed name and signature this
@@ -36,6 +39,7 @@ from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartiti
 from deepspeed.runtime.zero import partition_parameters, partitioned_param_coordinator, stage3
 from packaging.version import Version
 
+from deepspeed_fuyou import checkpoints
 from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
 from deepspeed_fuyou.distributed import clean_up_when_stopped
 from deepspeed_fuyou.errors import FuyouError
@@ -75,6 +79,13 @@ STOCK_STAGE3 = stage3.DeepSpeedZeroOptimizer_Stage3
 """DeepSpeed's own ZeRO-3 optimizer, captured before `register()` puts our factory under its name."""
 
 STOCK_GATHERED_ENTER = partition_parameters.GatheredParameters.__enter__
+STOCK_SAVE_CHECKPOINT = DeepSpeedEngine.save_checkpoint
+STOCK_LOAD_CHECKPOINT = DeepSpeedEngine.load_checkpoint
+CHECKPOINT_ARGUMENTS = {
+    "save_checkpoint": ["self", "save_dir", "tag", "client_state", "save_latest", "exclude_frozen_parameters"],
+    "load_checkpoint": ["self", "load_dir", "tag"],
+}
+"""The leading parameters of the engine's checkpoint methods, which `_save_checkpoint` / `_load_checkpoint` pass on."""
 _COORDINATOR_GATHER = "_PartitionedParameterCoordinator__all_gather_params"
 _overlapped_optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -103,6 +114,44 @@ def _gathered_parameters_enter(self: Any) -> Any:
         if optimizer.steps_any(gathered):
             optimizer.finish_pending_steps()
     return STOCK_GATHERED_ENTER(self)
+
+
+def _runs_fuyou(engine: Any) -> bool:
+    return getattr(engine.optimizer, "fuyou_config", None) is not None
+
+
+def _save_checkpoint(
+    self: Any,
+    save_dir: str,
+    tag: Any = None,
+    client_state: Any = None,
+    save_latest: bool = True,
+    exclude_frozen_parameters: bool = False,
+) -> Any:
+    """`DeepSpeedEngine.save_checkpoint`, crash-consistent under fuyou: written as `partial_tag(tag)`, committed."""
+    client_state = {} if client_state is None else client_state
+    if not _runs_fuyou(self) or self.checkpoint_engine.is_decoupled():
+        return STOCK_SAVE_CHECKPOINT(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
+    tag = str(tag if tag is not None else f"global_step{self.global_steps}")
+    commits = (self.local_rank if self.use_node_local_storage() else self.global_rank) == 0  # as DeepSpeed's makedirs
+    if commits:
+        checkpoints.remove_partial(save_dir, tag)
+    deepspeed.comm.barrier()  # no rank writes into the partial directory before its leftovers are gone
+    partial = checkpoints.partial_tag(tag)
+    saved = STOCK_SAVE_CHECKPOINT(self, save_dir, partial, client_state, False, exclude_frozen_parameters)
+    if commits:  # stock's save ends with a barrier: every rank's part is written
+        checkpoints.commit(save_dir, tag, save_latest)
+    deepspeed.comm.barrier()
+    return saved
+
+
+def _load_checkpoint(self: Any, load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """`DeepSpeedEngine.load_checkpoint`, refusing under fuyou a checkpoint whose save was never completed."""
+    if _runs_fuyou(self) and not self.load_universal_checkpoint():
+        resolved = tag if tag is not None else checkpoints.latest_tag(load_dir)
+        if resolved is not None:
+            checkpoints.check_complete(load_dir, str(resolved))
+    return STOCK_LOAD_CHECKPOINT(self, load_dir, tag, *args, **kwargs)
 
 
 def parameter_swapper(ds_config: Any, model_dtype: Any) -> Any:
@@ -158,10 +207,17 @@ def check_deepspeed_internals() -> None:
         "stage 3 pins NVMe parameters in CPU memory through max_params_in_cpu": "self.max_params_in_cpu"
         in inspect.getsource(STOCK_STAGE3._create_param_groups_fp16_flat_cpu_memory),
         "load_checkpoint restores NVMe optimizer state through reset_swap_buffers": "reset_swap_buffers()"
-        in inspect.getsource(DeepSpeedEngine.load_checkpoint),
+        in inspect.getsource(STOCK_LOAD_CHECKPOINT),
         "save_checkpoint copies optimizer_swapper.swap_folder": "optimizer_swapper.swap_folder"
-        in inspect.getsource(DeepSpeedEngine.save_checkpoint),
+        in inspect.getsource(STOCK_SAVE_CHECKPOINT),
+        "save_checkpoint ends with a barrier": inspect.getsource(STOCK_SAVE_CHECKPOINT)
+        .rstrip()
+        .endswith("dist.barrier()\n\n        return True"),
     }
+    for method, stock in (("save_checkpoint", STOCK_SAVE_CHECKPOINT), ("load_checkpoint", STOCK_LOAD_CHECKPOINT)):
+        names = CHECKPOINT_ARGUMENTS[method]
+        parameters = list(inspect.signature(stock).parameters)
+        expectations[f"DeepSpeedEngine.{method} takes {', '.join(names[1:])} first"] = parameters[: len(names)] == names
     setup = _stage3_method_source("_setup_for_real_optimizer")
     steps = [setup.find(call) for call in SETUP_FOR_REAL_OPTIMIZER]
     expectations["stage 3's _setup_for_real_optimizer makes the calls FuyouZeroOptimizer repeats, in order"] = (
@@ -227,6 +283,8 @@ def register() -> None:
     partition_parameters.AsyncPartitionedParameterSwapper = parameter_swapper
     stage3.DeepSpeedZeroOptimizer_Stage3 = zero3_optimizer
     partition_parameters.GatheredParameters.__enter__ = _gathered_parameters_enter
+    DeepSpeedEngine.save_checkpoint = _save_checkpoint
+    DeepSpeedEngine.load_checkpoint = _load_checkpoint
 
 
 def unregister() -> None:
@@ -234,6 +292,8 @@ def unregister() -> None:
     partition_parameters.AsyncPartitionedParameterSwapper = STOCK_PARAM_SWAPPER
     stage3.DeepSpeedZeroOptimizer_Stage3 = STOCK_STAGE3
     partition_parameters.GatheredParameters.__enter__ = STOCK_GATHERED_ENTER
+    DeepSpeedEngine.save_checkpoint = STOCK_SAVE_CHECKPOINT
+    DeepSpeedEngine.load_checkpoint = STOCK_LOAD_CHECKPOINT
 
 
 def is_registered() -> bool:

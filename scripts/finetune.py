@@ -181,7 +181,12 @@ def train_with_engine(
 
     first_step = 0
     if args.resume:
-        _, client_state = engine.load_checkpoint(str(args.output_dir))
+        loaded, client_state = engine.load_checkpoint(str(args.output_dir))
+        if loaded is None:  # DeepSpeed found no `latest`: no save ever completed there
+            raise SystemExit(
+                f"--resume: no complete checkpoint in {args.output_dir} (a save cut off before its end leaves none); "
+                "run without --resume to start over"
+            )
         first_step = client_state["step"]
 
     losses: list[float] = []

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from benchlib import comparison_config
 
+from deepspeed_fuyou import checkpoints
 from deepspeed_fuyou.config.fuyou import ActivationOptions, host_memory_bytes
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
@@ -28,6 +29,7 @@ GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
 FULL_STATE_PROBE = ROOT / "tests" / "programs" / "full_state_probe.py"
 OVERLAP_PROBE = ROOT / "tests" / "programs" / "overlap_probe.py"
 CORRUPTION_PROBE = ROOT / "tests" / "programs" / "corruption_probe.py"
+CUT_SAVE = ROOT / "tests" / "programs" / "cut_save_finetune.py"
 MODEL = ROOT / "configs" / "models" / "llama-tiny"  # the main job's default model
 FUYOU_CONFIG = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
 STEPS = 10
@@ -230,6 +232,42 @@ def test_resuming_from_a_checkpoint_in_a_fresh_process_continues_the_same_run(
     assert second["first_step"] == 5
     assert_losses_equal(first["losses"] + second["losses"], uninterrupted)
     assert (tmp_path / "checkpoints" / "step5").is_dir() and (tmp_path / "checkpoints" / f"step{STEPS}").is_dir()
+
+
+def cut_during_save(config: Config, workdir: Path, copy: int, *args: str) -> None:
+    """Runs the main job killed in the middle of its `copy`-th checkpoint copy (`cut_save_finetune`)."""
+    config_path = workdir / "ds_config.json"
+    config_path.write_text(json.dumps(config))
+    arguments = ("--deepspeed_config", str(config_path), "--output-dir", str(workdir / "checkpoints"), *args)
+    result = run_deepspeed(CUT_SAVE, *arguments, cwd=workdir, FORBID="stock", CUT_AT_COPY=str(copy))
+    assert result.returncode != 0, "the save was not cut off"
+
+
+def test_a_save_cut_off_by_a_kill_leaves_the_previous_checkpoint_and_resuming_from_it_continues_the_run(
+    runs: Callable[..., Any], tmp_path: Path
+) -> None:
+    uninterrupted = runs("fuyou", "base")["losses"]
+    config = config_for("fuyou", tmp_path)
+    cut_during_save(config, tmp_path, 2, "--steps", str(STEPS), "--save-at", "5")
+    saved, last = tmp_path / "checkpoints", f"step{STEPS}"
+    assert checkpoints.latest_tag(saved) == "step5" and checkpoints.complete_tags(saved) == ["step5"]
+    assert (saved / checkpoints.partial_tag(last)).is_dir()
+    resumed = finetune(config, tmp_path, "--steps", str(STEPS), "--resume")  # and saves `last` over the cut one
+    assert resumed["first_step"] == 5
+    assert_losses_equal(resumed["losses"], uninterrupted[5:])
+    assert checkpoints.complete_tags(saved) == ["step5", last] and checkpoints.latest_tag(saved) == last
+    assert not (saved / checkpoints.partial_tag(last)).exists()
+
+
+def test_resuming_when_the_only_save_was_cut_off_says_there_is_no_complete_checkpoint(tmp_path: Path) -> None:
+    config = config_for("fuyou", tmp_path)
+    cut_during_save(config, tmp_path, 1, "--steps", "2")
+    (tmp_path / "ds_config.json").write_text(json.dumps(config))
+    arguments = ("--deepspeed_config", "ds_config.json", "--output-dir", "checkpoints", "--steps", "2", "--resume")
+    result = run_deepspeed(GUARDED, *arguments, cwd=tmp_path, FORBID="stock")
+    assert result.returncode != 0
+    assert "no complete checkpoint" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("variant", ["trainer", "trainer-no-clipping"])
