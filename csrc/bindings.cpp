@@ -67,6 +67,7 @@ py::dict host_cache_stats(const fuyou::HostBlockCache& cache) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deepspeed-fuyou native core: O_DIRECT async file I/O engine and pinned buffer pool";
   m.attr("ALIGNMENT") = fuyou::kAlign;
+  m.attr("BOUNCE_BLOCKS_PER_WORKER") = fuyou::kBounceBlocksPerWorker;
   m.def("io_uring_compiled", &fuyou::io_uring_compiled);
   m.def("cuda_compiled", &fuyou::cuda_compiled);
   m.def("crc32c", [](const py::bytes& data) {

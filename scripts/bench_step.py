@@ -3,15 +3,16 @@
 Sides (`--sides`, default all): `no-offload` (ZeRO-3, everything on the device), `stock-cpu` (ZeRO-Offload),
 `stock-nvme` (ZeRO-Infinity with DeepSpeed's defaults, which keep parameters in host memory up to `max_in_cpu`),
 `stock-nvme-nocache` (the same with `max_in_cpu: 0`: parameters really on the SSD), `fuyou-ssd-off` and `fuyou-ssd`
-(`placement.host_memory: 0`, the optimizer stepped after backward or with the default overlap), and `fuyou`
-(default placement and overlap). For each depth (`--layers`, at fixed width) it writes a random-init Llama config and
-runs the main job (scripts/finetune.py, launched by `deepspeed`, no final checkpoint) once per side and round;
-rounds interleave the sides (`--rounds`), so a noisy machine slows all of them alike. Reported per side: step time
-(median over rounds of each run's median after its first step, with the rounds' spread), tokens/s, peak RSS of the
-whole process and of the training steps, pinned buffers, SSD bytes read/written per step (/proc/self/io) and the
-ratio of the step time to stock ZeRO-Infinity's. For fuyou's sides also `fuyou estimate`'s modelled step time and
-bound (from this machine's measured rates, `estimator.rates`) and the measured step's ratio to each. A side that
-fails is reported with its error, not dropped.
+(`placement.host_memory: 0`, the optimizer stepped after backward or with the default overlap),
+`fuyou-ssd-unverified` (`fuyou-ssd` with `io.verify: false`: what the swap checksums cost; not in the default set),
+and `fuyou` (default placement and overlap). For each depth (`--layers`, at fixed width) it writes a random-init
+Llama config and runs the main job (scripts/finetune.py, launched by `deepspeed`, no final checkpoint) once per side
+and round; rounds interleave the sides (`--rounds`), so a noisy machine slows all of them alike. Reported per side:
+step time (median over rounds of each run's median after its first step, with the rounds' spread), tokens/s, peak
+RSS of the whole process and of the training steps, pinned buffers, SSD bytes read/written per step (/proc/self/io)
+and the ratio of the step time to stock ZeRO-Infinity's. For fuyou's sides also `fuyou estimate`'s modelled step
+time and bound (from this machine's measured rates, `estimator.rates`) and the measured step's ratio to each. A side
+that fails is reported with its error, not dropped.
 
     python scripts/bench_step.py --layers 32 --hidden 1024 --seq-len 64 --micro-batch 1 --path /mnt/nvme0
 """
@@ -39,6 +40,7 @@ from deepspeed_fuyou.estimator.step_time import StepTime
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("no-offload", "stock-cpu", "stock-nvme", "stock-nvme-nocache", "fuyou-ssd-off", "fuyou-ssd", "fuyou")
+EXTRA_SIDES = ("fuyou-ssd-unverified",)  # on request only: a measurement of one of fuyou's costs
 REFERENCE = "stock-nvme"
 
 
@@ -55,7 +57,7 @@ def parse_args() -> argparse.Namespace:
         help="instead of the config's (0: none, so that fuyou's default overlap steps during backward)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="runs per side, interleaved")
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--sides", nargs="+", choices=SIDES + EXTRA_SIDES, default=list(SIDES))
     parser.add_argument("--config", type=Path, help="a fuyou config (default: configs/fuyou_gpu.json or _cpu.json)")
     parser.add_argument("--path", type=Path, default=Path(tempfile.gettempdir()), help="SSD directory to swap to")
     parser.add_argument(
@@ -95,6 +97,8 @@ def side_config(base: dict[str, Any], side: str, swap: Path, largest_partition: 
             config["fuyou"].pop("placement", None)  # the default
         if side == "fuyou-ssd-off":
             config["fuyou"]["optimizer"] = {"overlap": "off"}
+        if side == "fuyou-ssd-unverified":
+            config["fuyou"]["io"] = {**config["fuyou"].get("io", {}), "verify": False}
         return config
     if side == "no-offload":
         config = copy.deepcopy(base)

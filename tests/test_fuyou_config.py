@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from deepspeed_fuyou.config import checks
+from deepspeed_fuyou.config.checks import FuyouConfigWarning
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.errors import FuyouConfigError
 
@@ -144,3 +146,26 @@ def test_placement_auto_is_half_the_available_memory_after_the_pinned_budget(
     for size, budget in (("0", 0), ("3GiB", 3 << 30)):
         block = {"placement": {"host_memory": 0 if size == "0" else size}}
         assert FuyouConfig.from_ds_config(ds_config(swap, block)).placement.budget(4 << 30) == budget
+
+
+def test_an_aio_queue_the_kernel_has_no_room_for_is_refused_before_anything_starts(
+    swap: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checks, "aio_events_left", lambda: 100)
+    io = {"engine": "aio", "queue_depth": 32, "threads": 4}  # 128 events
+    with pytest.raises(FuyouConfigError) as caught:
+        FuyouConfig.from_ds_config(ds_config(swap, {"io": io}))
+    assert caught.value.fields == ["fuyou.io.queue_depth"]
+    assert "fs.aio-max-nr" in caught.value.fix
+    assert FuyouConfig.from_ds_config(ds_config(swap, {"io": {**io, "threads": 3}})) is not None  # 96 events
+    with pytest.warns(FuyouConfigWarning, match="thread engine"):  # "auto" falls back to threads instead
+        assert FuyouConfig.from_ds_config(ds_config(swap, {"io": {**io, "engine": "auto"}})) is not None
+
+
+def test_bounce_blocks_that_could_outgrow_host_memory_are_refused(swap: Path) -> None:
+    block = {"io": {"block_size": "64MiB", "threads": 2}, "pinned_memory": "128MiB"}  # up to 1 GiB of bounce blocks
+    assert FuyouConfig.from_ds_config(ds_config(swap, {**block, "estimator": {"host_memory": "64GiB"}}))
+    with pytest.raises(FuyouConfigError) as caught:
+        FuyouConfig.from_ds_config(ds_config(swap, {**block, "estimator": {"host_memory": "1GiB"}}))
+    assert caught.value.fields == ["fuyou.io.block_size"]
+    assert "bounce" in caught.value.reason

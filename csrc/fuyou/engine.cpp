@@ -97,10 +97,6 @@ class Worker {
     char* bounce = nullptr;
   };
 
-  // Bounce blocks serve transfers whose memory is not 4 KiB-aligned. A few per worker keep such transfers
-  // pipelined without letting them hold queue_depth x block_size of memory each.
-  static constexpr size_t kMaxBounce = 8;
-
   void run_sync_only() {
     while (std::optional<Block> b = engine_.pop(true)) {
       if (b->req->failed()) {
@@ -177,7 +173,7 @@ class Worker {
       free_bounce_.pop_back();
       return b;
     }
-    if (bounce_.size() >= kMaxBounce) return nullptr;
+    if (bounce_.size() >= kBounceBlocksPerWorker) return nullptr;
     void* p = nullptr;
     if (posix_memalign(&p, kAlign, engine_.options().block_size) != 0) return nullptr;
     bounce_.push_back(static_cast<char*>(p));

@@ -25,6 +25,10 @@
 
 namespace fuyou {
 
+// Bounce blocks (block_size each) a worker may allocate for transfers whose memory is not 4 KiB-aligned: enough
+// to keep such transfers pipelined without letting them hold queue_depth x block_size of memory each.
+constexpr size_t kBounceBlocksPerWorker = 8;
+
 struct EngineOptions {
   std::string backend = "aio";  // "aio", "io_uring" or "threads" (buffered pread/pwrite)
   int64_t block_size = 1 << 20;

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.io import native
 from deepspeed_fuyou.io.swap_space import check_swap_root, supports_o_direct
 
 if TYPE_CHECKING:
@@ -114,6 +115,56 @@ def deepspeed_problems(ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
     return problems
 
 
+AIO_LIMIT = Path("/proc/sys/fs/aio-max-nr")
+AIO_IN_USE = Path("/proc/sys/fs/aio-nr")
+
+
+def aio_events_left() -> int | None:
+    """Linux AIO events the kernel can still give new queues (fs.aio-max-nr less fs.aio-nr); None where unknown."""
+    try:
+        return int(AIO_LIMIT.read_text()) - int(AIO_IN_USE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def io_problems(config: FuyouConfig, usable_host: int) -> list[FuyouConfigError]:
+    """`fuyou.io` against the kernel's AIO limit and the host memory: what would otherwise fail or hang at start."""
+    io = config.io
+    problems = []
+    events, left = io.queue_depth * io.threads, aio_events_left()
+    if io.engine in ("aio", "auto") and left is not None and events > left:
+        shortage = (
+            f"{io.threads} threads x {io.queue_depth} in flight need {events} Linux AIO events, the kernel has {left} "
+            "left (fs.aio-max-nr less those in use)"
+        )
+        raise_limit = f"sysctl -w fs.aio-max-nr={int(AIO_LIMIT.read_text()) + events}"
+        if io.engine == "aio":
+            fix = f"lower fuyou.io.queue_depth or fuyou.io.threads, or raise the limit ({raise_limit})"
+            problems.append(FuyouConfigError("fuyou.io.queue_depth", io.queue_depth, shortage, fix))
+        else:
+            warnings.warn(
+                f"fuyou.io: {shortage}; fuyou will use the pread/pwrite thread engine, which is slower. Lower "
+                f"fuyou.io.queue_depth or fuyou.io.threads, or raise the limit ({raise_limit}).",
+                FuyouConfigWarning,
+                stacklevel=3,
+            )
+    bounce = io.threads * native.BOUNCE_BLOCKS_PER_WORKER * io.block_size
+    room = usable_host - config.pinned_memory  # negative: the pinned budget alone is too large, reported below
+    if 0 <= room < bounce:
+        problems.append(
+            FuyouConfigError(
+                "fuyou.io.block_size",
+                format_size(io.block_size),
+                f"the engine's bounce blocks (for transfers of unaligned memory) can take {io.threads} threads x "
+                f"{native.BOUNCE_BLOCKS_PER_WORKER} x {format_size(io.block_size)} = {format_size(bounce)} of host "
+                f"memory, more than the {format_size(room)} left beside the pinned "
+                "budget",
+                'lower fuyou.io.block_size (e.g. "1MiB") or fuyou.io.threads',
+            )
+        )
+    return problems
+
+
 def machine_problems(
     config: FuyouConfig, ssd_bytes: int | None = None, export_bytes: int = 0
 ) -> list[FuyouConfigError]:
@@ -151,6 +202,7 @@ def machine_problems(
         problems += _space_problems(config, list(usable.values()), ssd_bytes, export_bytes)
     host = config.estimator.host_memory_bytes
     usable_host = int(host * (1 - config.estimator.margin))
+    problems += io_problems(config, usable_host)
     if config.pinned_memory > usable_host:
         problems.append(
             FuyouConfigError(

@@ -11,6 +11,7 @@ except ImportError as err:  # pragma: no cover - only on a broken install
     ) from err
 
 ALIGNMENT: int = _C.ALIGNMENT
+BOUNCE_BLOCKS_PER_WORKER: int = _C.BOUNCE_BLOCKS_PER_WORKER
 Engine = _C.Engine
 Request = _C.Request
 PinnedPool = _C.PinnedPool
