@@ -319,3 +319,34 @@ def test_estimator_predicts_the_moved_bytes_exactly_and_the_device_peak_of_a_rea
         peak = offloader.stats.peak_resident_bytes
     assert peak == pytest.approx(predicted.resident_with_offload(options), rel=0.03)
     assert peak < 0.6 * predicted.nbytes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tier", ["nvme", "cpu"])
+def test_on_cuda_gradients_with_offload_equal_gradients_without(
+    tier: str, dtype: torch.dtype, ids: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Side-stream copies, events and `record_stream` on a real device: fp32 bit for bit (deterministic kernels, so
+    that the comparison is about the offload, not about atomics), bf16 within its precision."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: deterministic matmuls
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = causal_lm("llama").to("cuda", dtype)
+        ids = ids.cuda()
+        expected = loss_and_grads(model, ids)
+        offloader = make_offloader(model, tier=tier, path=str(tmp_path), offload="all", min_tensor_size=0)
+        try:
+            got = loss_and_grads(model, ids, offloader)
+            assert offloader.stats.offloaded_bytes > 0
+        finally:
+            offloader.close()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    if dtype == torch.float32:
+        assert_bit_identical(expected, got)
+    else:
+        torch.testing.assert_close(got[0], expected[0], rtol=1.6e-2, atol=1e-2)
+        for want, have in zip(expected[1], got[1], strict=True):
+            torch.testing.assert_close(have, want, rtol=1.6e-2, atol=1e-2)

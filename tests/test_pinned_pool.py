@@ -170,3 +170,17 @@ def test_invalid_pool_settings_are_rejected() -> None:
         PinnedPool(0)
     with pytest.raises(ValueError, match="lock"):
         PinnedPool(MiB, lock="sometimes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_pool_memory_is_cuda_registered_and_copies_to_the_device_asynchronously() -> None:
+    pool = PinnedPool(4 * MiB, lock="cuda")
+    buffer = pool.acquire(2 * MiB)
+    stats = pool.stats()
+    assert stats.lock_mode == "cuda" and stats.locked == 2 * MiB
+    assert buffer.is_pinned()  # torch sees the registration: copies from it need no staging of their own
+    values = buffer.view(torch.float32).copy_(torch.arange(MiB // 2, dtype=torch.float32))
+    on_device = values.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_device.cpu(), values)
