@@ -84,3 +84,13 @@ def comparison_config(
     else:
         raise ValueError(f"unknown kind {kind!r}: fuyou, stock-nvme or stock-cpu")
     return config
+
+
+def corrupt(path: Path | str, offset: int, data: bytes) -> None:
+    """Changes bytes of `path` behind the engine's back, as a failing disk or another program would."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -5,27 +5,17 @@ it did not write, is ever reported."""
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from benchlib import corrupt  # scripts/, on pytest's pythonpath
 
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io import IOEngine, IOOptions, native
 from tests.conftest import make_engine
 
 MiB = 1 << 20
-
-
-def corrupt(path: Path, offset: int, data: bytes) -> None:
-    """Changes bytes of `path` behind the engine's back, as a failing disk or another program would."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_crc32c_is_the_castagnoli_checksum_of_iscsi_and_ext4() -> None:
