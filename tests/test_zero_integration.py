@@ -230,7 +230,7 @@ def test_resuming_from_a_checkpoint_in_a_fresh_process_continues_the_same_run(
     first = finetune(config, tmp_path, "--steps", "5")
     second = finetune(config, tmp_path, "--steps", str(STEPS), "--resume")
     assert second["first_step"] == 5
-    assert first["losses"] + second["losses"] == uninterrupted  # bit for bit: Adam's beta powers are replayed
+    assert_losses_equal(first["losses"] + second["losses"], uninterrupted)
     assert (tmp_path / "checkpoints" / "step5").is_dir() and (tmp_path / "checkpoints" / f"step{STEPS}").is_dir()
 
 
@@ -254,7 +254,7 @@ def test_a_save_cut_off_by_a_kill_leaves_the_previous_checkpoint_and_resuming_fr
     assert (saved / checkpoints.partial_tag(last)).is_dir()
     resumed = finetune(config, tmp_path, "--steps", str(STEPS), "--resume")  # and saves `last` over the cut one
     assert resumed["first_step"] == 5
-    assert resumed["losses"] == uninterrupted[5:]
+    assert_losses_equal(resumed["losses"], uninterrupted[5:])
     assert checkpoints.complete_tags(saved) == ["step5", last] and checkpoints.latest_tag(saved) == last
     assert not (saved / checkpoints.partial_tag(last)).exists()
 

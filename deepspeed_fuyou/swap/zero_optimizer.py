@@ -467,39 +467,8 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         """Called by `load_checkpoint` after it copied the checkpoint's files into `swap_folder`."""
         self.finish_pending_steps()
         self.optimizer_swapper.import_checkpoint()
-        self._replay_adam_step_count()
+        replay_adam_step_count(self.optimizer)
         super().reset_swap_buffers()
-
-    def _replay_adam_step_count(self) -> None:
-        """Rebuilds DeepSpeed's CPU Adam's native beta powers as the uninterrupted run has them.
-
-        Its native optimizer keeps beta1^t and beta2^t as running products, one factor per step; a fresh process
-        restored at step t computes them as powers instead, which differ in their last bits, so a resumed run's
-        updates (and losses) drift from the uninterrupted run's. Replaying steps 1..t on empty tensors multiplies the
-        same factors in the same order and moves nothing.
-        """
-        native = getattr(self.optimizer, "ds_opt_adam", None)
-        steps = {int(state["step"]) for state in self.optimizer.state.values() if "step" in state}
-        if native is None or len(steps) != 1 or not self.optimizer.param_groups:
-            return
-        group = self.optimizer.param_groups[0]
-        beta1, beta2 = group["betas"]
-        empty = torch.empty(0)
-        for step in range(1, steps.pop() + 1):
-            native.adam_update(
-                self.optimizer.opt_id,
-                step,
-                group["lr"],
-                beta1,
-                beta2,
-                group["eps"],
-                group["weight_decay"],
-                group["bias_correction"],
-                empty,
-                empty,
-                empty,
-                empty,
-            )
 
     def checkpoint_event_epilogue(self) -> None:
         super().checkpoint_event_epilogue()
@@ -595,3 +564,35 @@ for _name in _AFTER_PENDING_STEPS:
     setattr(FuyouZeroOptimizer, _name, _after_pending_steps(_name, reads_gradient=False))
 for _name in _GRADIENT_READERS:
     setattr(FuyouZeroOptimizer, _name, _after_pending_steps(_name, reads_gradient=True))
+
+
+def replay_adam_step_count(optimizer: torch.optim.Optimizer) -> None:
+    """Rebuilds DeepSpeed's CPU Adam's native beta powers as an uninterrupted run has them (after a checkpoint load).
+
+    Its native optimizer keeps beta1^t and beta2^t as running products, one factor per step; a fresh process restored
+    at step t computes them as powers instead, which differ in their last bits, so a resumed run's updates (and
+    losses) drift from the uninterrupted run's. Replaying steps 1..t on empty tensors multiplies the same factors in
+    the same order and moves nothing. Other optimizers have nothing to rebuild.
+    """
+    native = getattr(optimizer, "ds_opt_adam", None)
+    steps = {int(state["step"]) for state in optimizer.state.values() if "step" in state}
+    if native is None or len(steps) != 1 or not optimizer.param_groups:
+        return
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    empty = torch.empty(0)
+    for step in range(1, steps.pop() + 1):
+        native.adam_update(
+            optimizer.opt_id,
+            step,
+            group["lr"],
+            beta1,
+            beta2,
+            group["eps"],
+            group["weight_decay"],
+            group["bias_correction"],
+            empty,
+            empty,
+            empty,
+            empty,
+        )
