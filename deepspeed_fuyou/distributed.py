@@ -1,4 +1,5 @@
-"""Leaving a `deepspeed`-launched process cleanly (kept apart from `integration`, which registers fuyou on import).
+"""Launching and leaving `deepspeed` processes cleanly (kept apart from `integration`, which registers fuyou on
+import).
 
 Two things outlive a rank unless someone removes them: fuyou's swap directories (removed at interpreter exit, see
 `swap.runtime`) and DeepSpeed's shared-memory all-reduce buffer, a 66 MiB `/dev/shm` file per rank and launch that
@@ -11,6 +12,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -22,10 +24,28 @@ import torch.distributed
 _stop_handlers_installed = False
 
 
+_SHARED_MEMORY = Path("/dev/shm")
+_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
+
+
 def _shared_memory_buffer(rank: int | str) -> Path:
     """This rank's DeepSpeed CPU all-reduce buffer, named by user, rendezvous address and port, and global rank."""
     address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}")
+    return _SHARED_MEMORY / f"{_BUFFER_PREFIX}_{os.getuid()}_{address}_{port}_{rank}"
+
+
+def shared_memory_buffers(port: int | str | None = None) -> list[Path]:
+    """The DeepSpeed all-reduce buffers in `/dev/shm` of the launch that met at rendezvous `port` (None: of every
+    launch), for whoever launched it to check or remove once its ranks are gone (a killed rank leaves its own)."""
+    pattern = f"{_BUFFER_PREFIX}_*" if port is None else f"{_BUFFER_PREFIX}_*_{port}_*"
+    return sorted(_SHARED_MEMORY.glob(pattern))
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now, for a launch's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def exit_distributed() -> NoReturn:

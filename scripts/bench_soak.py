@@ -29,21 +29,19 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import append_result, comparison_config, corrupt, table
+from benchlib import append_result, comparison_config, corrupt, main_job_command, table
 
 from deepspeed_fuyou import checkpoints
+from deepspeed_fuyou.distributed import free_port, shared_memory_buffers
 from deepspeed_fuyou.errors import FuyouIOError
 
 ROOT = Path(__file__).resolve().parent.parent
-FINETUNE = ROOT / "scripts" / "finetune.py"
 # A resumed run's losses must equal the uninterrupted run's bit for bit: the weights, moments and step counts are
 # restored exactly, and so are the beta powers of DeepSpeed's CPU Adam (`FuyouZeroOptimizer._replay_adam_step_count`).
 KILL_STEPS = 120  # the kill phase's job: saving every other step; 20 kills leave it about half done
@@ -65,19 +63,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(workdir: Path, *args: str, port: int | None = None) -> subprocess.Popen[bytes]:
     """Starts the main job in `workdir` (config `ds.json`, output `checkpoints/`, metrics `metrics.json`), in a
     process group of its own."""
-    port = port or free_port()
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(port)]
-    command += [str(FINETUNE), "--deepspeed_config", "ds.json", "--output-dir", "checkpoints"]
-    command += ["--metrics", "metrics.json", *args]
+    command = main_job_command(
+        "ds.json", port or free_port(), "--output-dir", "checkpoints", "--metrics", "metrics.json"
+    )
+    command += args
     log = (workdir / "job.log").open("ab")
     environment = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     return subprocess.Popen(
@@ -186,7 +178,7 @@ def killed_runs(workdir: Path, args: argparse.Namespace, rng: random.Random) -> 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-        for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        for buffer in shared_memory_buffers(port):
             buffer.unlink()  # nothing of a SIGKILLed rank removes it
         left_a_partial += any(saved.glob(f"*{PARTIAL}"))
         latest = checkpoints.latest_tag(saved)

@@ -4,6 +4,7 @@ Sides (`--sides`, default all): `no-offload` (ZeRO-3, everything on the device),
 `stock-nvme` (ZeRO-Infinity with DeepSpeed's defaults, which keep parameters in host memory up to `max_in_cpu`),
 `stock-nvme-nocache` (the same with `max_in_cpu: 0`: parameters really on the SSD), `fuyou-ssd-off` and `fuyou-ssd`
 (`placement.host_memory: 0`, the optimizer stepped after backward or with the default overlap),
+`fuyou-ssd-read-ahead` (`fuyou-ssd` with `--read-ahead` more pinned memory, all of it `optimizer.read_ahead`),
 `fuyou-ssd-unverified` (`fuyou-ssd` with `io.verify: false`: what the swap checksums cost; not in the default set),
 and `fuyou` (default placement and overlap). For each depth (`--layers`, at fixed width) it writes a random-init
 Llama config and runs the main job (scripts/finetune.py, launched by `deepspeed`, no final checkpoint) once per side
@@ -23,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +32,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import append_result, comparison_config, table
+from benchlib import append_result, comparison_config, main_job_command, table
 
 from deepspeed_fuyou.cli.main import main as fuyou_cli
+from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.config.sizes import parse_size
+from deepspeed_fuyou.distributed import free_port, shared_memory_buffers
 from deepspeed_fuyou.estimator.estimate import estimate, measured_rates
 from deepspeed_fuyou.estimator.step_time import StepTime
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("no-offload", "stock-cpu", "stock-nvme", "stock-nvme-nocache", "fuyou-ssd-off", "fuyou-ssd", "fuyou")
+SIDES = (
+    "no-offload",
+    "stock-cpu",
+    "stock-nvme",
+    "stock-nvme-nocache",
+    "fuyou-ssd-off",
+    "fuyou-ssd",
+    "fuyou-ssd-read-ahead",
+    "fuyou",
+)
 EXTRA_SIDES = ("fuyou-ssd-unverified",)  # on request only: a measurement of one of fuyou's costs
 REFERENCE = "stock-nvme"
 
@@ -58,6 +70,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=1, help="runs per side, interleaved")
     parser.add_argument("--sides", nargs="+", choices=SIDES + EXTRA_SIDES, default=list(SIDES))
+    parser.add_argument(
+        "--read-ahead",
+        type=lambda value: parse_size(value, "--read-ahead"),
+        default=3 << 30,
+        help="the side fuyou-ssd-read-ahead's optimizer.read_ahead, added to the config's pinned budget",
+    )
     parser.add_argument("--config", type=Path, help="a fuyou config (default: configs/fuyou_gpu.json or _cpu.json)")
     parser.add_argument("--path", type=Path, default=Path(tempfile.gettempdir()), help="SSD directory to swap to")
     parser.add_argument(
@@ -87,7 +105,7 @@ def model_config(layers: int, hidden: int) -> dict[str, Any]:
     return config
 
 
-def side_config(base: dict[str, Any], side: str, swap: Path, largest_partition: int) -> dict[str, Any]:
+def side_config(base: dict[str, Any], side: str, swap: Path, largest_partition: int, read_ahead: int) -> dict[str, Any]:
     """`base` (a fuyou config) as one side: the same model, data, optimizer, clipping and batch on every side."""
     if side.startswith("fuyou"):
         config = comparison_config(base, "fuyou", [swap])
@@ -97,6 +115,10 @@ def side_config(base: dict[str, Any], side: str, swap: Path, largest_partition: 
             config["fuyou"].pop("placement", None)  # the default
         if side == "fuyou-ssd-off":
             config["fuyou"]["optimizer"] = {"overlap": "off"}
+        if side == "fuyou-ssd-read-ahead":
+            pinned = FuyouConfig.parse(config["fuyou"]).pinned_memory
+            config["fuyou"]["pinned_memory"] = pinned + read_ahead
+            config["fuyou"]["optimizer"] = {**config["fuyou"].get("optimizer", {}), "read_ahead": read_ahead}
         if side == "fuyou-ssd-unverified":
             config["fuyou"]["io"] = {**config["fuyou"].get("io", {}), "verify": False}
         return config
@@ -118,12 +140,9 @@ def run_side(
     """One run of the main job; its metrics, or {"error": ...} when it failed."""
     workdir.mkdir(parents=True)
     (workdir / "ds_config.json").write_text(json.dumps(ds_config))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(port)]
-    command += [str(ROOT / "scripts" / "finetune.py"), "--deepspeed_config", str(workdir / "ds_config.json")]
-    command += ["--model", str(model_dir), "--steps", str(args.steps), "--seq-len", str(args.seq_len)]
+    port = free_port()
+    command = main_job_command(workdir / "ds_config.json", port, "--model", str(model_dir), "--steps", str(args.steps))
+    command += ["--seq-len", str(args.seq_len)]
     command += ["--metrics", str(workdir / "metrics.json"), "--output-dir", str(workdir / "out"), "--no-final-save"]
     if args.trace and side.startswith("fuyou"):
         command += ["--trace", str(workdir / "trace.json")]
@@ -132,6 +151,8 @@ def run_side(
         env["DS_ACCELERATOR"] = "cpu"
     print(f"  {side}: {model_dir.name}", file=sys.stderr, flush=True)
     result = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True)
+    for buffer in shared_memory_buffers(port):  # those of a side that failed (stock-nvme-nocache always does)
+        buffer.unlink(missing_ok=True)
     if result.returncode != 0:
         lines = [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
         return {"error": (lines[-1] if lines else f"exit status {result.returncode}").strip()[-160:]}
@@ -236,7 +257,7 @@ def main() -> int:
                 for side in args.sides:
                     swap = Path(scratch) / f"{model_dir.name}-{side}-{round_}-swap"
                     swap.mkdir()
-                    ds_config = side_config(base, side, swap, largest)
+                    ds_config = side_config(base, side, swap, largest, args.read_ahead)
                     if side.startswith("fuyou") and side not in modelled:
                         modelled[side] = model_side(model_dir, ds_config, args.seq_len)
                     workdir = Path(scratch) / f"{model_dir.name}-{side}-{round_}"

@@ -1,4 +1,5 @@
-"""What every scripts/bench_*.py shares: describing the machine and appending a run to benchmarks/RESULTS.md."""
+"""What every scripts/bench_*.py shares: describing the machine, starting the main job, appending a run to
+benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
+FINETUNE = Path(__file__).resolve().parent / "finetune.py"
 
 
 def machine(paths: list[str] = ()) -> str:
@@ -84,6 +86,23 @@ def comparison_config(
     else:
         raise ValueError(f"unknown kind {kind!r}: fuyou, stock-nvme or stock-cpu")
     return config
+
+
+def main_job_command(ds_config: Path | str, port: int, *args: str) -> list[str]:
+    """The main job (scripts/finetune.py) on one rank with `ds_config`, started by the `deepspeed` launcher as a user
+    starts it, meeting at rendezvous `port` (whose shared-memory buffers the caller removes if the job dies)."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    return [
+        str(launcher),
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(port),
+        str(FINETUNE),
+        "--deepspeed_config",
+        str(ds_config),
+        *args,
+    ]
 
 
 def corrupt(path: Path | str, offset: int, data: bytes) -> None:

@@ -149,6 +149,9 @@ def memory_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
         "pinned_peak_bytes": pinned_bytes(engine),
         "pinned_forward_backward_peak_bytes": sum(r.pool.stats().peak_reserved for r in runtimes),
         "pinned_step_peak_bytes": sum(r.step_pool.stats().peak_reserved for r in runtimes),
+        "pinned_read_ahead_peak_in_use_bytes": sum(
+            r.read_ahead_pool.stats().peak_in_use for r in runtimes if r.read_ahead_pool is not None
+        ),
         "fuyou_bytes_read": sum(runtime.counters.bytes_read for runtime in runtimes),
         "fuyou_bytes_written": sum(runtime.counters.bytes_written for runtime in runtimes),
         "host_gradient_buffer_bytes": gradient_buffer_bytes(engine),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from deepspeed_fuyou.distributed import free_port, shared_memory_buffers
 from deepspeed_fuyou.errors import FuyouConfigError
 from deepspeed_fuyou.io import IOEngine, IOOptions, native
 
@@ -57,27 +57,23 @@ def run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess[s
     )
 
 
-def free_port() -> int:
-    """A TCP port free right now, for a `deepspeed` launcher's rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_deepspeed(program: Path, *args: str, cwd: Path, ranks: int = 1, **env: str) -> subprocess.CompletedProcess[str]:
     """Starts `program` as a user would, with the `deepspeed` launcher (one process per rank), on the CPU accelerator.
 
     A run that succeeds must also have removed DeepSpeed's shared-memory all-reduce buffers (`exit_distributed`):
-    left behind, each holds 66 MiB of host memory until reboot.
+    left behind, each holds 66 MiB of host memory until reboot. Those of a run that failed (some tests make it fail
+    on purpose, or kill it) are removed here.
     """
     port = free_port()
     launcher = Path(sys.executable).parent / "deepspeed"
     command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), str(program), *args]
     environment = {**os.environ, "DS_ACCELERATOR": "cpu", **env}
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=900)
+    leaked = shared_memory_buffers(port)
     if result.returncode == 0:
-        leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
         assert not leaked, f"{program.name} left DeepSpeed's shared-memory buffers behind: {leaked}"
+    for buffer in leaked:
+        buffer.unlink(missing_ok=True)
     return result
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from benchlib import comparison_config  # scripts/, on pytest's pythonpath
 
-from tests.conftest import free_port
+from deepspeed_fuyou.distributed import free_port, shared_memory_buffers
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "tests" / "programs" / "stopped_job.py"
@@ -83,10 +83,6 @@ def wait_for_the_whole_job(job: subprocess.Popen[bytes], limit_s: float) -> None
     pytest.fail(f"the job was still running {limit_s:g} s later")
 
 
-def shared_memory_of(port: int) -> list[Path]:
-    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stopping_the_launcher_removes_every_ranks_swap_directory_and_shared_memory(
     tmp_path: Path, signum: int
@@ -94,12 +90,12 @@ def test_stopping_the_launcher_removes_every_ranks_swap_directory_and_shared_mem
     job, swap, port = launch_job(tmp_path)
     wait_until_every_rank_stepped(job, tmp_path)
     assert list(swap.iterdir()), "no swap directory while training"
-    assert shared_memory_of(port), "DeepSpeed made no shared-memory buffer: nothing to check"
+    assert shared_memory_buffers(port), "DeepSpeed made no shared-memory buffer: nothing to check"
     os.killpg(job.pid, signum)
     wait_for_the_whole_job(job, STOP_LIMIT_S)
     assert job.returncode != 0
     assert not list(swap.iterdir()), f"swap directories left behind:\n{log(tmp_path)}"
-    assert not shared_memory_of(port), f"shared memory left behind:\n{log(tmp_path)}"
+    assert not shared_memory_buffers(port), f"shared memory left behind:\n{log(tmp_path)}"
 
 
 def test_a_job_that_fails_with_an_exception_removes_its_swap_directory_and_shared_memory(tmp_path: Path) -> None:
@@ -108,4 +104,4 @@ def test_a_job_that_fails_with_an_exception_removes_its_swap_directory_and_share
     assert job.returncode != 0
     assert "the job's own error" in log(tmp_path)
     assert not list(swap.iterdir()), f"swap directories left behind:\n{log(tmp_path)}"
-    assert not shared_memory_of(port), f"shared memory left behind:\n{log(tmp_path)}"
+    assert not shared_memory_buffers(port), f"shared memory left behind:\n{log(tmp_path)}"

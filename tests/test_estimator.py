@@ -251,6 +251,27 @@ def test_the_estimate_reports_the_checkpoint_export_as_every_sub_groups_master_a
     assert estimate(TINY_LLAMA, config, seq_len=64).fuyou.checkpoint_export == result.fuyou.checkpoint_export
 
 
+def test_the_estimate_counts_read_ahead_gradients_first_and_its_pool_in_pinned_memory(tmp_path: Path) -> None:
+    config = fuyou_config(tmp_path)
+    config["gradient_clipping"] = 1.0  # "forward": gradients go to the SSD, so there is something to carry
+    config["fuyou"]["placement"] = {"host_memory": 0}
+    without = estimate(TINY_LLAMA, config, seq_len=64).fuyou
+    config["fuyou"]["optimizer"] = {"read_ahead": "20MiB"}
+    carried = estimate(TINY_LLAMA, config, seq_len=64)
+    swapped = carried.fuyou.swapped
+    assert swapped["read_ahead_gradients"] == swapped["gradients"]  # 12.6 MiB of gradients fit first
+    assert 0 < swapped["read_ahead_states"] < swapped["optimizer_states"]  # then states, with what is left
+    assert swapped["read_ahead_gradients"] + swapped["read_ahead_states"] <= carried.fuyou.read_ahead_pool <= 20 * MiB
+    assert carried.to_json()["plans"]["fuyou"]["read_ahead_bytes"] == {
+        "gradients": swapped["read_ahead_gradients"],
+        "optimizer_states": swapped["read_ahead_states"],
+        "pinned_pool": carried.fuyou.read_ahead_pool,
+    }
+    assert not without.swapped["read_ahead_gradients"] and not without.swapped["read_ahead_states"]
+    config["gradient_clipping"] = 0.0  # "backward": nothing to carry, the budget goes to the step pool
+    assert not estimate(TINY_LLAMA, config, seq_len=64).fuyou.swapped["read_ahead_gradients"]
+
+
 def test_auto_keeps_the_global_batch_and_picks_the_largest_micro_batch_that_fits(tmp_path: Path) -> None:
     config = fuyou_config(tmp_path, micro_batch=8)
     roomy = estimate(TINY_LLAMA, config, seq_len=256, machine=Machine(gpu_memory=1 << 40, host_memory=1 << 40))

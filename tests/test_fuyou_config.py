@@ -15,6 +15,7 @@ from deepspeed_fuyou.config import checks
 from deepspeed_fuyou.config.checks import FuyouConfigWarning
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.swap.sizing import pool_budgets, read_ahead_plan, sub_group_cap
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,6 +134,42 @@ def test_overlap_backward_is_refused_where_the_global_norm_is_needed_before_the_
         FuyouConfig.from_ds_config(config)
     problem = caught.value.problems[0]
     assert problem.field == "fuyou.optimizer.overlap" and '"forward"' in problem.fix
+
+
+def test_read_ahead_comes_out_of_the_pinned_budget_and_joins_the_step_pool_when_nothing_is_carried(
+    swap: Path,
+) -> None:
+    """`optimizer.read_ahead` gets its own pool in the modes that carry sub-groups; with "backward" (nothing to carry)
+    the step's pool gets it instead, so its sub-groups grow; 0 leaves the budget as it was."""
+    config = FuyouConfig.from_ds_config(
+        ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": "256MiB"}})
+    )
+    without = FuyouConfig.from_ds_config(ds_config(swap, {"pinned_memory": "1GiB"}))
+    mib = 1 << 20
+    assert pool_budgets(config, "forward") == pool_budgets(config, "off") == (384 * mib, 384 * mib, 256 * mib)
+    assert pool_budgets(config, "backward") == (384 * mib, 640 * mib, 0)
+    assert pool_budgets(without, "forward") == pool_budgets(without, "backward") == (512 * mib, 512 * mib, 0)
+    caps = {mode: sub_group_cap(config, mode, largest_param=1000) for mode in ("forward", "backward")}
+    assert caps["backward"] > sub_group_cap(without, "backward", largest_param=1000) > caps["forward"]
+
+
+def test_read_ahead_keeps_gradients_first_then_reads_states_with_what_is_left() -> None:
+    """Each the longest prefix in step order that fits; a sub-group with nothing to carry (0 bytes) takes no room."""
+    gradients, states = [10, 10, 10], [30, 30, 30]
+    assert read_ahead_plan(gradients, states, budget=0) == (0, 0)
+    assert read_ahead_plan(gradients, states, budget=25) == (2, 0)
+    assert read_ahead_plan(gradients, states, budget=59) == (3, 0)
+    assert read_ahead_plan(gradients, states, budget=60) == (3, 1)
+    assert read_ahead_plan(gradients, states, budget=10**9) == (3, 3)
+    assert read_ahead_plan([0, 0, 0], [0, 30, 30], budget=30) == (3, 2)  # in the DRAM tier: nothing to hold
+    assert read_ahead_plan([10, 10, 10], [40, 1, 1], budget=60) == (3, 0)  # a later one never jumps the queue
+
+
+def test_a_read_ahead_that_leaves_no_staging_budget_is_refused(swap: Path) -> None:
+    with pytest.raises(FuyouConfigError) as caught:
+        FuyouConfig.from_ds_config(ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": "1GiB"}}))
+    problem = caught.value.problems[0]
+    assert problem.field == "fuyou.optimizer.read_ahead" and "pinned_memory" in problem.fix
 
 
 def test_placement_auto_is_half_the_available_memory_after_the_pinned_budget(

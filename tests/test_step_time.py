@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from deepspeed_fuyou.cli.main import main as fuyou
+from deepspeed_fuyou.distributed import shared_memory_buffers
 from deepspeed_fuyou.estimator import estimate as estimate_module
 from deepspeed_fuyou.estimator import rates as rates_module
 from deepspeed_fuyou.estimator.auto import auto_configure
@@ -41,6 +42,8 @@ def shape(**changes: object) -> StepShape:
         optimizer_states=3 * GB,
         parameters_in_masters=0,
         retained=GB // 2,
+        read_ahead_gradients=0,
+        read_ahead_states=0,
         activations=0,
         layers=10,
         sub_groups=4,
@@ -99,6 +102,23 @@ def test_gradient_accumulation_reads_back_the_gradients_it_adds_to() -> None:
     backward = traffic(model_step_time(shape(micro_steps=2, overlap="backward"), machine_rates()))
     assert backward["backward 1"] == (GB // 2, GB)  # written once, for the last micro-step to add to
     assert backward["backward 2"][0] == GB // 2 + GB + 3 * 3 * GB // 4  # read back, kept, plus the step's reads
+
+
+def test_read_ahead_moves_the_carried_states_into_the_last_backward_and_keeps_their_gradients() -> None:
+    quarter = GB // 4
+    for overlap in ("off", "forward"):
+        plain = traffic(model_step_time(shape(overlap=overlap), machine_rates()))
+        carried = model_step_time(
+            shape(overlap=overlap, read_ahead_gradients=GB, read_ahead_states=3 * quarter), machine_rates()
+        )
+        moved = traffic(carried)
+        assert moved["backward 1"] == (plain["backward 1"][0] + 3 * quarter, 0)  # states read; no gradient written
+        step = {name: value for name, value in moved.items() if not name.startswith("backward")}
+        before = {name: value for name, value in plain.items() if not name.startswith("backward")}
+        assert sum(r for r, _ in step.values()) == sum(r for r, _ in before.values()) - GB - 3 * quarter
+        assert sum(w for _, w in step.values()) == sum(w for _, w in before.values())  # every update written back
+    two = traffic(model_step_time(shape(micro_steps=2, read_ahead_gradients=GB, read_ahead_states=0), machine_rates()))
+    assert two["backward 1"] == (GB // 2, GB) and two["backward 2"] == (GB // 2 + GB, 0)  # only the last one keeps
 
 
 def test_activations_on_the_ssd_are_written_by_forward_and_read_by_backward() -> None:
@@ -160,9 +180,9 @@ def test_compute_is_measured_under_zero_offload_per_layer_and_then_cached(
     config = AutoConfig.for_model(
         **(json.loads((ROOT / "configs/models/llama-tiny/config.json").read_text()) | {"num_hidden_layers": 8})
     )
-    shared_memory = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    shared_memory = set(shared_memory_buffers())
     measured = compute_rates(config, 1, 32, torch.float32, "cpu")
-    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_memory  # the probe cleaned up
+    assert set(shared_memory_buffers()) <= shared_memory  # the probe cleaned up
     assert measured.forward_per_layer > 0 and measured.backward_per_layer > 0 and measured.step_per_layer > 0
     assert measured.seconds("backward", 8) > measured.seconds("backward", 4)
     monkeypatch.setattr(rates_module, "_probe_compute", lambda *_: pytest.fail("measured twice"))

@@ -83,8 +83,18 @@ the next forward (the shipped config clips at 1.0)."""
 def with_overlap(config: Config, overlap: str | None) -> Config:
     """`config` with `fuyou.optimizer.overlap` set (None: the config's own, i.e. "auto")."""
     if overlap is not None and "fuyou" in config:
-        config["fuyou"] = {**config["fuyou"], "optimizer": {"overlap": overlap}}
+        options = config["fuyou"].get("optimizer", {})
+        config["fuyou"] = {**config["fuyou"], "optimizer": {**options, "overlap": overlap}}
     return config
+
+
+def read_ahead(size: str) -> Config:
+    """A pinned budget small enough for several sub-groups of the tiny model, with `size` of it for read-ahead."""
+    return {"fuyou": {**FUYOU_CONFIG["fuyou"], "pinned_memory": "80MiB", "optimizer": {"read_ahead": size}}}
+
+
+READ_AHEAD = read_ahead("24MiB")
+"""Every gradient of the tiny model (12.6 MiB) and the states of some of its sub-groups."""
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +118,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, An
         "trainer-no-clipping": (NO_CLIPPING, 1, trainer),
         "activations": ({"fuyou": {**FUYOU_CONFIG["fuyou"], "activations": OFFLOAD_EVERY_ACTIVATION}}, 1, loop),
         "host-tier": ({"fuyou": {**FUYOU_CONFIG["fuyou"], "placement": {"host_memory": "1GiB"}}}, 1, loop),
+        "read-ahead": (READ_AHEAD, 1, loop),
+        "read-ahead-no-clipping": (READ_AHEAD | NO_CLIPPING, 1, loop),
+        "read-ahead-accumulation": (READ_AHEAD | accumulation, 1, loop),
+        "read-ahead-some-gradients": (read_ahead("6MiB"), 1, loop),
     }
 
     def run(kind: str, variant: str, overlap: str | None = None) -> dict[str, Any]:
@@ -211,11 +225,15 @@ def test_fuyou_equals_stock_with_two_ranks_over_gloo(runs: Callable[..., Any], v
     assert_losses_equal(runs("fuyou", variant)["losses"], runs("stock-nvme", variant)["losses"])
 
 
-def test_fuyou_equals_stock_zero_infinity_in_bf16(runs: Callable[..., Any]) -> None:
+def test_fuyou_equals_stock_zero3_in_bf16(runs: Callable[..., Any]) -> None:
     """Parameters swapped as 2-byte elements: a norm's 256 are 512 bytes, an MLP matrix's 176,128 are 344 KiB,
-    neither a whole number of I/O blocks; our swappers pad and align them where stock sizes its buffers by hand."""
+    neither a whole number of I/O blocks; our swappers pad and align them where stock sizes its buffers by hand.
+
+    The reference is stock ZeRO-Offload (parameters in host memory): stock ZeRO-Infinity in bf16 once gave another
+    first loss in a full suite run (5.652126 against 5.652045, before any update), and the same value as this
+    otherwise; the bytes of its own NVMe parameter path are not always those it wrote."""
     fuyou = runs("fuyou", "bf16")
-    assert_losses_equal(fuyou["losses"], runs("stock-nvme", "bf16")["losses"])
+    assert_losses_equal(fuyou["losses"], runs("stock-cpu", "bf16")["losses"])
     assert fuyou["losses"] != pytest.approx(runs("fuyou", "base")["losses"], rel=1e-4), "bf16 changed nothing"
 
 
@@ -386,6 +404,7 @@ def timed_estimate(run: dict[str, Any]) -> Any:
         ("no-clipping", "off"),
         ("no-clipping", None),  # "backward"
         ("accumulation-no-clipping", None),  # "backward", two micro-steps
+        ("read-ahead-no-clipping", "off"),  # sub-groups carried across the end of backward
     ],
 )
 def test_the_modelled_ssd_traffic_of_a_step_is_what_the_run_moved(
@@ -399,7 +418,7 @@ def test_the_modelled_ssd_traffic_of_a_step_is_what_the_run_moved(
     assert traffic_per_step(run, "written") == pytest.approx(step.written_bytes, rel=TRAFFIC_TOLERANCE)
 
 
-@pytest.mark.parametrize("variant", ["base", "accumulation"])
+@pytest.mark.parametrize("variant", ["base", "accumulation", "read-ahead", "read-ahead-accumulation"])
 def test_stepping_behind_the_forward_reads_at_most_one_more_copy_of_the_parameters_than_modelled(
     runs: Callable[..., Any], variant: str
 ) -> None:
@@ -410,4 +429,55 @@ def test_stepping_behind_the_forward_reads_at_most_one_more_copy_of_the_paramete
     result = timed_estimate(run)
     step, one_copy = result.step_time, result.fuyou.swapped["parameters"]
     assert traffic_per_step(run, "written") == pytest.approx(step.written_bytes, rel=TRAFFIC_TOLERANCE)
-    assert step.read_bytes * (1 - TRAFFIC_TOLERANCE) <= traffic_per_step(run, "read") <= step.read_bytes + one_copy
+    read = traffic_per_step(run, "read")
+    assert step.read_bytes * (1 - TRAFFIC_TOLERANCE) <= read <= step.read_bytes * (1 + TRAFFIC_TOLERANCE) + one_copy
+
+
+@pytest.mark.parametrize(
+    ("variant", "overlap", "reference"),
+    [
+        ("read-ahead", None, "base"),  # "forward"
+        ("read-ahead", "off", "base"),
+        ("read-ahead-accumulation", None, "accumulation"),
+    ],
+)
+def test_sub_groups_carried_across_the_end_of_backward_train_exactly_like_stock(
+    runs: Callable[..., Any], variant: str, overlap: str | None, reference: str
+) -> None:
+    assert_losses_equal(runs("fuyou", variant, overlap)["losses"], runs("stock-nvme", reference)["losses"])
+
+
+@pytest.mark.parametrize(
+    ("variant", "overlap", "every_gradient", "states"),
+    [
+        ("read-ahead", None, True, True),  # "forward"
+        ("read-ahead", "off", True, True),
+        ("read-ahead-some-gradients", "off", False, False),
+    ],
+)
+def test_read_ahead_keeps_gradients_off_the_ssd_then_reads_states_during_backward(
+    runs: Callable[..., Any], variant: str, overlap: str | None, every_gradient: bool, states: bool
+) -> None:
+    """`optimizer.read_ahead`: the kept gradients never reach their files, every step, and what it carries is what
+    the estimator says: gradients first, then the states of the first sub-groups with what is left."""
+    run = runs("fuyou", variant, overlap)
+    swapped = timed_estimate(run).fuyou.swapped
+    kept = swapped["read_ahead_gradients"]
+    assert (kept == swapped["gradients"]) if every_gradient else (0 < kept < swapped["gradients"])
+    assert (
+        (0 < swapped["read_ahead_states"] < swapped["optimizer_states"]) if states else not swapped["read_ahead_states"]
+    )
+    for step in run["swap_traffic_per_step"]:
+        assert step["gradients_written"] == swapped["gradients"] - kept
+    for step in run["swap_traffic_per_step"][1:]:
+        assert step["gradients_read"] == swapped["gradients"] - kept
+
+
+def test_the_read_ahead_pool_holds_what_is_carried_and_the_estimate_counts_it(runs: Callable[..., Any]) -> None:
+    """What the read-ahead pool holds at most is what the estimator says: a slot of the largest sub-group's size for
+    each carried gradient, master and state; and the pinned peak it predicts includes it."""
+    run = runs("fuyou", "read-ahead")
+    plan = timed_estimate(run).fuyou
+    assert plan.read_ahead_pool >= plan.swapped["read_ahead_gradients"] + plan.swapped["read_ahead_states"] > 0
+    assert run["pinned_read_ahead_peak_in_use_bytes"] == plan.read_ahead_pool
+    assert run["pinned_peak_bytes"] <= plan.pinned_host.buffers

@@ -380,5 +380,5 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def main(args: argparse.Namespace) -> int:
     report = run(settings_from_args(args))
-    print(json.dumps(report) if args.json else format_table(report))
+    print(json.dumps(report) if args.json else format_table(report), file=args.stdout)
     return 0

@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
             Path(args.write).write_text(json.dumps(proposal.ds_config, indent=2) + "\n")
             header += f"  written to {args.write}\n"
     if args.json:
-        print(json.dumps({**result.to_json(), **extra}, indent=2))
+        print(json.dumps({**result.to_json(), **extra}, indent=2), file=args.stdout)
     else:
-        print(header + render(result))
+        print(header + render(result), file=args.stdout)
     return 0 if result.fits else DOES_NOT_FIT
 
 
@@ -107,6 +107,12 @@ def render(result: Estimate) -> str:
         lines += ["", f"{'fuyou places':32}{'DRAM tier':>20}{'SSD':>20}"]
         for kind, tiers in placement(result.fuyou).items():
             lines.append(f"  {kind:30}{format_size(tiers['dram']):>20}{format_size(tiers['ssd']):>20}")
+        swapped = result.fuyou.swapped
+        if swapped["read_ahead_gradients"] or swapped["read_ahead_states"]:
+            lines.append(
+                f"  read-ahead keeps {format_size(swapped['read_ahead_gradients'])} of gradients and reads "
+                f"{format_size(swapped['read_ahead_states'])} of optimizer states during backward"
+            )
     if result.step_time is not None:
         lines += ["", *render_step_time(result.step_time)]
     machine = result.machine

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     start, end = spans[index]
     busy = shares(bars, start, end)
     if args.json:
-        print(json.dumps({"iteration": index, "milliseconds": end - start, "busy": busy}))
+        print(json.dumps({"iteration": index, "milliseconds": end - start, "busy": busy}), file=args.stdout)
         return 0
     if args.output is None:
         raise FuyouError("fuyou trace: give -o FILE.png (or --json)")

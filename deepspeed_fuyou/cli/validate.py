@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
             for warning in caught:
                 print(f"{path}: warning: {warning.message}", file=sys.stderr)
     if config is None:
-        print(f'{path}: no "{BLOCK}" block: DeepSpeed runs as stock, nothing of fuyou to validate')
+        print(f'{path}: no "{BLOCK}" block: DeepSpeed runs as stock, nothing of fuyou to validate', file=args.stdout)
     elif args.model is None:
-        print(f"{path}: valid")
+        print(f"{path}: valid", file=args.stdout)
     else:
         return _fits(path, args)
     return 0
@@ -49,7 +49,7 @@ def _fits(path: Path, args: argparse.Namespace) -> int:
 
     result = estimate_from_args(args)
     if result.fits:
-        print(f"{path}: valid, and {args.model} fits ({result.chosen.name})")
+        print(f"{path}: valid, and {args.model} fits ({result.chosen.name})", file=args.stdout)
         return 0
     print(f"{path}: {args.model} does not fit, {len(result.problems)} problem(s):", file=sys.stderr)
     for problem in result.problems:

@@ -72,10 +72,19 @@ class OptimizerOptions(FuyouModel):
       takes updated parameters from memory;
     - "auto": "backward" where it is valid, else "forward".
     Every mode gives the same numbers as stock DeepSpeed.
+
+    `read_ahead`: pinned memory, part of `pinned_memory`, that carries work across the end of backward in the modes
+    whose gradients go to the SSD ("off", "forward"): final gradients stay in it instead of making the round trip
+    through their files (the sub-groups stepped first first), and with what is left the master weights and states
+    of the first sub-groups are read into it while backward runs, when the SSD has time to spare. The step then
+    moves fewer bytes while the next forward (or, with "off", compute) waits for it. 0: nothing is carried. In
+    "backward", whose gradients never go to the SSD and whose sub-groups are stepped during backward already,
+    nothing is carried: the step's pool gets this memory (larger sub-groups).
     """
 
     json_path: ClassVar[str] = "fuyou.optimizer"
     overlap: Literal["auto", "off", "backward", "forward"] = "auto"
+    read_ahead: Size = Field(0, examples=["2GiB", 0])
 
     def mode(self, gradient_clipping: float, fp16: bool) -> OverlapMode:
         """The mode `overlap` selects for a run with this clipping threshold (0: none) and precision."""
@@ -198,7 +207,7 @@ class FuyouConfig(FuyouModel):
             block_problems = err.problems
             config = cls._without_bad_keys(block, block_problems)
         if config is not None:
-            problems += _overlap_problems(config.optimizer, ds_config)
+            problems += _optimizer_problems(config, ds_config)
         if config is not None and config.estimator.validate_at_start:
             reported = {_key_of(problem.field) for problem in block_problems}
             problems += [p for p in checks.machine_problems(config, ssd_bytes) if _key_of(p.field) not in reported]
@@ -229,19 +238,33 @@ def overlap_mode(options: OptimizerOptions, ds_config: Mapping[str, Any]) -> Ove
     return options.mode(*_clipping_and_fp16(ds_config))
 
 
-def _overlap_problems(options: OptimizerOptions, ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
-    """`overlap: "backward"` on a run that needs the global gradient norm first."""
+def _optimizer_problems(config: FuyouConfig, ds_config: Mapping[str, Any]) -> list[FuyouConfigError]:
+    """`overlap: "backward"` on a run that needs the global gradient norm first; a `read_ahead` that leaves too
+    little of the pinned budget."""
+    options = config.optimizer
     reason = norm_needed_before_step(*_clipping_and_fp16(ds_config))
-    if options.overlap != "backward" or reason is None:
-        return []
-    return [
-        FuyouConfigError(
-            "fuyou.optimizer.overlap",
-            "backward",
-            f"stepping sub-groups during backward needs no global gradient norm first, but {reason}",
-            'use "forward" (or "auto"), which steps behind the next forward with the same numbers',
+    problems = []
+    if options.overlap == "backward" and reason is not None:
+        problems.append(
+            FuyouConfigError(
+                "fuyou.optimizer.overlap",
+                "backward",
+                f"stepping sub-groups during backward needs no global gradient norm first, but {reason}",
+                'use "forward" (or "auto"), which steps behind the next forward with the same numbers',
+            )
         )
-    ]
+    if options.read_ahead and config.pinned_memory - options.read_ahead < MIN_PINNED_MEMORY:
+        problems.append(
+            FuyouConfigError(
+                "fuyou.optimizer.read_ahead",
+                format_size(options.read_ahead),
+                f"it is taken out of fuyou.pinned_memory ({format_size(config.pinned_memory)}), which must keep at "
+                f"least {format_size(MIN_PINNED_MEMORY)} for the staging buffers",
+                f"raise fuyou.pinned_memory to at least {format_size(options.read_ahead + MIN_PINNED_MEMORY)}, "
+                "or lower read_ahead",
+            )
+        )
+    return problems
 
 
 def _key_of(field: str) -> str:

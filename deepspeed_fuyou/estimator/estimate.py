@@ -110,6 +110,11 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "ssd_bytes_per_path": dict(plan.ssd_per_path),
         "checkpoint_export_bytes": plan.checkpoint_export,
         "placement": placement(plan),
+        "read_ahead_bytes": {
+            "gradients": plan.swapped.get("read_ahead_gradients", 0),
+            "optimizer_states": plan.swapped.get("read_ahead_states", 0),
+            "pinned_pool": plan.read_ahead_pool,
+        },
         "breakdown": {device: asdict(plan.device(device)) for device in DEVICES},
     }
 
@@ -183,6 +188,8 @@ def estimate(
             optimizer_states=plan.swapped.get("optimizer_states", 0),
             retained=plan.swapped.get("persistent_parameters", 0)
             + window["max_live_parameters"] * setup.itemsize // world_size,  # this rank's partitions of the window
+            read_ahead_gradients=plan.swapped["read_ahead_gradients"],
+            read_ahead_states=plan.swapped["read_ahead_states"],
             activations=plan.ssd.activations,
             layers=len(repeated_layers(fake.module)),
             sub_groups=len(layout.sub_group_numels),

@@ -18,7 +18,7 @@ from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout, aligned
 from deepspeed_fuyou.io.engine import ALIGNMENT, checksum_table_bytes
 from deepspeed_fuyou.swap.host_tier import HostTier
-from deepspeed_fuyou.swap.sizing import pool_budgets
+from deepspeed_fuyou.swap.sizing import pool_budgets, read_ahead_plan
 
 FP32 = 4
 COMPONENTS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "temporaries", "overhead")
@@ -63,11 +63,15 @@ class Plan:
     ssd_per_path: dict[str, int] = field(default_factory=dict)
     # fuyou: bytes of each kind its swap files hold (unrounded); of "persistent_parameters", the parameter files
     # of partitions stage 3 keeps gathered between uses (it reads them once a step, not in every backward); and of
-    # "parameters_in_masters", the partitions read from their sub-group's master file (fp32 training)
+    # "parameters_in_masters", the partitions read from their sub-group's master file (fp32 training); of
+    # "read_ahead_gradients" and "read_ahead_states", the gradients and the master and states of the sub-groups
+    # `optimizer.read_ahead` carries across the end of backward
     swapped: dict[str, int] = field(default_factory=dict)
     # fuyou: what a checkpoint save writes on the first SSD path besides the swap files (master and optimizer states
     # of every sub-group, whichever tier holds them), before DeepSpeed copies it into the checkpoint
     checkpoint_export: int = 0
+    # fuyou: pinned bytes of the `optimizer.read_ahead` pool's buffers at its peak (part of `pinned_host.buffers`)
+    read_ahead_pool: int = 0
 
     def device(self, name: str) -> Breakdown:
         return getattr(self, name)
@@ -192,11 +196,13 @@ def fuyou_plan(
     _accelerator(plan, layout, setup, facts, window)
     if _device(setup.zero.offload_optimizer) != "nvme":  # on NVMe, gradients stream to their sub-group files
         _host_gradient_buffer(plan, layout, setup)
-    plan.pinned_host.buffers = pinned_pool_peak(layout, setup, facts, window)
     files = fuyou_swap_files(layout, setup.itemsize, setup.optimizer_states)
     if setup.overlap == "backward" and setup.gradient_accumulation_steps == 1:
         files["gradients"] = []  # kept in pinned memory from backward to their step, never written
     placed = place_in_host_tier(files, setup.optimizer_states, host_tier_budget)
+    carried_gradients, carried_states, plan.read_ahead_pool = read_ahead(layout, setup, files, placed)
+    plan.swapped["read_ahead_gradients"], plan.swapped["read_ahead_states"] = carried_gradients, carried_states
+    plan.pinned_host.buffers = pinned_pool_peak(layout, setup, facts, window) + plan.read_ahead_pool
     plan.checkpoint_export = sum(files["optimizer_states"])
     for component, in_host in placed.items():
         for nbytes, here in zip(files[component], in_host, strict=True):
@@ -217,6 +223,27 @@ def fuyou_plan(
     if setup.fuyou.io.verify:  # the engine's checksums of every swap file it writes
         plan.pageable_host.buffers += checksum_table_bytes(plan.ssd.total)
     return plan
+
+
+def read_ahead(
+    layout: ZeroLayout, setup: TrainingSetup, files: dict[str, list[int]], placed: dict[str, list[bool]]
+) -> tuple[int, int, int]:
+    """What `optimizer.read_ahead` carries, as training chooses it (`FuyouOptimizerSwapper.plan_read_ahead`): bytes
+    of gradients kept from their files, of master and states read during backward, and of the pool's buffers (a
+    slot of the largest sub-group's size each)."""
+    assert setup.fuyou is not None
+    masters = [n * FP32 for n in layout.sub_group_numels if n * FP32 >= ALIGNMENT]
+    gradient_files = [not here for here in placed["gradients"]] if files["gradients"] else [False] * len(masters)
+    states_on_ssd = [not here for here in placed["optimizer_states"][: len(masters)]]
+    states = setup.optimizer_states
+    slot = aligned(max(masters, default=0), ALIGNMENT)  # every buffer of the pool, as in the step pool
+    gradient_bytes = [slot if on_file else 0 for on_file in gradient_files]
+    state_bytes = [slot * (1 + states) if on_ssd else 0 for on_ssd in states_on_ssd]
+    budget = pool_budgets(setup.fuyou, setup.overlap).read_ahead
+    gradients, read = read_ahead_plan(gradient_bytes, state_bytes, budget)
+    kept = sum(m for m, nbytes in zip(masters[:gradients], gradient_bytes, strict=False) if nbytes)
+    read_states = sum(m * (1 + states) for m, nbytes in zip(masters[:read], state_bytes, strict=False) if nbytes)
+    return kept, read_states, sum(gradient_bytes[:gradients]) + sum(state_bytes[:read])
 
 
 def _parameters_in_masters(layout: ZeroLayout, placed: dict[str, list[bool]]) -> int:
@@ -269,7 +296,8 @@ def _activation_offload(plan: Plan, fuyou: FuyouConfig, facts: ModelFacts, nvme_
 
 
 def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict) -> int:
-    """What our two pools (`SwapRuntime`) reserve at most: each its peak, never more than its share of the budget.
+    """What our forward/backward and step pools (`SwapRuntime`) reserve at most: each its peak, never more than its
+    share of the budget (the read-ahead pool is `read_ahead`'s).
 
     Forward/backward pool: the partitions of the gathered window and those stage 3 reads from the SSD ahead of it
     (its NVMe prefetch considers up to twice the elements of the gathers in flight, a prefetch bucket). Step pool,
@@ -282,7 +310,7 @@ def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts
     runs, the step pool stages one layer's gradients on their way to the SSD instead (none with "backward", which
     keeps them).
     """
-    forward_backward_budget, step_budget = pool_budgets(setup.fuyou.pinned_memory)
+    forward_backward_budget, step_budget, _ = pool_budgets(setup.fuyou, setup.overlap)
     sub_groups = len(layout.sub_group_numels)
     slot = aligned(max(layout.sub_group_numels, default=0) * FP32, ALIGNMENT)
     states = setup.optimizer_states

@@ -11,26 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 
 def main(request_path: str) -> None:
+    from deepspeed_fuyou.distributed import exit_distributed, free_port
+
     request = json.loads(Path(request_path).read_text())
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
-
-    from deepspeed_fuyou.distributed import exit_distributed
 
     dtype = getattr(torch, request["dtype"])
     ds_config = {

@@ -13,6 +13,12 @@ Gradients reach a sub-group's gradient file as backward produces them (`swap_out
 steps each sub-group during backward (`optimizer.overlap: "backward"`), stay in a pinned buffer until that step
 (`hold_gradients`): they never touch the SSD then.
 
+Read-ahead (`optimizer.read_ahead`, modes "off" and "forward"): work is carried across the end of backward in a pool
+of its own (`plan_read_ahead`). Final gradients stay in it instead of their files (`keep_final_gradients`), and the
+master and states of the first sub-groups are read into it during backward (`read_ahead_next`, one sub-group at a
+time, behind backward's own reads), so the step finds them in memory: the SSD moves fewer bytes, and moves some
+while backward leaves it time rather than while the step is waited for.
+
 Sub-groups and gradient files the DRAM tier takes (`plan_host_tier`, `fuyou.placement.host_memory`) are host tensors
 instead of files: the optimizer steps the sub-group's own master and states in place, and gradients are copied into
 and attached from the tensor. They take no pinned slot and no I/O.
@@ -29,6 +35,7 @@ from __future__ import annotations
 import collections
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +44,8 @@ import torch
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.io.native import crc32c
-from deepspeed_fuyou.swap.runtime import SwapRuntime, gradient_file, optimizer_file
+from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned, gradient_file, optimizer_file
+from deepspeed_fuyou.swap.sizing import read_ahead_plan
 from deepspeed_fuyou.trace import TRACE
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,9 @@ class FuyouOptimizerSwapper:
         self._largest_numel = 0  # of any sub-group: sizes the step pool's slots (`SwapRuntime.step_slot_bytes`)
         self._written_by: collections.deque[int] = collections.deque(maxlen=2)  # writes started by the last swap-outs
         self._host_plan: dict[str, tuple[bool, bool]] = {}  # sub-group key -> (gradient, master and states) in DRAM
+        self._kept_gradients: set[str] = set()  # keys of the sub-groups whose final gradient stays in memory
+        self._read_ahead: list[str] = []  # keys of the sub-groups whose state is read during backward, in step order
+        self._reading: list[IOFuture] = []  # the reads of the carried sub-group started last
 
     @property
     def swap_folder(self) -> str:
@@ -115,6 +126,30 @@ class FuyouOptimizerSwapper:
         gradients = {key: gradients_on_file and host.reserve(numel * itemsize) for key, numel in sub_groups}
         for key, numel in sub_groups:
             self._host_plan[key] = (gradients[key], host.reserve(numel * itemsize * (1 + states)))
+
+    def plan_read_ahead(self, sub_groups: list[tuple[str, int]], states: int, gradients_on_file: bool) -> None:
+        """Chooses what `optimizer.read_ahead` carries across the end of backward (`sizing.read_ahead_plan`) among the
+        sub-groups (key, elements; in step order): whose final gradients stay in memory, whose master and states are
+        read during backward. A gradient or state the DRAM tier holds needs neither. Each tensor takes a slot of the
+        largest sub-group's size (`SwapRuntime.read_ahead_staging`)."""
+        keys = [key for key, _ in sub_groups]
+        slot = aligned(max((numel for _, numel in sub_groups), default=0) * self.dtype.itemsize)
+        gradient_bytes, state_bytes = [], []
+        for key, _ in sub_groups:
+            gradient_in_host, state_in_host = self._host_plan.get(key, (False, False))
+            gradient_bytes.append(slot if gradients_on_file and not gradient_in_host else 0)
+            state_bytes.append(0 if state_in_host else slot * (1 + states))
+        budget = self.runtime.config.optimizer.read_ahead
+        gradients, read = read_ahead_plan(gradient_bytes, state_bytes, budget)
+        self._kept_gradients = {key for key, nbytes in zip(keys[:gradients], gradient_bytes, strict=False) if nbytes}
+        self._read_ahead = [key for key, nbytes in zip(keys[:read], state_bytes, strict=False) if nbytes]
+        if budget:
+            log.info(
+                "fuyou: optimizer.read_ahead keeps the gradients of %d and reads the state of %d of %d sub-groups",
+                len(self._kept_gradients),
+                len(self._read_ahead),
+                len(sub_groups),
+            )
 
     def initialize_parameters(self, parameters: list[torch.Tensor], src_tensors: list[torch.Tensor]) -> None:
         """Creates each sub-group's master file (or host tensor) from its initial (low-precision or fp32) weights."""
@@ -147,6 +182,8 @@ class FuyouOptimizerSwapper:
         self._discover_states(group)
         resident = group.prefetched or self._start_reads(group)
         group.prefetched = None
+        if resident.grad is None and group.held_grad is None:  # read ahead without it, and backward kept none
+            resident.grad = self._read_gradient(group, resident.reads)
         with TRACE.wait(f"optimizer state {group.key}"):
             for future in resident.reads:
                 future.wait()
@@ -201,15 +238,49 @@ class FuyouOptimizerSwapper:
         for offset, tensor in zip(gradient_offsets, gradient_tensors, strict=True):
             group.held_grad.narrow(0, offset, tensor.numel()).copy_(tensor.reshape(-1))
 
+    def keep_final_gradients(
+        self, parameter: torch.Tensor, gradient_offsets: list[int], gradient_tensors: list[torch.Tensor]
+    ) -> bool:
+        """Keeps a sub-group's final gradient pieces in read-ahead memory instead of its gradient file, if
+        `plan_read_ahead` chose it; False (nothing done) for another, whose pieces the caller writes as usual."""
+        group = self.groups.get(parameter.ds_id)
+        if group is None or group.key not in self._kept_gradients:
+            return False
+        if group.held_grad is None:
+            group.held_grad = self._zeroed_gradient(group, self.runtime.read_ahead_staging)
+        for offset, tensor in zip(gradient_offsets, gradient_tensors, strict=True):
+            group.grad_pieces[offset] = tensor.numel()
+            group.held_grad.narrow(0, offset, tensor.numel()).copy_(tensor.reshape(-1))
+        return True
+
+    def read_ahead_next(self) -> None:
+        """Starts reading the master and states of the next carried sub-group not yet in memory, once the reads of
+        the one before have ended: one sub-group at a time, so backward's own parameter reads never queue behind all
+        of them. Called as backward goes on (at the accumulation boundary); the step reads what is left."""
+        if not all(future.done() for future in self._reading):
+            return
+        for key in self._read_ahead:
+            group = self.groups[key]
+            if group.prefetched is None:
+                self._discover_states(group)
+                group.prefetched = self._start_reads(group, self.runtime.read_ahead_staging, gradient=False)
+                self._reading = group.prefetched.reads
+                return
+
     def holds_no_gradient(self, parameter: torch.Tensor) -> bool:
         group = self.groups.get(parameter.ds_id)
         return group is None or group.held_grad is None
 
     def forget_step_buffers(self) -> None:
-        """Drops gradients held in memory and states read ahead (a skipped step: none of them is used)."""
+        """Drops gradients held in memory and states read ahead (a skipped step, a checkpoint load: none of them is
+        used), once the reads into them have ended."""
         for group in self.groups.values():
+            if group.prefetched is not None:
+                for future in group.prefetched.reads:
+                    future.wait()
             group.held_grad = None
             group.prefetched = None
+        self._reading = []
 
     def read_gradient(self, parameter: torch.Tensor, offset: int, numel: int, device: torch.device) -> torch.Tensor:
         """A copy on `device` of the `numel` gradient elements at `offset` written last by `swap_out_gradients`.
@@ -303,6 +374,7 @@ class FuyouOptimizerSwapper:
 
     def import_checkpoint(self) -> None:
         """Restores master, states and non-tensor optimizer state from a `swap_folder` filled from a checkpoint."""
+        self.forget_step_buffers()
         folder = Path(self.swap_folder)
         manifest_path = folder / MANIFEST
         if not manifest_path.exists():
@@ -372,8 +444,12 @@ class FuyouOptimizerSwapper:
         state = self.optimizer.state.get(group.master, {})
         return {name: value for name, value in state.items() if name not in group.layout}
 
-    def _start_reads(self, group: _SubGroup) -> _Resident:
-        """Starts reading a sub-group's tensors into step pool slots."""
+    def _start_reads(
+        self, group: _SubGroup, staging: Callable[[int], torch.Tensor] | None = None, gradient: bool = True
+    ) -> _Resident:
+        """Starts reading a sub-group's tensors into buffers from `staging` (default: step pool slots), and its
+        gradient unless `gradient` is False (read ahead before backward has produced it)."""
+        staging = staging or self.runtime.step_staging
         views: dict[str, torch.Tensor] = {}
         reads: list[IOFuture] = []
         buffers: list[torch.Tensor] = []
@@ -381,24 +457,31 @@ class FuyouOptimizerSwapper:
             if group.host is not None:
                 views[name] = group.host[name]
                 continue
-            buffer = self.runtime.step_staging(numel * dtype.itemsize)
+            buffer = staging(numel * dtype.itemsize)
             views[name] = buffer.view(dtype).narrow(0, 0, numel)
             buffers.append(buffer)
             reads.append(self.runtime.read(views[name], group.file(name)))
-        grad = None
-        if group.grad_pieces and not self.holds_gradients and group.host_grad is not None:
-            grad = group.host_grad
-        elif group.grad_pieces and not self.holds_gradients:
-            grad = self._zeroed_gradient(group)
-            for offset, length in group.grad_pieces.items():
-                reads.append(
-                    self.runtime.read(grad.narrow(0, offset, length), group.grad_file, offset * grad.element_size())
-                )
+        grad = self._read_gradient(group, reads) if gradient else None
         return _Resident(views, grad, reads, buffers)
 
-    def _zeroed_gradient(self, group: _SubGroup) -> torch.Tensor:
-        """A pooled gradient for `group`, zero: padding between parameters' pieces is never written."""
-        buffer = self.runtime.step_staging(group.numel * self.dtype.itemsize)
+    def _read_gradient(self, group: _SubGroup, reads: list[IOFuture]) -> torch.Tensor | None:
+        """The sub-group's gradient for its step: its DRAM-tier tensor, or a buffer whose reads from the gradient
+        file are appended to `reads`; None where the gradient is held in memory or there is none."""
+        if not group.grad_pieces or self.holds_gradients or group.held_grad is not None:
+            return None
+        if group.host_grad is not None:
+            return group.host_grad
+        grad = self._zeroed_gradient(group)
+        for offset, length in group.grad_pieces.items():
+            reads.append(
+                self.runtime.read(grad.narrow(0, offset, length), group.grad_file, offset * grad.element_size())
+            )
+        return grad
+
+    def _zeroed_gradient(self, group: _SubGroup, staging: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """A pooled gradient for `group` (from `staging`, default the step pool), zero: padding between parameters'
+        pieces is never written."""
+        buffer = (staging or self.runtime.step_staging)(group.numel * self.dtype.itemsize)
         return buffer.view(self.dtype).narrow(0, 0, group.numel).zero_()
 
     def _attach(self, group: _SubGroup, resident: _Resident) -> None:

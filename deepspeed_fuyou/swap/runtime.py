@@ -1,8 +1,10 @@
 """What the parameter and optimizer swappers of one process share: the I/O engine, the pinned pools, the swap space.
 
-The one budget `fuyou.pinned_memory` is split in two pools: `pool` (`PREFETCH_SHARE` of it) for what forward and
-backward hold (parameter partitions read ahead, activations on their way to and from the SSD), `step_pool` (the
-rest) for the optimizer step (sub-groups' master weights, states and gradients, updated parameters being written).
+The one budget `fuyou.pinned_memory` is split in pools (`sizing.pool_budgets`): `read_ahead_pool`
+(`optimizer.read_ahead`, if any) for the sub-groups carried across the end of backward; of the rest, `pool`
+(`PREFETCH_SHARE`) for what forward and backward hold (parameter partitions read ahead, activations on their way to
+and from the SSD), and `step_pool` for the optimizer step (sub-groups' master weights, states and gradients,
+updated parameters being written).
 With the step running beside forward or backward (`optimizer.overlap`), each side then waits only for memory that
 its own progress frees: the step thread never waits for the training thread's buffers, so neither can stall the
 other, and buffers of one side never fragment the other's. A buffer that backs a write in flight cannot be reused
@@ -29,14 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.config.fuyou import FuyouConfig, OverlapMode
 from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
 from deepspeed_fuyou.swap.host_heap import install_host_cache
 from deepspeed_fuyou.swap.host_tier import HostTier
-from deepspeed_fuyou.swap.sizing import PREFETCH_SHARE, pool_budgets
+from deepspeed_fuyou.swap.sizing import pool_budgets
 from deepspeed_fuyou.swap.updates import PendingUpdates
 from deepspeed_fuyou.trace import start_from_environment
 
@@ -119,9 +121,10 @@ class SwapRuntime:
         start_from_environment(int(os.environ.get("RANK", 0)))
         if config.host_cache:
             install_host_cache()
-        forward_backward, step = pool_budgets(config.pinned_memory)
-        self.pool = PinnedPool(forward_backward, share=PREFETCH_SHARE)
-        self.step_pool = PinnedPool(step, share=1 - PREFETCH_SHARE)
+        budgets = pool_budgets(config, "forward")  # until the optimizer says its mode (`set_overlap_mode`)
+        self.pool = PinnedPool(budgets.forward_backward, share=budgets.forward_backward / config.pinned_memory)
+        self.step_pool = PinnedPool(budgets.step, share=budgets.step / config.pinned_memory)
+        self.read_ahead_pool = PinnedPool(budgets.read_ahead) if budgets.read_ahead else None
         self.step_slot_bytes = ALIGNMENT  # every step buffer is at least this (the optimizer swapper sets it)
         self.engine = IOEngine(config.io)
         self.space = SwapSpace([str(p) for p in config.nvme_paths])
@@ -183,9 +186,30 @@ class SwapRuntime:
         """
         return self._acquire(self.step_pool, nbytes)
 
+    def set_overlap_mode(self, mode: OverlapMode) -> None:
+        """Sizes the step's pools for the optimizer's overlap mode, before the optimizer takes anything from them:
+        in "backward" nothing is carried, and the read-ahead budget joins the step pool (`sizing.pool_budgets`)."""
+        budgets = pool_budgets(self.config, mode)
+        if budgets.step != self.step_pool.budget:
+            assert self.step_pool.stats().reserved == 0, "the step pool is resized before its first use"
+            self.step_pool = PinnedPool(budgets.step, share=budgets.step / self.config.pinned_memory)
+            self.read_ahead_pool = None
+
+    def read_ahead_staging(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least `nbytes` from `read_ahead_pool`, for a sub-group carried across the end of backward.
+
+        Every buffer is a whole `step_slot_bytes`, as in the step pool: the buffers are taken in a different order
+        each step (reads ending as they may), and uniform ones always fit where others were freed, so the pool never
+        unmaps and pins memory anew. They are released by the step's writes, so a full pool waits for our own writes
+        only (`_acquire`); what is carried is sized to fit it (`sizing.read_ahead_plan`).
+        """
+        assert self.read_ahead_pool is not None, "optimizer.read_ahead is 0: nothing is carried"
+        return self._acquire(self.read_ahead_pool, max(nbytes, self.step_slot_bytes))
+
     def pinned_peak_reserved(self) -> int:
-        """The most both pools held at once, at most (the sum of their peaks)."""
-        return self.pool.stats().peak_reserved + self.step_pool.stats().peak_reserved
+        """The most the pools held at once, at most (the sum of their peaks)."""
+        pools = [self.pool, self.step_pool, self.read_ahead_pool]
+        return sum(pool.stats().peak_reserved for pool in pools if pool is not None)
 
     def _acquire(self, pool: PinnedPool, nbytes: int) -> torch.Tensor:
         """A pooled uint8 buffer; waits for our own writes first when the pool is full."""

@@ -5,22 +5,54 @@ Nothing here imports DeepSpeed, so `fuyou estimate` can size a model on fake ten
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
-from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.config.fuyou import FuyouConfig, OverlapMode, overlap_mode
 
 PREFETCH_SHARE = 0.5
 """Share of the pinned budget for what forward and backward hold (parameter reads in flight, activations); the rest
 is the optimizer step's (sub-groups and write-back staging), which may run at the same time (`optimizer.overlap`)."""
 
 
-def pool_budgets(pinned_memory: int) -> tuple[int, int]:
-    """The pinned budget split into the forward/backward pool and the optimizer step's pool (`SwapRuntime`)."""
-    forward_backward = int(pinned_memory * PREFETCH_SHARE)
-    return forward_backward, pinned_memory - forward_backward
+class PoolBudgets(NamedTuple):
+    """The pinned budget split into the pools of `SwapRuntime`."""
+
+    forward_backward: int  # parameter partitions read ahead, activations on their way
+    step: int  # the optimizer step's pipeline of sub-groups, gradients on their way to the SSD
+    read_ahead: int  # sub-groups carried across the end of backward (`optimizer.read_ahead`)
+
+
+def pool_budgets(config: FuyouConfig, mode: OverlapMode) -> PoolBudgets:
+    """`optimizer.read_ahead` is taken out of the budget first, the rest shared by `PREFETCH_SHARE`. In the overlap
+    `mode` "backward" nothing is carried (gradients never go to the SSD, each sub-group is stepped during backward):
+    the read-ahead budget joins the step's pool, whose sub-groups grow with it (`sub_group_cap`)."""
+    read_ahead = config.optimizer.read_ahead
+    forward_backward = int((config.pinned_memory - read_ahead) * PREFETCH_SHARE)
+    carried = 0 if mode == "backward" else read_ahead
+    return PoolBudgets(forward_backward, config.pinned_memory - forward_backward - carried, carried)
+
+
+def read_ahead_plan(gradient_bytes: Sequence[int], state_bytes: Sequence[int], budget: int) -> tuple[int, int]:
+    """What `optimizer.read_ahead` carries across the end of backward, over the sub-groups in step order: how many of
+    them keep their final gradient in memory (`gradient_bytes` each; 0 for one whose gradient goes to no file), then,
+    with the budget left, how many have their master and states read during backward (`state_bytes`; 0 for one in
+    the DRAM tier). Each the longest prefix that fits. Gradients come first: a byte of gradient held saves two bytes
+    of SSD traffic (its write in backward and its read in the step), a byte of states read ahead only moves a read
+    from the step into backward. The training run and the estimator both decide here."""
+    gradients = _longest_prefix(gradient_bytes, budget)
+    return gradients, _longest_prefix(state_bytes, budget - sum(gradient_bytes[:gradients]))
+
+
+def _longest_prefix(sizes: Sequence[int], budget: int) -> int:
+    total = 0
+    for count, nbytes in enumerate(sizes):
+        total += nbytes
+        if total > budget:
+            return count
+    return len(sizes)
 
 
 STEP_SLOTS = 15
@@ -88,13 +120,14 @@ def explicit_window_settings(ds_config: Mapping[str, Any]) -> set[str]:
     return {name for name, keys in _WINDOW_KEYS.items() if any(key in zero for key in keys)}
 
 
-def sub_group_cap(config: FuyouConfig, largest_param: int, master_itemsize: int = 4) -> int:
-    """The `sub_group_size` (in elements) whose pipelined step fits in the optimizer's share of the budget.
+def sub_group_cap(config: FuyouConfig, mode: OverlapMode, largest_param: int, master_itemsize: int = 4) -> int:
+    """The `sub_group_size` (in elements) whose pipelined step fits in the optimizer's share of the budget (in the
+    overlap `mode`).
 
     Stage 3 closes a sub-group at the parameter that reaches `sub_group_size`, so a sub-group can exceed it by up to
     `largest_param` - 1 elements: the cap leaves room for that.
     """
-    _, step = pool_budgets(config.pinned_memory)
+    step = pool_budgets(config, mode).step
     return max(1, step // (STEP_SLOTS * master_itemsize) - largest_param)
 
 
@@ -105,7 +138,8 @@ def stage3_overrides(
     explicit = explicit_window_settings(ds_config)
     window = prefetch_window(module, config.params.prefetch_layers)
     largest_param = max((getattr(p, "ds_numel", p.numel()) for p in module.parameters()), default=0)
+    cap = sub_group_cap(config, overlap_mode(config.optimizer, ds_config), largest_param)
     return {
-        "sub_group_size": min(sub_group_size, sub_group_cap(config, largest_param)),
+        "sub_group_size": min(sub_group_size, cap),
         **{name: value for name, value in window.items() if name not in explicit},
     }

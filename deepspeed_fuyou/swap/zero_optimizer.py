@@ -18,6 +18,8 @@ Only what differs is overridden (DeepSpeed's `SuperOffloadOptimizer_Stage3` is t
   engine, pinned pool and swap directories (see `deepspeed_fuyou.activations`);
 - with `fuyou.optimizer.overlap` "backward" or "forward", sub-groups are stepped on a step thread behind compute
   (see "Overlap" below).
+- with `fuyou.optimizer.read_ahead`, the final gradients of the sub-groups stepped first stay in memory at the
+  accumulation boundary and their states are read during backward (`partition_grads`; see the optimizer swapper).
 
 Overlap. Stock steps every sub-group in `step()`, after backward, while compute waits. Here:
 - "backward": `partition_grads` keeps each final gradient partition in memory and, once every parameter of a
@@ -85,6 +87,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             self._check_swap_space(module, init_optimizer, overrides["sub_group_size"], kwargs.get("dp_process_group"))
         log.info("fuyou: stage 3 sized for the model and pinned budget: %s", overrides)
         self._mode = overlap_mode(self.fuyou_config.optimizer, kwargs["ds_config"])
+        self.fuyou_runtime.set_overlap_mode(self._mode)
         self._gradient_files = self._mode != "backward" or kwargs.get("gradient_accumulation_steps", 1) > 1
         super().__init__(module, init_optimizer, param_names, *args, **kwargs)
         self._store_partitions_in_masters()
@@ -414,7 +417,11 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
                 param.grad.record_stream(get_accelerator().current_stream())  # as stock: freed after this stream
             param.grad = None
         if not step_early:
+            if boundary:
+                self._keep_read_ahead_gradients(to_write, write_offsets)
             self._swap_out_offload_fp32_gradients(to_write, write_offsets)
+            if boundary:
+                self.optimizer_swapper.read_ahead_next()
             return
         # Backward finishes the later sub-groups first: hand each to the step thread as soon as it is held, and give
         # a sub-group memory for its gradients only once no finished one waits for the thread (back-pressure).
@@ -428,6 +435,16 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         for sub_group in completed:
             if sub_group not in to_write:  # kept in memory by stock (not swappable) or all padding here
                 self._sub_group_completed(sub_group)
+
+    def _keep_read_ahead_gradients(
+        self, to_write: dict[int, list[torch.Tensor]], offsets: dict[int, list[int]]
+    ) -> None:
+        """Takes out of `to_write` the final gradients of the sub-groups `optimizer.read_ahead` carries: the swapper
+        keeps them in memory for the step instead of writing them."""
+        for sub_group in list(to_write):
+            master = self.fp32_partitioned_groups_flat[sub_group]
+            if self.optimizer_swapper.keep_final_gradients(master, offsets[sub_group], to_write[sub_group]):
+                del to_write[sub_group], offsets[sub_group]
 
     def _running_gradient(self, sub_group: int, offset: int, numel: int, device: torch.device) -> torch.Tensor:
         """A copy on `device` of the gradient sum held so far for `numel` elements at `offset` of `sub_group`."""
@@ -456,6 +473,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         ]
         states = OPTIMIZER_STATES.get(type(self.optimizer).__name__.lower(), 2)
         self.optimizer_swapper.plan_host_tier(sub_groups, states, self._gradient_files)
+        self.optimizer_swapper.plan_read_ahead(sub_groups, states, self._gradient_files)
 
     def checkpoint_event_prologue(self) -> None:
         self.finish_pending_steps()
