@@ -261,13 +261,16 @@ def test_the_estimate_counts_read_ahead_gradients_first_and_its_pool_in_pinned_m
     swapped = carried.fuyou.swapped
     assert swapped["read_ahead_gradients"] == swapped["gradients"]  # 12.6 MiB of gradients fit first
     assert 0 < swapped["read_ahead_states"] < swapped["optimizer_states"]  # then states, with what is left
+    assert 0 < swapped["written_behind_states"] < swapped["optimizer_states"]  # and, before them, the last ones'
     assert swapped["read_ahead_gradients"] + swapped["read_ahead_states"] <= carried.fuyou.read_ahead_pool <= 20 * MiB
     assert carried.to_json()["plans"]["fuyou"]["read_ahead_bytes"] == {
         "gradients": swapped["read_ahead_gradients"],
         "optimizer_states": swapped["read_ahead_states"],
+        "written_behind": swapped["written_behind_states"],
         "pinned_pool": carried.fuyou.read_ahead_pool,
     }
-    assert not without.swapped["read_ahead_gradients"] and not without.swapped["read_ahead_states"]
+    carried_keys = ("read_ahead_gradients", "read_ahead_states", "written_behind_states")
+    assert not any(without.swapped[key] for key in carried_keys)
     config["gradient_clipping"] = 0.0  # "backward": nothing to carry, the budget goes to the step pool
     assert not estimate(TINY_LLAMA, config, seq_len=64).fuyou.swapped["read_ahead_gradients"]
 

@@ -153,16 +153,28 @@ def test_read_ahead_comes_out_of_the_pinned_budget_and_joins_the_step_pool_when_
     assert caps["backward"] > sub_group_cap(without, "backward", largest_param=1000) > caps["forward"]
 
 
-def test_read_ahead_keeps_gradients_first_then_reads_states_with_what_is_left() -> None:
-    """Each the longest prefix in step order that fits; a sub-group with nothing to carry (0 bytes) takes no room."""
-    gradients, states = [10, 10, 10], [30, 30, 30]
-    assert read_ahead_plan(gradients, states, budget=0) == (0, 0)
-    assert read_ahead_plan(gradients, states, budget=25) == (2, 0)
-    assert read_ahead_plan(gradients, states, budget=59) == (3, 0)
-    assert read_ahead_plan(gradients, states, budget=60) == (3, 1)
-    assert read_ahead_plan(gradients, states, budget=10**9) == (3, 3)
-    assert read_ahead_plan([0, 0, 0], [0, 30, 30], budget=30) == (3, 2)  # in the DRAM tier: nothing to hold
-    assert read_ahead_plan([10, 10, 10], [40, 1, 1], budget=60) == (3, 0)  # a later one never jumps the queue
+def test_read_ahead_keeps_gradients_first_then_writes_behind_and_reads_ahead_states_with_what_is_left() -> None:
+    """Gradients: the longest prefix in step order that fits; with what is left, the states of the longest suffix are
+    written behind and the master and states of the longest prefix read ahead (at different times, so both fit in
+    it); a sub-group with nothing to carry (no gradient file, or states in the DRAM tier) takes no room."""
+    slot = 4096
+    three = [slot // 4] * 3  # fp32 elements: one slot each
+    everything = [True] * 3
+
+    def plan(budget_slots: float, gradients: list[bool] = everything, states: list[bool] = everything) -> tuple:
+        found = read_ahead_plan(three, 4, 2, gradients, states, int(budget_slots * slot))
+        return found.kept_gradients, found.read_states, found.written_behind, found.pool_bytes // slot
+
+    assert plan(0) == ([], [], [], 0)
+    assert plan(2.5) == ([0, 1], [], [], 2)
+    assert plan(3) == ([0, 1, 2], [], [], 3)
+    assert plan(5) == ([0, 1, 2], [], [2], 5)  # two slots left: one sub-group's two moments written behind
+    assert plan(6) == ([0, 1, 2], [0], [2], 6)
+    assert plan(7) == ([0, 1, 2], [0], [1, 2], 7)
+    assert plan(1000) == ([0, 1, 2], [0, 1, 2], [0, 1, 2], 12)
+    assert plan(3, gradients=[False] * 3, states=[False, True, True]) == ([], [1], [2], 3)
+    assert read_ahead_plan([slot // 4, 1, 1], 4, 2, everything, everything, 3 * slot).slot == slot  # the largest
+    assert read_ahead_plan(three, 4, 0, everything, everything, 100 * slot).written_behind == []  # no states: SGD
 
 
 def test_a_read_ahead_that_leaves_no_staging_budget_is_refused(swap: Path) -> None:

@@ -218,3 +218,57 @@ def test_a_corrupted_checkpoint_file_is_refused_naming_the_file_and_both_checksu
     message = str(err.value)
     assert str(victim) in message
     assert "CRC32C" in message and "previous checkpoint" in message
+
+
+def test_states_written_behind_reach_their_files_during_the_next_backward_before_anything_is_read_ahead(
+    tmp_path: Path,
+) -> None:
+    """`optimizer.read_ahead` without gradients to keep: the step leaves the moments of its last sub-groups in the
+    read-ahead pool (their master is written at once), backward's calls (`read_ahead_next`) write them, one
+    sub-group a call, and only then read the first sub-group's state ahead; the numbers stay Adam's in memory, and a
+    checkpoint taken right after a step holds the moments still to be written."""
+    paths = (tmp_path / "a", tmp_path / "b")
+    for path in paths:
+        path.mkdir()
+    runtime = SwapRuntime(FuyouConfig(nvme_paths=paths, pinned_memory=256 * MiB, optimizer={"read_ahead": "16MiB"}))
+    initial = initial_weights(6)
+    masters = []
+    for index in range(len(initial)):
+        master = torch.empty(0, requires_grad=True)
+        master.ds_id = f"{index}"
+        masters.append(master)
+    optimizer = torch.optim.Adam([torch.empty(0, requires_grad=True)], lr=1e-2)
+    swapper = FuyouOptimizerSwapper(runtime, optimizer, torch.float32)
+    swapper.plan_read_ahead([(m.ds_id, w.numel()) for m, w in zip(masters, initial, strict=True)], 2, False)
+    for master, weights in zip(masters, initial, strict=True):
+        swapper.initialize_parameters([master], [weights])
+    nbytes = [4 * w.numel() for w in initial]  # each takes one 4 MiB slot: 16 MiB hold two sub-groups' moments
+    written, read = runtime.counters.written, runtime.counters.read
+    try:
+        for step in range(STEPS):
+            for master, grad in zip(masters, gradients([w.numel() for w in initial], step), strict=True):
+                swapper.swap_out_gradients(master, [0], [grad])
+            runtime.flush()
+            if step > 0:  # backward goes on: one sub-group's moments a call, nothing read ahead until they are written
+                before, states_read = written["optimizer_states"], read["optimizer_states"]
+                for behind in (1, 2):
+                    swapper.read_ahead_next()
+                    runtime.flush()
+                    assert written["optimizer_states"] - before == 2 * sum(nbytes[4 : 4 + behind])
+                    assert read["optimizer_states"] == states_read
+                swapper.read_ahead_next()
+                assert read["optimizer_states"] == states_read + 3 * nbytes[0]  # the first sub-group's master, moments
+            before = written["optimizer_states"]
+            stage3_step(swapper, masters, optimizer)
+            runtime.flush()
+            assert written["optimizer_states"] - before == sum(nbytes) + 2 * sum(nbytes[:4])  # masters; 4 have moments
+        swapper.export_checkpoint()  # with two sub-groups' moments still in memory
+        final = resident_state(swapper, masters)
+        for swapped, expected in zip(final, train_in_memory(initial), strict=True):
+            assert torch.equal(swapped["master"], expected)
+        swapper.import_checkpoint()
+        for restored, expected in zip(resident_state(swapper, masters), final, strict=True):
+            assert restored.keys() == expected.keys() == {"master", "exp_avg", "exp_avg_sq", "step"}
+            assert all(torch.equal(restored[name], expected[name]) for name in expected)
+    finally:
+        runtime.close()

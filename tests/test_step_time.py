@@ -44,6 +44,7 @@ def shape(**changes: object) -> StepShape:
         retained=GB // 2,
         read_ahead_gradients=0,
         read_ahead_states=0,
+        written_behind_states=0,
         activations=0,
         layers=10,
         sub_groups=4,
@@ -119,6 +120,20 @@ def test_read_ahead_moves_the_carried_states_into_the_last_backward_and_keeps_th
         assert sum(w for _, w in step.values()) == sum(w for _, w in before.values())  # every update written back
     two = traffic(model_step_time(shape(micro_steps=2, read_ahead_gradients=GB, read_ahead_states=0), machine_rates()))
     assert two["backward 1"] == (GB // 2, GB) and two["backward 2"] == (GB // 2 + GB, 0)  # only the last one keeps
+
+
+def test_states_written_behind_move_from_the_step_into_the_first_backward() -> None:
+    half = 3 * GB // 2
+    for overlap in ("off", "forward"):
+        plain = traffic(model_step_time(shape(overlap=overlap, micro_steps=2), machine_rates()))
+        behind = traffic(
+            model_step_time(shape(overlap=overlap, micro_steps=2, written_behind_states=half), machine_rates())
+        )
+        assert behind["backward 1"] == (plain["backward 1"][0], plain["backward 1"][1] + half)
+        assert behind["backward 2"] == plain["backward 2"]
+        step = [name for name in plain if not name.startswith("backward")]
+        assert sum(behind[name][1] for name in step) == sum(plain[name][1] for name in step) - half
+        assert sum(behind[name][0] for name in step) == sum(plain[name][0] for name in step)
 
 
 def test_activations_on_the_ssd_are_written_by_forward_and_read_by_backward() -> None:

@@ -474,10 +474,14 @@ def test_read_ahead_keeps_gradients_off_the_ssd_then_reads_states_during_backwar
 
 
 def test_the_read_ahead_pool_holds_what_is_carried_and_the_estimate_counts_it(runs: Callable[..., Any]) -> None:
-    """What the read-ahead pool holds at most is what the estimator says: a slot of the largest sub-group's size for
-    each carried gradient, master and state; and the pinned peak it predicts includes it."""
+    """What the read-ahead pool holds is a slot of the largest sub-group's size for each carried gradient, master and
+    state: at the end of backward every kept gradient and every state read ahead at once, and at most what the
+    estimator says (the states written behind have left before the ones read ahead come); the pinned peak it
+    predicts includes it."""
     run = runs("fuyou", "read-ahead")
     plan = timed_estimate(run).fuyou
-    assert plan.read_ahead_pool >= plan.swapped["read_ahead_gradients"] + plan.swapped["read_ahead_states"] > 0
-    assert run["pinned_read_ahead_peak_in_use_bytes"] == plan.read_ahead_pool
+    swapped = plan.swapped
+    carried = swapped["read_ahead_gradients"] + swapped["read_ahead_states"]
+    assert carried > 0 and swapped["written_behind_states"] > 0
+    assert carried <= run["pinned_read_ahead_peak_in_use_bytes"] <= plan.read_ahead_pool
     assert run["pinned_peak_bytes"] <= plan.pinned_host.buffers

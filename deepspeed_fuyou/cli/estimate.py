@@ -108,10 +108,11 @@ def render(result: Estimate) -> str:
         for kind, tiers in placement(result.fuyou).items():
             lines.append(f"  {kind:30}{format_size(tiers['dram']):>20}{format_size(tiers['ssd']):>20}")
         swapped = result.fuyou.swapped
-        if swapped["read_ahead_gradients"] or swapped["read_ahead_states"]:
+        if swapped["read_ahead_gradients"] or swapped["read_ahead_states"] or swapped["written_behind_states"]:
             lines.append(
-                f"  read-ahead keeps {format_size(swapped['read_ahead_gradients'])} of gradients and reads "
-                f"{format_size(swapped['read_ahead_states'])} of optimizer states during backward"
+                f"  read-ahead keeps {format_size(swapped['read_ahead_gradients'])} of gradients, reads "
+                f"{format_size(swapped['read_ahead_states'])} of optimizer states during backward and writes "
+                f"{format_size(swapped['written_behind_states'])} of them during the next backward"
             )
     if result.step_time is not None:
         lines += ["", *render_step_time(result.step_time)]

@@ -75,9 +75,11 @@ class OptimizerOptions(FuyouModel):
 
     `read_ahead`: pinned memory, part of `pinned_memory`, that carries work across the end of backward in the modes
     whose gradients go to the SSD ("off", "forward"): final gradients stay in it instead of making the round trip
-    through their files (the sub-groups stepped first first), and with what is left the master weights and states
-    of the first sub-groups are read into it while backward runs, when the SSD has time to spare. The step then
-    moves fewer bytes while the next forward (or, with "off", compute) waits for it. 0: nothing is carried. In
+    through their files (the sub-groups stepped first first). What is left serves twice while backward runs, when
+    the SSD has time to spare: first the optimizer states of the last sub-groups, updated by the step, are written
+    from it (the step left them there instead of writing them while it was waited for), then the master weights
+    and states of the first sub-groups are read into it. The step then moves fewer bytes while the next forward
+    (or, with "off", compute) waits for it. 0: nothing is carried. In
     "backward", whose gradients never go to the SSD and whose sub-groups are stepped during backward already,
     nothing is carried: the step's pool gets this memory (larger sub-groups).
     """

@@ -65,7 +65,8 @@ class Plan:
     # of partitions stage 3 keeps gathered between uses (it reads them once a step, not in every backward); and of
     # "parameters_in_masters", the partitions read from their sub-group's master file (fp32 training); of
     # "read_ahead_gradients" and "read_ahead_states", the gradients and the master and states of the sub-groups
-    # `optimizer.read_ahead` carries across the end of backward
+    # `optimizer.read_ahead` carries across the end of backward, and "written_behind_states", the states it carries
+    # across the end of the step
     swapped: dict[str, int] = field(default_factory=dict)
     # fuyou: what a checkpoint save writes on the first SSD path besides the swap files (master and optimizer states
     # of every sub-group, whichever tier holds them), before DeepSpeed copies it into the checkpoint
@@ -200,8 +201,8 @@ def fuyou_plan(
     if setup.overlap == "backward" and setup.gradient_accumulation_steps == 1:
         files["gradients"] = []  # kept in pinned memory from backward to their step, never written
     placed = place_in_host_tier(files, setup.optimizer_states, host_tier_budget)
-    carried_gradients, carried_states, plan.read_ahead_pool = read_ahead(layout, setup, files, placed)
-    plan.swapped["read_ahead_gradients"], plan.swapped["read_ahead_states"] = carried_gradients, carried_states
+    carried, plan.read_ahead_pool = read_ahead(layout, setup, files, placed)
+    plan.swapped.update(carried)
     plan.pinned_host.buffers = pinned_pool_peak(layout, setup, facts, window) + plan.read_ahead_pool
     plan.checkpoint_export = sum(files["optimizer_states"])
     for component, in_host in placed.items():
@@ -227,23 +228,28 @@ def fuyou_plan(
 
 def read_ahead(
     layout: ZeroLayout, setup: TrainingSetup, files: dict[str, list[int]], placed: dict[str, list[bool]]
-) -> tuple[int, int, int]:
+) -> tuple[dict[str, int], int]:
     """What `optimizer.read_ahead` carries, as training chooses it (`FuyouOptimizerSwapper.plan_read_ahead`): bytes
-    of gradients kept from their files, of master and states read during backward, and of the pool's buffers (a
-    slot of the largest sub-group's size each)."""
+    of gradients kept from their files ("read_ahead_gradients"), of master and states read during backward
+    ("read_ahead_states") and of states written during the next backward ("written_behind_states"); and the pool's
+    peak."""
     assert setup.fuyou is not None
-    masters = [n * FP32 for n in layout.sub_group_numels if n * FP32 >= ALIGNMENT]
-    gradient_files = [not here for here in placed["gradients"]] if files["gradients"] else [False] * len(masters)
-    states_on_ssd = [not here for here in placed["optimizer_states"][: len(masters)]]
-    states = setup.optimizer_states
-    slot = aligned(max(masters, default=0), ALIGNMENT)  # every buffer of the pool, as in the step pool
-    gradient_bytes = [slot if on_file else 0 for on_file in gradient_files]
-    state_bytes = [slot * (1 + states) if on_ssd else 0 for on_ssd in states_on_ssd]
-    budget = pool_budgets(setup.fuyou, setup.overlap).read_ahead
-    gradients, read = read_ahead_plan(gradient_bytes, state_bytes, budget)
-    kept = sum(m for m, nbytes in zip(masters[:gradients], gradient_bytes, strict=False) if nbytes)
-    read_states = sum(m * (1 + states) for m, nbytes in zip(masters[:read], state_bytes, strict=False) if nbytes)
-    return kept, read_states, sum(gradient_bytes[:gradients]) + sum(state_bytes[:read])
+    numels = [n for n in layout.sub_group_numels if n * FP32 >= ALIGNMENT]
+    gradient_files = [not here for here in placed["gradients"]] if files["gradients"] else [False] * len(numels)
+    plan = read_ahead_plan(
+        numels,
+        FP32,
+        setup.optimizer_states,
+        gradient_files,
+        [not here for here in placed["optimizer_states"][: len(numels)]],
+        pool_budgets(setup.fuyou, setup.overlap).read_ahead,
+    )
+    carried = {
+        "read_ahead_gradients": sum(numels[i] * FP32 for i in plan.kept_gradients),
+        "read_ahead_states": sum(numels[i] * FP32 * (1 + plan.states) for i in plan.read_states),
+        "written_behind_states": sum(numels[i] * FP32 * plan.states for i in plan.written_behind),
+    }
+    return carried, plan.pool_bytes
 
 
 def _parameters_in_masters(layout: ZeroLayout, placed: dict[str, list[bool]]) -> int:

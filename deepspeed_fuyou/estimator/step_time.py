@@ -12,8 +12,9 @@ also moves bytes between the SSD and host memory:
   the step reads none;
 - the optimizer's work reads the master weights and optimizer states on the SSD and writes them back, with the
   updated parameter partitions that are not stored in their master's file (in fp32 training they are);
-- the sub-groups `optimizer.read_ahead` carries move part of that into the last backward: their master and states
-  are read there, and their final gradients are neither written nor read back;
+- the sub-groups `optimizer.read_ahead` carries move part of that into a backward: their master and states are
+  read in the last one, their final gradients are neither written nor read back, and the optimizer states of the
+  last sub-groups are written in the first one;
 - activations offloaded to the SSD are written by the forward and read by the backward.
 Where the optimizer's work goes is the overlap mode: a phase of its own after the last backward ("off"), inside
 that backward ("backward"), or inside the next forward, whose parameter reads it hands over in memory
@@ -89,6 +90,7 @@ class StepShape:
     retained: int  # parameter bytes a backward finds still gathered from its forward (persistent ones included)
     read_ahead_gradients: int  # of `gradients`: those the last backward keeps in memory for the step
     read_ahead_states: int  # of `optimizer_states`: those the last backward reads for the step
+    written_behind_states: int  # of `optimizer_states`: those the step leaves for the next backward to write
     activations: int  # activation bytes a forward writes to the SSD
     layers: int
     sub_groups: int
@@ -107,7 +109,10 @@ def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
         read_bytes=shape.optimizer_states
         - shape.read_ahead_states
         + (shape.gradients - shape.read_ahead_gradients if shape.overlap != "backward" else 0),
-        written_bytes=shape.optimizer_states + shape.parameters - shape.parameters_in_masters,
+        written_bytes=shape.optimizer_states
+        - shape.written_behind_states
+        + shape.parameters
+        - shape.parameters_in_masters,
     )
     result = []
     k = shape.micro_steps
@@ -119,6 +124,7 @@ def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
         keeps_gradient = shape.overlap == "backward" and micro == k
         backward.written_bytes = 0 if keeps_gradient else shape.gradients
         backward.read_bytes += shape.gradients if micro > 1 else 0
+        backward.written_bytes += shape.written_behind_states if micro == 1 else 0
         if micro == k:
             backward.written_bytes -= shape.read_ahead_gradients
             backward.read_bytes += shape.read_ahead_states

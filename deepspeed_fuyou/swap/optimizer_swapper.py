@@ -14,10 +14,13 @@ steps each sub-group during backward (`optimizer.overlap: "backward"`), stay in 
 (`hold_gradients`): they never touch the SSD then.
 
 Read-ahead (`optimizer.read_ahead`, modes "off" and "forward"): work is carried across the end of backward in a pool
-of its own (`plan_read_ahead`). Final gradients stay in it instead of their files (`keep_final_gradients`), and the
-master and states of the first sub-groups are read into it during backward (`read_ahead_next`, one sub-group at a
-time, behind backward's own reads), so the step finds them in memory: the SSD moves fewer bytes, and moves some
-while backward leaves it time rather than while the step is waited for.
+of its own (`plan_read_ahead`). Final gradients stay in it instead of their files (`keep_final_gradients`). The
+last sub-groups of a step are stepped with their optimizer states in it, and leave them there, written only during
+the next backward (write-behind; their master is written at once, since the next forward or backward may read
+parameters from it). Once those writes have ended, the master and states of the first sub-groups are read into it
+(`read_ahead_next`, one sub-group at a time, behind backward's own reads), so the step finds them in memory. The SSD
+moves fewer bytes, and moves some while backward leaves it time rather than while the step is waited for. A read of
+a sub-group's states (the next step, a checkpoint) first starts its writes still behind.
 
 Sub-groups and gradient files the DRAM tier takes (`plan_host_tier`, `fuyou.placement.host_memory`) are host tensors
 instead of files: the optimizer steps the sub-group's own master and states in place, and gradients are copied into
@@ -44,7 +47,7 @@ import torch
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.io.native import crc32c
-from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned, gradient_file, optimizer_file
+from deepspeed_fuyou.swap.runtime import SwapRuntime, gradient_file, optimizer_file
 from deepspeed_fuyou.swap.sizing import read_ahead_plan
 from deepspeed_fuyou.trace import TRACE
 
@@ -101,7 +104,11 @@ class FuyouOptimizerSwapper:
         self._host_plan: dict[str, tuple[bool, bool]] = {}  # sub-group key -> (gradient, master and states) in DRAM
         self._kept_gradients: set[str] = set()  # keys of the sub-groups whose final gradient stays in memory
         self._read_ahead: list[str] = []  # keys of the sub-groups whose state is read during backward, in step order
-        self._reading: list[IOFuture] = []  # the reads of the carried sub-group started last
+        self._reading: _SubGroup | None = None  # the carried sub-group whose reads were started last
+        self._write_behind: set[str] = set()  # keys of the sub-groups whose states are written in the next backward
+        self._deferred: dict[str, list[tuple[torch.Tensor, str]]] = {}  # key -> states (data, file) not yet written
+        self._behind_mark = 0  # `runtime.writes_started` once the last state written behind was started
+        self._carried_written = 0  # `runtime.writes_started` once the last sub-group read ahead was written back
 
     @property
     def swap_folder(self) -> str:
@@ -128,26 +135,30 @@ class FuyouOptimizerSwapper:
             self._host_plan[key] = (gradients[key], host.reserve(numel * itemsize * (1 + states)))
 
     def plan_read_ahead(self, sub_groups: list[tuple[str, int]], states: int, gradients_on_file: bool) -> None:
-        """Chooses what `optimizer.read_ahead` carries across the end of backward (`sizing.read_ahead_plan`) among the
-        sub-groups (key, elements; in step order): whose final gradients stay in memory, whose master and states are
-        read during backward. A gradient or state the DRAM tier holds needs neither. Each tensor takes a slot of the
-        largest sub-group's size (`SwapRuntime.read_ahead_staging`)."""
+        """Chooses what `optimizer.read_ahead` carries (`sizing.read_ahead_plan`) among the sub-groups (key,
+        elements; in step order): whose final gradients stay in memory, whose master and states are read during
+        backward, whose states are written during the next backward. A gradient or state the DRAM tier holds needs
+        none of it."""
         keys = [key for key, _ in sub_groups]
-        slot = aligned(max((numel for _, numel in sub_groups), default=0) * self.dtype.itemsize)
-        gradient_bytes, state_bytes = [], []
-        for key, _ in sub_groups:
-            gradient_in_host, state_in_host = self._host_plan.get(key, (False, False))
-            gradient_bytes.append(slot if gradients_on_file and not gradient_in_host else 0)
-            state_bytes.append(0 if state_in_host else slot * (1 + states))
-        budget = self.runtime.config.optimizer.read_ahead
-        gradients, read = read_ahead_plan(gradient_bytes, state_bytes, budget)
-        self._kept_gradients = {key for key, nbytes in zip(keys[:gradients], gradient_bytes, strict=False) if nbytes}
-        self._read_ahead = [key for key, nbytes in zip(keys[:read], state_bytes, strict=False) if nbytes]
-        if budget:
+        placed = [self._host_plan.get(key, (False, False)) for key in keys]
+        plan = read_ahead_plan(
+            [numel for _, numel in sub_groups],
+            self.dtype.itemsize,
+            states,
+            [gradients_on_file and not gradient_in_host for gradient_in_host, _ in placed],
+            [not state_in_host for _, state_in_host in placed],
+            self.runtime.config.optimizer.read_ahead,
+        )
+        self._kept_gradients = {keys[i] for i in plan.kept_gradients}
+        self._read_ahead = [keys[i] for i in plan.read_states]
+        self._write_behind = {keys[i] for i in plan.written_behind}
+        if self.runtime.config.optimizer.read_ahead:
             log.info(
-                "fuyou: optimizer.read_ahead keeps the gradients of %d and reads the state of %d of %d sub-groups",
+                "fuyou: optimizer.read_ahead keeps the gradients of %d, reads the state of %d and writes the state of "
+                "%d behind, of %d sub-groups",
                 len(self._kept_gradients),
                 len(self._read_ahead),
+                len(self._write_behind),
                 len(sub_groups),
             )
 
@@ -202,8 +213,10 @@ class FuyouOptimizerSwapper:
         if group is None:
             return
         self._discover_states(group)
-        self._write_state(group)
+        self._write_state(group, behind=group.key in self._write_behind)
         self._release(group, stepped=True)
+        if group.key in self._read_ahead:
+            self._carried_written = self.runtime.writes_started
         self._written_by.append(self.runtime.writes_started)
         if not async_swap:
             self.runtime.flush()
@@ -256,16 +269,37 @@ class FuyouOptimizerSwapper:
     def read_ahead_next(self) -> None:
         """Starts reading the master and states of the next carried sub-group not yet in memory, once the reads of
         the one before have ended: one sub-group at a time, so backward's own parameter reads never queue behind all
-        of them. Called as backward goes on (at the accumulation boundary); the step reads what is left."""
-        if not all(future.done() for future in self._reading):
+        of them. Called as backward goes on (at the accumulation boundary); the step reads what is left.
+
+        Before anything is read ahead, the states written behind are written, one sub-group at a time, so that
+        backward's own reads never queue behind many of them; what is read ahead then takes their memory."""
+        if self._deferred or not self.runtime.writes_ended(self._behind_mark):
+            if self._deferred and self.runtime.writes_ended(self._behind_mark):
+                self._write_deferred([next(iter(self._deferred))])
+            return
+        reading = self._reading.prefetched if self._reading is not None else None  # None once it was stepped
+        if reading is not None and not all(future.done() for future in reading.reads):
             return
         for key in self._read_ahead:
             group = self.groups[key]
             if group.prefetched is None:
-                self._discover_states(group)
-                group.prefetched = self._start_reads(group, self.runtime.read_ahead_staging, gradient=False)
-                self._reading = group.prefetched.reads
+                self._read_ahead_state(group)
+                self._reading = group
                 return
+
+    def finish_read_ahead(self) -> None:
+        """Backward is over: writes what is still behind and, once that has ended, starts reading every carried
+        sub-group not yet read, in step order, which is the order the step needs them in."""
+        self._write_deferred()
+        self.runtime.wait_for_writes(self._behind_mark)
+        for key in self._read_ahead:
+            if self.groups[key].prefetched is None:
+                self._read_ahead_state(self.groups[key])
+
+    def _read_ahead_state(self, group: _SubGroup) -> None:
+        """Starts reading a carried sub-group's master and states into the read-ahead pool."""
+        self._discover_states(group)
+        group.prefetched = self._start_reads(group, self.runtime.read_ahead_staging, gradient=False)
 
     def holds_no_gradient(self, parameter: torch.Tensor) -> bool:
         group = self.groups.get(parameter.ds_id)
@@ -273,14 +307,16 @@ class FuyouOptimizerSwapper:
 
     def forget_step_buffers(self) -> None:
         """Drops gradients held in memory and states read ahead (a skipped step, a checkpoint load: none of them is
-        used), once the reads into them have ended."""
+        used), once the reads into them have ended. States still to be written behind are written: they are the
+        last step's."""
+        self._write_deferred()
         for group in self.groups.values():
             if group.prefetched is not None:
                 for future in group.prefetched.reads:
                     future.wait()
             group.held_grad = None
             group.prefetched = None
-        self._reading = []
+        self._reading = None
 
     def read_gradient(self, parameter: torch.Tensor, offset: int, numel: int, device: torch.device) -> torch.Tensor:
         """A copy on `device` of the `numel` gradient elements at `offset` written last by `swap_out_gradients`.
@@ -348,6 +384,7 @@ class FuyouOptimizerSwapper:
 
     def export_checkpoint(self) -> None:
         """Writes every sub-group's master and states as plain files plus a manifest into `swap_folder`."""
+        self._write_deferred()
         self.runtime.flush()
         folder = Path(self.swap_folder)
         shutil.rmtree(folder, ignore_errors=True)
@@ -375,6 +412,7 @@ class FuyouOptimizerSwapper:
     def import_checkpoint(self) -> None:
         """Restores master, states and non-tensor optimizer state from a `swap_folder` filled from a checkpoint."""
         self.forget_step_buffers()
+        self.runtime.flush()  # no write of the state it replaces may land after it
         folder = Path(self.swap_folder)
         manifest_path = folder / MANIFEST
         if not manifest_path.exists():
@@ -448,8 +486,10 @@ class FuyouOptimizerSwapper:
         self, group: _SubGroup, staging: Callable[[int], torch.Tensor] | None = None, gradient: bool = True
     ) -> _Resident:
         """Starts reading a sub-group's tensors into buffers from `staging` (default: step pool slots), and its
-        gradient unless `gradient` is False (read ahead before backward has produced it)."""
-        staging = staging or self.runtime.step_staging
+        gradient unless `gradient` is False (read ahead before backward has produced it). The states of a sub-group
+        written behind take read-ahead memory, where they stay until the next backward writes them; its states still
+        waiting to be written from the last step are written first (the reads are ordered after them)."""
+        self._write_deferred([group.key])
         views: dict[str, torch.Tensor] = {}
         reads: list[IOFuture] = []
         buffers: list[torch.Tensor] = []
@@ -457,7 +497,11 @@ class FuyouOptimizerSwapper:
             if group.host is not None:
                 views[name] = group.host[name]
                 continue
-            buffer = staging(numel * dtype.itemsize)
+            take = staging or self.runtime.step_staging
+            if staging is None and name != MASTER and group.key in self._write_behind:
+                self.runtime.wait_for_writes(self._carried_written)  # what was read ahead has left the pool
+                take = self.runtime.read_ahead_staging
+            buffer = take(numel * dtype.itemsize)
             views[name] = buffer.view(dtype).narrow(0, 0, numel)
             buffers.append(buffer)
             reads.append(self.runtime.read(views[name], group.file(name)))
@@ -493,15 +537,25 @@ class FuyouOptimizerSwapper:
         elif resident.grad is not None:
             group.master.grad = resident.grad
 
-    def _write_state(self, group: _SubGroup) -> None:
-        """Writes master and states to their files; a sub-group in the DRAM tier keeps them (new states included)."""
+    def _write_state(self, group: _SubGroup, behind: bool = False) -> None:
+        """Writes master and states to their files, the states only in the next backward if `behind`
+        (`read_ahead_next`); a sub-group in the DRAM tier keeps them (new states included)."""
         tensors = {MASTER: group.master, **self._state_tensors(group)}
         for name, tensor in tensors.items():
             data = tensor.data.reshape(-1)
             if group.host is not None:
                 group.host[name] = data
+            elif behind and name != MASTER:
+                self._deferred.setdefault(group.key, []).append((data, group.file(name)))
             else:
                 self.runtime.write(data, group.file(name), keep=data)
+
+    def _write_deferred(self, keys: list[str] | None = None) -> None:
+        """Starts writing the states written behind of the sub-groups `keys` (default: all of them)."""
+        for key in list(self._deferred) if keys is None else keys:
+            for data, name in self._deferred.pop(key, []):
+                self.runtime.write(data, name, keep=data)
+                self._behind_mark = self.runtime.writes_started
 
     def _release(self, group: _SubGroup, stepped: bool = False) -> None:
         """Points the sub-group's tensors at empty storage and drops its gradient (a gradient held in memory only once

@@ -29,7 +29,8 @@ from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedP
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
-from deepspeed_fuyou.swap.runtime import SwapRuntime, aligned, parameter_file, swap_file_kind
+from deepspeed_fuyou.swap.runtime import SwapRuntime, parameter_file, swap_file_kind
+from deepspeed_fuyou.swap.sizing import aligned
 from deepspeed_fuyou.trace import TRACE
 
 PARAMETERS = swap_file_kind(parameter_file(0))  # how the swap counters count a partition's bytes, wherever stored

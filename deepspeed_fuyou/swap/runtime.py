@@ -38,16 +38,11 @@ from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
 from deepspeed_fuyou.swap.host_heap import install_host_cache
 from deepspeed_fuyou.swap.host_tier import HostTier
-from deepspeed_fuyou.swap.sizing import pool_budgets
+from deepspeed_fuyou.swap.sizing import aligned, pool_budgets
 from deepspeed_fuyou.swap.updates import PendingUpdates
 from deepspeed_fuyou.trace import start_from_environment
 
 log = logging.getLogger(__name__)
-
-
-def aligned(nbytes: int) -> int:
-    """`nbytes` rounded up to the I/O alignment, the size of a staging buffer that holds them."""
-    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 SWAP_FILE_KINDS = ("parameters", "gradients", "optimizer_states")
@@ -249,6 +244,12 @@ class SwapRuntime:
         """Waits for the first `started_before` writes (a `writes_started` taken earlier); later ones stay in flight."""
         while self._wait_oldest(started_before):
             pass
+
+    def writes_ended(self, started_before: int) -> bool:
+        """Whether the first `started_before` writes (a `writes_started` taken earlier) have all ended."""
+        self._reap()
+        with self._lock:
+            return not self._writes or self._writes[0].number >= started_before
 
     def _order_after_writes(self, name: str, start: int, end: int) -> None:
         """Waits for the writes in flight to bytes [start, end) of `name` (a failed one raises here)."""

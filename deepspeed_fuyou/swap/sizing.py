@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig, OverlapMode, overlap_mode
+from deepspeed_fuyou.io.engine import ALIGNMENT
 
 PREFETCH_SHARE = 0.5
 """Share of the pinned budget for what forward and backward hold (parameter reads in flight, activations); the rest
@@ -35,15 +36,57 @@ def pool_budgets(config: FuyouConfig, mode: OverlapMode) -> PoolBudgets:
     return PoolBudgets(forward_backward, config.pinned_memory - forward_backward - carried, carried)
 
 
-def read_ahead_plan(gradient_bytes: Sequence[int], state_bytes: Sequence[int], budget: int) -> tuple[int, int]:
-    """What `optimizer.read_ahead` carries across the end of backward, over the sub-groups in step order: how many of
-    them keep their final gradient in memory (`gradient_bytes` each; 0 for one whose gradient goes to no file), then,
-    with the budget left, how many have their master and states read during backward (`state_bytes`; 0 for one in
-    the DRAM tier). Each the longest prefix that fits. Gradients come first: a byte of gradient held saves two bytes
-    of SSD traffic (its write in backward and its read in the step), a byte of states read ahead only moves a read
-    from the step into backward. The training run and the estimator both decide here."""
-    gradients = _longest_prefix(gradient_bytes, budget)
-    return gradients, _longest_prefix(state_bytes, budget - sum(gradient_bytes[:gradients]))
+class ReadAheadPlan(NamedTuple):
+    """What `optimizer.read_ahead` carries, by sub-group index in step order; every buffer is one `slot`."""
+
+    kept_gradients: list[int]  # final gradients kept in memory instead of their files
+    read_states: list[int]  # master and states read during backward, for the step
+    written_behind: list[int]  # optimizer states (not the master) written during the next backward
+    slot: int  # bytes of each buffer: the largest sub-group's tensor, aligned
+    states: int  # optimizer states per sub-group besides the master
+
+    @property
+    def pool_bytes(self) -> int:
+        """The pool's peak, at most: the gradients kept, and either the states written behind or, once their writes
+        have ended, those read ahead."""
+        states = max((1 + self.states) * len(self.read_states), self.states * len(self.written_behind))
+        return self.slot * (len(self.kept_gradients) + states)
+
+
+def read_ahead_plan(
+    numels: Sequence[int],
+    itemsize: int,
+    states: int,
+    gradients_on_file: Sequence[bool],
+    states_on_ssd: Sequence[bool],
+    budget: int,
+) -> ReadAheadPlan:
+    """What `optimizer.read_ahead` (`budget` bytes) carries across the end of backward and the end of the step, over
+    the sub-groups in step order (`numels` elements of `itemsize` bytes, with `states` optimizer states besides the
+    master; a gradient that goes to no file, or states the DRAM tier holds, need nothing). The training run and the
+    estimator both decide here.
+
+    First, the final gradients of the longest prefix of sub-groups that fits: a byte of gradient held saves two bytes
+    of SSD traffic (its write in backward and its read in the step). What is left serves twice, one after the other:
+    the optimizer states of the longest suffix that fits are written during the next backward instead of while the
+    step is waited for (the master is written at once: the next forward or backward may read its parameters from
+    it), and once those writes have ended, the master and states of the longest prefix that fits are read during
+    backward, where the SSD has time to spare, instead of in the step.
+    """
+    slot = aligned(max(numels, default=0) * itemsize)
+    gradient_bytes = [slot if on_file else 0 for on_file in gradients_on_file]
+    kept = _longest_prefix(gradient_bytes, budget)
+    left = budget - sum(gradient_bytes[:kept])
+    read = _longest_prefix([slot * (1 + states) if on_ssd else 0 for on_ssd in states_on_ssd], left)
+    behind = _longest_prefix([slot * states if on_ssd else 0 for on_ssd in reversed(states_on_ssd)], left)
+    count = len(numels)
+    return ReadAheadPlan(
+        kept_gradients=[i for i in range(kept) if gradients_on_file[i]],
+        read_states=[i for i in range(read) if states_on_ssd[i]],
+        written_behind=[i for i in range(count - behind, count) if states_on_ssd[i] and states],
+        slot=slot,
+        states=states,
+    )
 
 
 def _longest_prefix(sizes: Sequence[int], budget: int) -> int:
@@ -53,6 +96,11 @@ def _longest_prefix(sizes: Sequence[int], budget: int) -> int:
         if total > budget:
             return count
     return len(sizes)
+
+
+def aligned(nbytes: int) -> int:
+    """`nbytes` rounded up to the I/O alignment, the size of a staging buffer that holds them."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 STEP_SLOTS = 15

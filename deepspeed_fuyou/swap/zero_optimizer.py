@@ -200,6 +200,8 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
 
     def backward_epilogue(self) -> None:
         super().backward_epilogue()
+        if self.swap_optimizer and self.overlap != "backward" and self.is_gradient_accumulation_boundary():
+            self.optimizer_swapper.finish_read_ahead()
         if TRACE.enabled:
             self._record_backward_layers()
 
