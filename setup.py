@@ -6,11 +6,12 @@ toolkit and a CUDA build of torch are both present; `FUYOU_FORCE_CPU=1` skips it
 """
 
 import os
-import sys
-import sysconfig
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
@@ -49,25 +50,86 @@ def build_extension() -> cpp_extension.CppExtension:
     return cpp_extension.CppExtension("deepspeed_fuyou._C", **args)
 
 
-def site_packages_relative() -> str:
-    """Where `.pth` files take effect, relative to the install prefix (e.g. lib/python3.11/site-packages).
+def package_version() -> str:
+    """The one place the version is written: `deepspeed_fuyou.__version__` (read as text: the package is not built)."""
+    found = re.search(r'^__version__ = "([^"]+)"$', (ROOT / "deepspeed_fuyou" / "__init__.py").read_text(), re.M)
+    assert found is not None, "deepspeed_fuyou/__init__.py must set __version__"
+    return found.group(1)
 
-    Shipped as data, the import hook lands there for regular and editable installs alike.
-    """
-    return os.path.relpath(sysconfig.get_path("purelib"), sys.prefix)
+
+HOOK = "deepspeed_fuyou-hook.pth"
+"""The import hook (`deepspeed_fuyou._hook`): a `.pth` file at the top of site-packages, which every interpreter of the
+environment runs at start-up, so that an unchanged script gets fuyou when it imports deepspeed."""
+
+
+class BuildPyWithHook(build_py):
+    """Puts the hook at the top of the build: a wheel (and `pip install .`, which builds one) installs that into
+    site-packages."""
+
+    def run(self) -> None:
+        super().run()
+        self.copy_file(str(ROOT / HOOK), str(Path(self.build_lib) / HOOK))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / HOOK)]
+
+
+class EditableWheelWithHook(editable_wheel):
+    """An editable install links the packages to the source tree and carries nothing else of the build: its wheel
+    gets the hook added by hand. (setuptools offers no public seam for this; tests/test_packaging.py fails if the
+    hook stops reaching site-packages.)"""
+
+    def _select_strategy(self, name: str, tag: str, build_lib: str) -> object:
+        return _AddHook(super()._select_strategy(name, tag, build_lib))
+
+
+class _AddHook:
+    """An editable strategy that also writes the hook at the top of the wheel."""
+
+    def __init__(self, strategy: object) -> None:
+        self.strategy = strategy
+
+    def __call__(self, wheel: object, files: list[str], mapping: dict[str, str]) -> None:
+        self.strategy(wheel, files, mapping)
+        wheel.writestr(HOOK, (ROOT / HOOK).read_bytes())
+
+    def __enter__(self) -> "_AddHook":
+        self.strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> object:
+        return self.strategy.__exit__(*exc)
 
 
 setup(
     name="deepspeed-fuyou",
-    version="0.1.0",
+    version=package_version(),
     description="Fast, memory-safe ZeRO-Infinity on one GPU, modest DRAM and NVMe SSDs: a DeepSpeed plug-in",
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",  # DeepSpeed's own, whose runtime this package plugs into
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    keywords=["deepspeed", "zero-infinity", "nvme", "offload", "llm", "training"],
     python_requires=">=3.10",
     packages=find_packages(include=["deepspeed_fuyou", "deepspeed_fuyou.*"]),
     ext_modules=[build_extension()],
-    data_files=[(site_packages_relative(), ["deepspeed_fuyou-hook.pth"])],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={
+        "build_ext": cpp_extension.BuildExtension,
+        "build_py": BuildPyWithHook,
+        "editable_wheel": EditableWheelWithHook,
+    },
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.19.8,<0.20",
@@ -76,6 +138,6 @@ setup(
         "libaio>=0.9",
         "pydantic>=2.5",
     ],
-    extras_require={"plot": ["matplotlib>=3.7"], "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7"]},
+    extras_require={"plot": ["matplotlib>=3.7"], "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "build>=1.0"]},
     entry_points={"console_scripts": ["fuyou = deepspeed_fuyou.cli.main:main"]},
 )

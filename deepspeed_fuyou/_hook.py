@@ -3,14 +3,18 @@
 `import deepspeed_fuyou` runs `install()`, and so does every interpreter of the environment at start-up through
 `deepspeed_fuyou-hook.pth`, which the package installs into site-packages. It must therefore cost nothing: it
 imports neither torch nor DeepSpeed. If DeepSpeed is already imported it registers at once, otherwise it waits for
-`import deepspeed` and then calls `deepspeed_fuyou.integration.register()`. `FUYOU_DISABLE=1` turns it off.
+`import deepspeed` and then calls `deepspeed_fuyou.integration.register()`. `FUYOU_DISABLE=1` turns it off. Where
+registration fails (a DeepSpeed version fuyou does not support), a config with a `"fuyou"` block is refused rather
+than trained with stock DeepSpeed, silently ignoring the block.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -44,7 +48,9 @@ class _DeepSpeedFinder(importlib.abc.MetaPathFinder):
 
 
 def _register() -> None:
-    """Registers, or warns (without breaking stock DeepSpeed) when this DeepSpeed is one fuyou does not support."""
+    """Registers; where this DeepSpeed is one fuyou does not support, warns and leaves stock DeepSpeed working for
+    configs without a `"fuyou"` block, while one with the block fails at `deepspeed.initialize` (`_refuse_blocks`)
+    instead of training stock silently."""
     from deepspeed_fuyou.errors import FuyouError
 
     importing = sys.modules.get("deepspeed_fuyou.integration")
@@ -56,6 +62,42 @@ def _register() -> None:
         integration.register()
     except FuyouError as err:
         warnings.warn(f"deepspeed-fuyou is not active: {err}", stacklevel=3)
+        _refuse_blocks(str(err))
+
+
+def _refuse_blocks(reason: str) -> None:
+    """Wraps `deepspeed.initialize` (the public entry every launcher and trainer goes through) so that a config with
+    a `"fuyou"` block raises FuyouError with `reason` instead of running stock DeepSpeed."""
+    import deepspeed
+
+    from deepspeed_fuyou.errors import FuyouError
+
+    stock = deepspeed.initialize
+
+    @functools.wraps(stock)
+    def initialize(*args: object, **kwargs: object) -> object:
+        given_args = kwargs.get("args", args[0] if args else None)
+        if _has_fuyou_block(kwargs.get("config", kwargs.get("config_params")), given_args):
+            raise FuyouError(
+                f'this DeepSpeed config has a "fuyou" block, but fuyou is not active: {reason}. Remove the block to '
+                "train with stock DeepSpeed"
+            )
+        return stock(*args, **kwargs)
+
+    deepspeed.initialize = initialize
+
+
+def _has_fuyou_block(config: object, args: object) -> bool:
+    """Whether the config `deepspeed.initialize` was given (a dict, a JSON file, or `args.deepspeed_config`) has the
+    block; a config that cannot be read is left to DeepSpeed to report."""
+    config = config if config is not None else getattr(args, "deepspeed_config", None)
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config) as file:
+                config = json.load(file)
+        except (OSError, ValueError):
+            return False
+    return isinstance(config, dict) and "fuyou" in config
 
 
 def install() -> None:

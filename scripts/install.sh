@@ -33,9 +33,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$sources_hash" ] || ! .venv/bin/python -c
   echo "$sources_hash" > "$stamp"
 fi
 
-# The import hook that registers fuyou when `deepspeed` is imported. A regular install ships it as data; an
-# editable install (this one) does not carry data files, so it is placed here.
-cp deepspeed_fuyou-hook.pth "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/"
+# The import hook that registers fuyou when `deepspeed` is imported: the install put it into site-packages (setup.py
+# adds it to editable installs too). Without it an unchanged script would train stock DeepSpeed: stop here instead.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+if ! cmp -s deepspeed_fuyou-hook.pth "$site/deepspeed_fuyou-hook.pth"; then
+  echo "install.sh: the import hook is missing from $site after the install" >&2
+  exit 1
+fi
 
 # DeepSpeed's C++ ops (minutes on 2 cores), built now rather than by the first training run: a run killed while
 # compiling leaves a lock that hangs every later one. Quick when they are built already.

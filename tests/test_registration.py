@@ -107,3 +107,45 @@ def test_a_null_fuyou_block_is_refused_by_both_factories_instead_of_running_stoc
         integration.parameter_swapper(Config(), torch.float32)
     with pytest.raises(FuyouConfigError, match="must be a JSON object"):
         integration.zero3_optimizer(None, None, None, ds_config={"fuyou": None})
+
+
+UNSUPPORTED = """
+import sys, warnings
+from deepspeed_fuyou import _hook
+sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _hook._DeepSpeedFinder)]  # the start-up hook's
+import deepspeed
+deepspeed.__version__ = "0.18.0"  # as if this DeepSpeed were one fuyou does not support
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    _hook.install()
+print("warned:", any("not active" in str(w.message) for w in caught))
+from deepspeed_fuyou.errors import FuyouError
+for config in ({"train_batch_size": 1, "fuyou": {}}, sys.argv[1]):
+    try:
+        deepspeed.initialize(model=None, config=config)
+    except FuyouError as err:
+        print("refused:", "0.19.8 <= version < 0.20" in str(err))
+try:
+    deepspeed.initialize(model=None, config={"train_batch_size": 1})
+except FuyouError:
+    print("a config without the block was refused too")
+except Exception as err:
+    print("stock:", type(err).__name__)
+"""
+
+
+def test_a_fuyou_block_is_refused_at_initialize_when_fuyou_cannot_register(tmp_path) -> None:
+    """On a DeepSpeed that fuyou does not support, a config with the block (as a dict or a JSON file) fails at
+    `deepspeed.initialize` naming why, instead of training stock DeepSpeed with the block ignored; a config without
+    it still goes to stock DeepSpeed (here failing on the missing model, which is stock's own error)."""
+    config = tmp_path / "ds.json"
+    config.write_text('{"train_batch_size": 1, "fuyou": {"nvme_paths": ["/tmp"]}}')
+    result = subprocess.run(
+        [sys.executable, "-c", UNSUPPORTED, str(config)],
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split("\n")[:-1] == ["warned: True", "refused: True", "refused: True", "stock: AssertionError"]

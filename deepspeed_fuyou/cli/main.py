@@ -16,12 +16,14 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
+from deepspeed_fuyou import __version__
 from deepspeed_fuyou.cli import bench_io, estimate, trace, validate
 from deepspeed_fuyou.errors import FuyouError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuyou", description="deepspeed-fuyou tools")
+    parser.add_argument("--version", action="version", version=f"deepspeed-fuyou {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     bench_io.add_parser(subparsers)
     estimate.add_parser(subparsers)
