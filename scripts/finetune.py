@@ -22,6 +22,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from run_report import summary_table, write_pictures
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
@@ -198,6 +199,13 @@ def train_with_engine(
     progress = tqdm(range(first_step, args.steps), disable=rank != 0, desc="fine-tune", unit="step")
     start, io_start = time.perf_counter(), storage_io()
     traffic_per_step: list[dict[str, int]] = []
+    per_step: dict[str, list[int]] = {
+        "rss_per_step_bytes": [],
+        "pinned_per_step_bytes": [],
+        "ssd_read_per_step_bytes": [],
+        "ssd_written_per_step_bytes": [],
+    }
+    storage_start = io_start
     # Each step's window of swap traffic starts where the last one ended: an optimizer step behind the next forward
     # moves bytes between two windows, and they must count for one of them.
     traffic_start = swap_traffic()
@@ -216,6 +224,14 @@ def train_with_engine(
         traffic_end = swap_traffic()
         traffic_per_step.append({key: value - traffic_start[key] for key, value in traffic_end.items()})
         traffic_start = traffic_end
+        storage_end = storage_io()
+        per_step["ssd_read_per_step_bytes"].append(storage_end["ssd_bytes_read"] - storage_start["ssd_bytes_read"])
+        per_step["ssd_written_per_step_bytes"].append(
+            storage_end["ssd_bytes_written"] - storage_start["ssd_bytes_written"]
+        )
+        storage_start = storage_end
+        per_step["rss_per_step_bytes"].append(rss_bytes("VmRSS"))
+        per_step["pinned_per_step_bytes"].append(pinned_bytes(engine))
         elapsed = time.perf_counter() - start
         memory = memory_report(engine)
         progress.set_postfix(
@@ -229,6 +245,7 @@ def train_with_engine(
     tokens_per_s = tokens_per_step * len(losses) / (time.perf_counter() - start) if losses else 0.0
     summary = {"first_step": first_step, "losses": losses, "tokens_per_s": tokens_per_s, "step_seconds": step_seconds}
     summary["swap_traffic_per_step"] = traffic_per_step  # what fuyou moved while each step ran
+    summary.update(per_step)  # what the end-of-run pictures draw
     summary["steps_peak_rss_bytes"] = rss_bytes("VmHWM")  # before the final checkpoint, which gathers the model
     summary.update(io_since(io_start))  # the steps' swap traffic, not the checkpoint below
     if not args.no_final_save:
@@ -300,9 +317,11 @@ def main() -> None:
         summary, engine = train_with_engine(args, ds_config, rank, world)
     if rank == 0:
         summary.update(memory_report(engine))
-        print(json.dumps(summary))
         if args.metrics:
             args.metrics.write_text(json.dumps(summary))
+        print(summary_table(summary))
+        pictures = write_pictures(summary, args.output_dir)
+        print("pictures: " + (", ".join(map(str, pictures)) or "none (pip install matplotlib to draw them)"))
     TRACE.save()
     exit_distributed()
 

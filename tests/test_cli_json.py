@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import deepspeed_fuyou
 from tests.test_trace import synthetic_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,3 +51,16 @@ def test_human_output_still_goes_to_stdout() -> None:
     result = fuyou_command("validate", str(ROOT / "configs" / "fuyou_cpu.json"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("valid")
+
+
+def test_estimate_plot_draws_each_devices_peak_and_version_answers(tmp_path: Path) -> None:
+    config = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
+    config["fuyou"]["nvme_paths"] = [str(tmp_path)]
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    picture = tmp_path / "estimate.png"
+    arguments = ["--model", str(MODEL), "--config", str(tmp_path / "ds.json"), "--plot", str(picture)]
+    result = fuyou_command("estimate", *arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {picture}" in result.stdout
+    version = fuyou_command("--version")
+    assert version.returncode == 0 and version.stdout.split() == ["deepspeed-fuyou", deepspeed_fuyou.__version__]

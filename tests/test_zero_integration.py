@@ -144,6 +144,20 @@ def test_fuyou_trains_exactly_like_stock_zero3_cpu_offload_and_zero_infinity(run
     assert fuyou["losses"][-1] < fuyou["losses"][0] - 1.0  # it learns: the comparison is not between two no-ops
 
 
+def test_the_main_job_leaves_a_loss_plot_and_a_memory_io_plot_next_to_its_checkpoint(
+    runs: Callable[..., Any],
+) -> None:
+    """The pictures a person looks at after a run (scripts/run_report.py), drawn from per-step series of the run's
+    own length: RSS and pinned buffers at the end of each step, and the bytes the process moved to and from storage."""
+    run = runs("fuyou", "base")
+    steps = len(run["losses"])
+    for series in ("rss_per_step_bytes", "pinned_per_step_bytes", "ssd_read_per_step_bytes"):
+        assert len(run[series]) == steps
+    assert all(rss > 0 for rss in run["rss_per_step_bytes"]) and sum(run["ssd_written_per_step_bytes"]) > 0
+    for picture in ("loss.png", "memory_io.png"):
+        assert (run["workdir"] / "checkpoints" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("kind", ["fuyou", "stock-nvme"])
 def test_host_memory_estimate_matches_the_pool_counters_and_peak_rss_of_the_run(
     runs: Callable[..., Any], kind: str

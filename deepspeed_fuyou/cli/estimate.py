@@ -52,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
         if args.write:
             Path(args.write).write_text(json.dumps(proposal.ds_config, indent=2) + "\n")
             header += f"  written to {args.write}\n"
+    if args.plot:
+        draw(result, Path(args.plot))
     if args.json:
         print(json.dumps({**result.to_json(), **extra}, indent=2), file=args.stdout)
     else:
-        print(header + render(result), file=args.stdout)
+        print(header + render(result) + (f"\nplot: {args.plot}" if args.plot else ""), file=args.stdout)
     return 0 if result.fits else DOES_NOT_FIT
 
 
@@ -131,6 +133,49 @@ def render(result: Estimate) -> str:
     return "\n".join(lines)
 
 
+def draw(result: Estimate, output: Path) -> None:
+    """One panel per device: a stacked bar per plan (stock, fuyou) by what the bytes hold, and the machine's memory
+    where the verdict checks one (the accelerator's, and the host's for pinned and pageable together)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError as err:
+        raise FuyouConfigError(
+            "--plot", str(output), "drawing needs matplotlib", "pip install 'deepspeed-fuyou[plot]'"
+        ) from err
+    plans = [plan for plan in (result.stock, result.fuyou) if plan is not None]
+    figure, axes = pyplot.subplots(1, len(DEVICES), figsize=(3.2 * len(DEVICES), 4))
+    colors = dict(zip(COMPONENTS, pyplot.get_cmap("tab10").colors, strict=False))
+    limits = {"gpu": result.machine.gpu_memory, "pinned_host": None, "pageable_host": result.machine.host_memory}
+    for axis, device in zip(axes, DEVICES, strict=True):
+        for x, plan in enumerate(plans):
+            bottom = 0.0
+            for component in COMPONENTS:
+                gib = getattr(plan.device(device), component) / 2**30
+                label = component if (device, x) == (DEVICES[0], 0) else None
+                axis.bar(x, gib, 0.6, bottom=bottom, color=colors[component], label=label)
+                bottom += gib
+        limit = limits.get(device)
+        if limit and not (device == "gpu" and result.machine.accelerator_is_host):
+            axis.axhline(limit / 2**30, color="black", linestyle="--", linewidth=1)
+            axis.annotate("this machine", (0.02, limit / 2**30), xycoords=("axes fraction", "data"), fontsize=7)
+        axis.set_xticks(range(len(plans)), [plan.name for plan in plans])
+        axis.set_title(DEVICE_NAMES[device] + " peak")
+        axis.set_ylabel("GiB")
+        axis.grid(alpha=0.3, axis="y")
+    inputs = result.inputs
+    figure.suptitle(
+        f"{inputs['model']}: {inputs['parameters'] / 1e6:.1f}M parameters, micro-batch {inputs['micro_batch']} x "
+        f"{inputs['seq_len']} tokens, per rank"
+    )
+    figure.legend(loc="lower center", ncol=len(COMPONENTS), fontsize=8)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    figure.savefig(output, dpi=120)
+    pyplot.close(figure)
+
+
 def render_step_time(step: StepTime) -> list[str]:
     lines = [
         f"modelled step (fuyou): {step.seconds:.2f} s, bound {step.bound_seconds:.2f} s by the {step.bottleneck}; "
@@ -170,6 +215,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--time also the placement and overlap of the shortest modelled step",
     )
     parser.add_argument("--write", metavar="PATH", help="with --auto: write the proposed DeepSpeed config here")
+    parser.add_argument("--plot", metavar="PNG", help="also draw each device's peak, stock against fuyou, into PNG")
     parser.add_argument(
         "--time",
         action="store_true",

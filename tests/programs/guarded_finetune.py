@@ -47,6 +47,7 @@ def main() -> None:
         forbid(cls)
     script = Path(__file__).resolve().parents[2] / "scripts" / "finetune.py"
     sys.argv = [str(script), *sys.argv[1:]]
+    sys.path.insert(0, str(script.parent))  # as `python scripts/finetune.py` has it: its neighbours import
     runpy.run_path(str(script), run_name="__main__")
 
 
