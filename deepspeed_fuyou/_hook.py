@@ -5,7 +5,8 @@
 imports neither torch nor DeepSpeed. If DeepSpeed is already imported it registers at once, otherwise it waits for
 `import deepspeed` and then calls `deepspeed_fuyou.integration.register()`. `FUYOU_DISABLE=1` turns it off. Where
 registration fails (a DeepSpeed version fuyou does not support), a config with a `"fuyou"` block is refused rather
-than trained with stock DeepSpeed, silently ignoring the block.
+than trained with stock DeepSpeed, silently ignoring the block. In a virtual environment it also gives torch's JIT
+extension cache (DeepSpeed's ops) a home of its own, unless `TORCH_EXTENSIONS_DIR` is set.
 """
 
 from __future__ import annotations
@@ -103,7 +104,19 @@ def _has_fuyou_block(config: object, args: object) -> bool:
 def install() -> None:
     if os.environ.get("FUYOU_DISABLE") == "1":
         return
+    _extension_cache_per_environment()
     if "deepspeed" in sys.modules:
         _register()
     elif not any(isinstance(finder, _DeepSpeedFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _DeepSpeedFinder())
+
+
+def _extension_cache_per_environment() -> None:
+    """Points torch's JIT extension cache (where DeepSpeed builds its ops) into this virtual environment, unless the
+    user chose one (`TORCH_EXTENSIONS_DIR`). The shared default (~/.cache/torch_extensions) is keyed by op name
+    only: two environments at different paths (two checkouts) build the same op from different sources, each
+    rebuild invalidating the other's, and the ops `scripts/install.sh` builds ahead of the first run are found only
+    by runs of the environment they were built for. A prefix we cannot write (a system Python) keeps the default."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ or sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")

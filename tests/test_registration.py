@@ -149,3 +149,25 @@ def test_a_fuyou_block_is_refused_at_initialize_when_fuyou_cannot_register(tmp_p
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split("\n")[:-1] == ["warned: True", "refused: True", "refused: True", "stock: AssertionError"]
+
+
+CACHE_PROBE = "import os; print(os.environ.get('TORCH_EXTENSIONS_DIR'))"
+
+
+def test_deepspeeds_op_cache_is_this_environments_own_unless_the_user_set_one() -> None:
+    """Ops built by scripts/install.sh are found by every run of the same environment, and another checkout's
+    environment never rebuilds them over (torch's shared default cache is keyed by op name only)."""
+    environment = {key: value for key, value in os.environ.items() if key != "TORCH_EXTENSIONS_DIR"}
+    found = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=environment, capture_output=True, text=True)
+    assert found.stdout.strip() == os.path.join(sys.prefix, "torch_extensions")
+    chosen = subprocess.run(
+        [sys.executable, "-c", CACHE_PROBE],
+        env={**environment, "TORCH_EXTENSIONS_DIR": "/elsewhere"},
+        capture_output=True,
+        text=True,
+    )
+    assert chosen.stdout.strip() == "/elsewhere"
+    off = subprocess.run(
+        [sys.executable, "-c", CACHE_PROBE], env={**environment, "FUYOU_DISABLE": "1"}, capture_output=True, text=True
+    )
+    assert off.stdout.strip() == "None"
