@@ -92,21 +92,35 @@ def slow_writes(runtime: SwapRuntime, seconds: float) -> Iterator[None]:
         del runtime.engine.write  # the instance attribute goes: the method is the engine's own again
 
 
+def swapped_sub_groups(
+    runtime: SwapRuntime, initial: list[torch.Tensor], plan_read_ahead: bool = False
+) -> tuple[FuyouOptimizerSwapper, list[torch.Tensor]]:
+    """A swapper for Adam with one sub-group per tensor of `initial`, its master written to its file, and the masters
+    stage 3 would hold; with `plan_read_ahead`, `optimizer.read_ahead` is planned first (gradients go to files and
+    are not kept)."""
+    masters = []
+    for index in range(len(initial)):
+        master = torch.empty(0, requires_grad=True)
+        master.ds_id = f"{index}"
+        masters.append(master)
+    swapper = FuyouOptimizerSwapper(
+        runtime, torch.optim.Adam([torch.empty(0, requires_grad=True)], lr=1e-2), torch.float32
+    )
+    if plan_read_ahead:
+        swapper.plan_read_ahead([(m.ds_id, w.numel()) for m, w in zip(masters, initial, strict=True)], 2, False)
+    for master, weights in zip(masters, initial, strict=True):
+        swapper.initialize_parameters([master], [weights])
+    return swapper, masters
+
+
 def train_swapped(
     runtime: SwapRuntime, initial: list[torch.Tensor], step_write_seconds: float = 0.0
 ) -> list[torch.Tensor]:
     """STEPS steps of Adam over sub-groups that live on the SSD between steps; returns the final weights.
 
     With `step_write_seconds`, the optimizer step's writes are slow (a disk slower than the step)."""
-    masters = []
-    for index in range(len(initial)):
-        master = torch.empty(0, requires_grad=True)
-        master.ds_id = f"{index}"
-        masters.append(master)
-    optimizer = torch.optim.Adam([torch.empty(0, requires_grad=True)], lr=1e-2)
-    swapper = FuyouOptimizerSwapper(runtime, optimizer, torch.float32)
-    for master, weights in zip(masters, initial, strict=True):
-        swapper.initialize_parameters([master], [weights])
+    swapper, masters = swapped_sub_groups(runtime, initial)
+    optimizer = swapper.optimizer
     sizes = [w.numel() for w in initial]
     for step in range(STEPS):
         for master, grad in zip(masters, gradients(sizes, step), strict=True):  # backward, at the boundary
@@ -164,15 +178,8 @@ def test_pinned_memory_of_the_step_does_not_grow_with_the_number_of_sub_groups(t
 
 def trained_swapper(runtime: SwapRuntime) -> tuple[FuyouOptimizerSwapper, list[torch.Tensor]]:
     """A swapper after two steps of Adam over three sub-groups (so its moments exist), and its masters."""
-    masters = []
-    for index in range(3):
-        master = torch.empty(0, requires_grad=True)
-        master.ds_id = f"{index}"
-        masters.append(master)
-    optimizer = torch.optim.Adam([torch.empty(0, requires_grad=True)], lr=1e-2)
-    swapper = FuyouOptimizerSwapper(runtime, optimizer, torch.float32)
-    for master, weights in zip(masters, initial_weights(3), strict=True):
-        swapper.initialize_parameters([master], [weights])
+    swapper, masters = swapped_sub_groups(runtime, initial_weights(3))
+    optimizer = swapper.optimizer
     for step in range(2):
         for master, grad in zip(masters, gradients([MiB] * 3, step), strict=True):
             swapper.swap_out_gradients(master, [0], [grad[: swapper.groups[master.ds_id].numel]])
@@ -232,16 +239,8 @@ def test_states_written_behind_reach_their_files_during_the_next_backward_before
         path.mkdir()
     runtime = SwapRuntime(FuyouConfig(nvme_paths=paths, pinned_memory=256 * MiB, optimizer={"read_ahead": "16MiB"}))
     initial = initial_weights(6)
-    masters = []
-    for index in range(len(initial)):
-        master = torch.empty(0, requires_grad=True)
-        master.ds_id = f"{index}"
-        masters.append(master)
-    optimizer = torch.optim.Adam([torch.empty(0, requires_grad=True)], lr=1e-2)
-    swapper = FuyouOptimizerSwapper(runtime, optimizer, torch.float32)
-    swapper.plan_read_ahead([(m.ds_id, w.numel()) for m, w in zip(masters, initial, strict=True)], 2, False)
-    for master, weights in zip(masters, initial, strict=True):
-        swapper.initialize_parameters([master], [weights])
+    swapper, masters = swapped_sub_groups(runtime, initial, plan_read_ahead=True)
+    optimizer = swapper.optimizer
     nbytes = [4 * w.numel() for w in initial]  # each takes one 4 MiB slot: 16 MiB hold two sub-groups' moments
     written, read = runtime.counters.written, runtime.counters.read
     try:
