@@ -39,6 +39,7 @@ def write_pictures(summary: dict[str, Any], directory: Path) -> list[Path]:
 
         matplotlib.use("Agg")
         from matplotlib import pyplot
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return []
     directory.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,7 @@ def write_pictures(summary: dict[str, Any], directory: Path) -> list[Path]:
     figure, axis = pyplot.subplots(figsize=(6, 3.5))
     axis.plot(steps, summary["losses"], marker="o", markersize=3)
     axis.set(xlabel="step", ylabel="loss", title="training loss")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(directory / "loss.png", dpi=120)
@@ -66,6 +68,7 @@ def write_pictures(summary: dict[str, Any], directory: Path) -> list[Path]:
         for offset, key, label in bars:
             ssd.bar([s + offset for s in steps], [b / GiB for b in summary[key]], 0.4, label=label)
         ssd.set(xlabel="step", ylabel="GiB", title="storage traffic per step")
+        ssd.xaxis.set_major_locator(MaxNLocator(integer=True))
         ssd.legend()
         ssd.grid(alpha=0.3, axis="y")
         figure.tight_layout()
