@@ -98,7 +98,9 @@ def _has_fuyou_block(config: object, args: object) -> bool:
                 config = json.load(file)
         except (OSError, ValueError):
             return False
-    return isinstance(config, dict) and "fuyou" in config
+    from deepspeed_fuyou.config.fuyou import BLOCK
+
+    return isinstance(config, dict) and BLOCK in config
 
 
 def install() -> None:

@@ -273,9 +273,10 @@ class FuyouOptimizerSwapper:
 
         Before anything is read ahead, the states written behind are written, one sub-group at a time, so that
         backward's own reads never queue behind many of them; what is read ahead then takes their memory."""
-        if self._deferred or not self.runtime.writes_ended(self._behind_mark):
-            if self._deferred and self.runtime.writes_ended(self._behind_mark):
-                self._write_deferred([next(iter(self._deferred))])
+        if not self.runtime.writes_ended(self._behind_mark):
+            return
+        if self._deferred:
+            self._write_deferred([next(iter(self._deferred))])
             return
         reading = self._reading.prefetched if self._reading is not None else None  # None once it was stepped
         if reading is not None and not all(future.done() for future in reading.reads):
