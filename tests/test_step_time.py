@@ -250,3 +250,25 @@ def test_auto_with_rates_picks_the_placement_and_overlap_of_the_shortest_modelle
     assert timed.estimate.step_time.read_bytes == 0  # nothing left on the SSD to read
     given = estimate(model, config, seq_len=64, machine=machine, rates=lambda *_: slow_disk).step_time
     assert timed.estimate.step_time.seconds < given.seconds
+
+
+def test_auto_with_rates_proposes_a_read_ahead_pool_when_the_dram_tier_cannot_hold_the_optimizer(
+    tmp_path: Path,
+) -> None:
+    config = json.loads((ROOT / "configs/fuyou_cpu.json").read_text())
+    config["gradient_clipping"] = 1.0  # "forward": gradients go through the SSD, where read-ahead keeps them
+    config["zero_optimization"]["sub_group_size"] = 10**6
+    config["fuyou"]["nvme_paths"] = [str(tmp_path)]
+    config["fuyou"]["placement"] = {"host_memory": "auto"}
+    machine = Machine(gpu_memory=80 << 30, host_memory=600 << 20)  # "auto" leaves the DRAM tier nothing here
+    model = ROOT / "configs/models/llama-tiny"
+    slow_disk = machine_rates(read=0.01, write=0.01, mixed=0.01)
+    given = estimate(model, config, seq_len=64, machine=machine, rates=lambda *_: slow_disk)
+    assert given.fuyou.swapped["optimizer_states"] > 0 and given.fuyou.swapped["read_ahead_gradients"] == 0
+    timed = auto_configure(model, config, seq_len=64, machine=machine, rates=lambda *_: slow_disk)
+    read_ahead = timed.ds_config["fuyou"]["optimizer"]["read_ahead"]
+    assert read_ahead > 0 and timed.ds_config["fuyou"]["pinned_memory"] == (2 << 30) + read_ahead  # on top
+    assert any(change.startswith("fuyou.optimizer.read_ahead: (default) -> ") for change in timed.changes)
+    carried = timed.estimate.fuyou.swapped
+    assert carried["read_ahead_gradients"] > 0 and carried["read_ahead_states"] > 0
+    assert timed.estimate.fits and timed.estimate.step_time.seconds < given.step_time.seconds

@@ -212,7 +212,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--auto",
         action="store_true",
         help="propose the fastest micro-batch, prefetch depth and pinned budget that fit (same global batch); with "
-        "--time also the placement and overlap of the shortest modelled step",
+        "--time also the placement, overlap and read-ahead of the shortest modelled step",
     )
     parser.add_argument("--write", metavar="PATH", help="with --auto: write the proposed DeepSpeed config here")
     parser.add_argument("--plot", metavar="PNG", help="also draw each device's peak, stock against fuyou, into PNG")

@@ -11,9 +11,13 @@ What is searched, and why in this order:
   gathered layers, so it gives way only when even a micro-batch of one does not fit;
 - `fuyou.pinned_memory`: kept when given and it fits, else a quarter of host memory (at most 8 GiB), lowered
   when the host cannot hold it next to everything else;
-- with the machine's rates (`--auto --time`), then `fuyou.placement.host_memory` and `fuyou.optimizer.overlap`:
-  the configured values against "auto" (the DRAM tier as large as the host allows; the optimizer stepped behind
-  compute where the config allows it), the one with the shortest modelled step that still fits.
+- with the machine's rates (`--auto --time`), then `fuyou.placement.host_memory`, `fuyou.optimizer.overlap` and
+  `fuyou.optimizer.read_ahead`: the configured values against "auto" (the DRAM tier as large as the host allows; the
+  optimizer stepped behind compute where the config allows it) and against read-ahead pools of none, an eighth, a
+  quarter, half and all of what the step moves through the SSD (gradients, master and states), each added to the
+  pinned budget; the one with the shortest modelled step that still fits. The read-ahead is searched last because
+  its worth depends on what the placement leaves on the SSD and the overlap sends through it, and it competes with
+  the DRAM tier for the same host memory.
 Offload placement stays as configured: fuyou needs parameters and optimizer states on NVMe.
 """
 
@@ -31,6 +35,7 @@ from deepspeed_fuyou.estimator.model import ModelSpec, build_fake_model, load_mo
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup
 
 PREFETCH_DEPTHS = (2, 1, 0)
+READ_AHEAD_SHARES = (0.0, 1 / 8, 1 / 4, 1 / 2, 1.0)  # of the bytes the step moves through the SSD
 
 
 @dataclass
@@ -81,10 +86,15 @@ def auto_configure(
 def _fastest(
     fake: Any, config: dict[str, Any], seq_len: int, world_size: int, machine: Machine | None, rates: RatesSource
 ) -> tuple[dict[str, Any], Estimate]:
-    """`config` with the placement and overlap (configured or "auto") of the shortest modelled step that fits."""
+    """`config` with the placement, overlap and read-ahead (configured or searched, see above) of the shortest
+    modelled step that fits."""
     block = config[BLOCK]
     placements = [None, *(["auto"] if block.get("placement", {}).get("host_memory", "auto") != "auto" else [])]
     overlaps = [None, *(["auto"] if block.get("optimizer", {}).get("overlap", "auto") != "auto" else [])]
+
+    def timed(candidate: dict[str, Any]) -> Estimate:
+        return estimate(fake, candidate, seq_len, world_size=world_size, machine=machine, rates=rates)
+
     best: tuple[dict[str, Any], Estimate] | None = None
     for host_memory in placements:  # None: as configured
         for overlap in overlaps:
@@ -93,10 +103,38 @@ def _fastest(
                 candidate[BLOCK].setdefault("placement", {})["host_memory"] = host_memory
             if overlap is not None:
                 candidate[BLOCK].setdefault("optimizer", {})["overlap"] = overlap
-            result = estimate(fake, candidate, seq_len, world_size=world_size, machine=machine, rates=rates)
-            if result.fits and (best is None or result.step_time.seconds < best[1].step_time.seconds):
-                best = candidate, result
-    return best or (config, estimate(fake, config, seq_len, world_size=world_size, machine=machine, rates=rates))
+            result = timed(candidate)
+            choices = [(candidate, result)] + [
+                (other, timed(other)) for other in _with_read_ahead_choices(candidate, result)
+            ]
+            for choice, choice_result in choices:
+                if choice_result.fits and (best is None or choice_result.step_time.seconds < best[1].step_time.seconds):
+                    best = choice, choice_result
+    return best or (config, timed(config))
+
+
+def _with_read_ahead_choices(config: dict[str, Any], result: Estimate) -> list[dict[str, Any]]:
+    """`config` with each share (`READ_AHEAD_SHARES`) of what its step moves through the SSD as
+    `optimizer.read_ahead`, on top of the pinned budget the rest of fuyou has now; those that differ from the
+    configured read-ahead."""
+    assert result.fuyou is not None
+    optimizer = config[BLOCK].get("optimizer", {})
+    given = parse_size(optimizer.get("read_ahead", 0), "fuyou.optimizer.read_ahead")
+    staging = parse_size(config[BLOCK]["pinned_memory"], "fuyou.pinned_memory") - given
+    carried = result.fuyou.swapped.get("gradients", 0) + result.fuyou.swapped.get("optimizer_states", 0)
+    sizes = sorted({_whole_mebibytes(share * carried) for share in READ_AHEAD_SHARES} - {given})
+    candidates = []
+    for size in sizes:
+        candidate = copy.deepcopy(config)
+        candidate[BLOCK]["pinned_memory"] = staging + size
+        candidate[BLOCK].setdefault("optimizer", {})["read_ahead"] = size
+        candidates.append(candidate)
+    return candidates
+
+
+def _whole_mebibytes(nbytes: float) -> int:
+    """`nbytes` rounded up to whole MiB, so that a proposed size reads as one (`format_size`)."""
+    return -(-int(nbytes) // (1 << 20)) << 20
 
 
 def _apply(config: dict[str, Any], micro_batch: int, accumulation: int, depth: int, offload: str | None) -> None:
@@ -145,11 +183,12 @@ def _changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
         (BLOCK, "pinned_memory"),
         (BLOCK, "placement", "host_memory"),
         (BLOCK, "optimizer", "overlap"),
+        (BLOCK, "optimizer", "read_ahead"),
     ]
     changes = []
     for path in paths:
         old, new = get(before, path), get(after, path)
         if old != new:
-            shown = format_size(new) if path[-1] == "pinned_memory" and isinstance(new, int) else new
+            shown = format_size(new) if path[-1] in ("pinned_memory", "read_ahead") and isinstance(new, int) else new
             changes.append(f"{'.'.join(path)}: {old if old is not None else '(default)'} -> {shown}")
     return changes
