@@ -9,7 +9,9 @@
 #   setup              installs what the GPU machine lacks from prepared wheels (.whl/, made by the shared
 #                      device-wheels.sh: DeepSpeed, its pure-Python dependencies, libaio), builds the extension
 #                      (with CUDA where torch and a toolkit have it) and reports torch, the device and the build;
-#   gpu-tests          pytest -m gpu (the DeviceTransfer round trip on CUDA, ...);
+#   gpu-tests          pytest -m gpu (the DeviceTransfer round trip on CUDA, ..., and Lightning's DeepSpeedStrategy
+#                      when its wheels were prepared too: device-wheels.sh lightning lightning-utilities
+#                      torchmetrics; skipped without them);
 #   bench-io           fuyou bench-io: SSD -> pinned -> GPU through DeviceTransfer against its two ceilings;
 #   bench-step         scripts/bench_step.py in bf16 on a 1.2B-parameter Llama: stock ZeRO-Infinity, fuyou with
 #                      everything on the SSD, fuyou with its DRAM tier, with the modelled bound (RESULTS.md);

@@ -1,7 +1,7 @@
 """The `"fuyou"` block under real DeepSpeed: which classes run, and that training is unchanged by them.
 
 Every run here is `scripts/finetune.py` (the main job) started by the `deepspeed` launcher on the CPU accelerator,
-through `tests/programs/guarded_finetune.py`, which makes the other side's swap classes raise when constructed: a
+through `tests/programs/guarded.py`, which makes the other side's swap classes raise when constructed: a
 fuyou run that completes built none of DeepSpeed's swappers, a stock run built none of ours. Losses of fuyou,
 stock ZeRO-3 with CPU offload and stock ZeRO-Infinity (NVMe) must agree for the same seed and data.
 """
@@ -25,7 +25,7 @@ from deepspeed_fuyou.estimator.rates import ComputeRates, MachineRates, SsdRates
 from tests.conftest import run_deepspeed
 
 ROOT = Path(__file__).resolve().parent.parent
-GUARDED = ROOT / "tests" / "programs" / "guarded_finetune.py"
+GUARDED = ROOT / "tests" / "programs" / "guarded.py"
 FULL_STATE_PROBE = ROOT / "tests" / "programs" / "full_state_probe.py"
 OVERLAP_PROBE = ROOT / "tests" / "programs" / "overlap_probe.py"
 CORRUPTION_PROBE = ROOT / "tests" / "programs" / "corruption_probe.py"
@@ -51,7 +51,7 @@ def config_for(kind: str, root: Path, **top_level: Any) -> Config:
 
 def launch(program: Path, config: Config, workdir: Path, *args: str, ranks: int = 1) -> None:
     """Runs `program` with the `deepspeed` launcher, the config in a file; the side it does not select may not be
-    built (for the main job, see guarded_finetune)."""
+    built (see tests/programs/guarded.py)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "ds_config.json"
     config_path.write_text(json.dumps(config))

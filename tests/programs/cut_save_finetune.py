@@ -1,4 +1,4 @@
-"""The main job (through guarded_finetune) killed in the middle of a checkpoint save, as kill -9 would.
+"""The main job (through tests/programs/guarded.py) killed in the middle of a checkpoint save, as kill -9 would.
 
     CUT_AT_COPY=N FORBID=stock python tests/programs/cut_save_finetune.py <finetune arguments>
 
@@ -34,4 +34,4 @@ def cut_copytree(source: str, target: str, *args: Any, **kwargs: Any) -> Any:
 
 if __name__ == "__main__":
     shutil.copytree = cut_copytree
-    runpy.run_path(str(Path(__file__).with_name("guarded_finetune.py")), run_name="__main__")
+    runpy.run_path(str(Path(__file__).with_name("guarded.py")), run_name="__main__")
