@@ -26,6 +26,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     build_deepspeed_ops.remove_stale_locks(build_deepspeed_ops.extension_cache())
 
 
+_current_test: pytest.Item | None = None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Remembers the test being run (before its fixtures are set up), for `run_deepspeed`'s marker check."""
+    global _current_test
+    _current_test = item
+
+
 def make_engine(backend: str, **options: int) -> IOEngine:
     """An engine on `backend`, or a skip where this machine's kernel or build cannot provide it."""
     if backend == "io_uring" and not native.io_uring_compiled():
@@ -57,16 +66,24 @@ def run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess[s
     )
 
 
-def run_deepspeed(program: Path, *args: str, cwd: Path, ranks: int = 1, **env: str) -> subprocess.CompletedProcess[str]:
-    """Starts `program` as a user would, with the `deepspeed` launcher (one process per rank), on the CPU accelerator.
+def run_deepspeed(
+    program: Path, *args: str, cwd: Path, ranks: int = 1, launcher: str = "torchrun", **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Starts `program` on the CPU accelerator, one process per rank, with `launcher`: "torchrun" by default, or
+    "deepspeed" where the `deepspeed` launcher itself is part of what a test shows (the main job as a user starts
+    it). Both start the same ranks with the same environment; the `deepspeed` launcher imports DeepSpeed twice
+    before a rank starts, which costs each launch several seconds more on this machine (RESULTS.md).
 
     A run that succeeds must also have removed DeepSpeed's shared-memory all-reduce buffers (`exit_distributed`):
     left behind, each holds 66 MiB of host memory until reboot. Those of a run that failed (some tests make it fail
     on purpose, or kill it) are removed here.
     """
+    if _current_test is not None and _current_test.get_closest_marker("launches") is None:
+        raise AssertionError(f"{_current_test.nodeid} starts a launcher: mark it @pytest.mark.launches")
     port = free_port()
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), str(program), *args]
+    executable = str(Path(sys.executable).parent / launcher)
+    ranks_option = {"torchrun": "--nproc_per_node", "deepspeed": "--num_gpus"}[launcher]
+    command = [executable, ranks_option, str(ranks), "--master_port", str(port), str(program), *args]
     environment = {**os.environ, "DS_ACCELERATOR": "cpu", **env}
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=900)
     leaked = shared_memory_buffers(port)

@@ -21,6 +21,8 @@ from benchlib import comparison_config  # scripts/, on pytest's pythonpath
 
 from deepspeed_fuyou.distributed import free_port, shared_memory_buffers
 
+pytestmark = pytest.mark.launches  # every test here starts processes (run_tests.sh --fast leaves them out)
+
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "tests" / "programs" / "stopped_job.py"
 FUYOU_CONFIG = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())

@@ -110,6 +110,7 @@ def deepspeed_allocations(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_model_state_bytes_equal_what_deepspeed_allocates_on_each_of_two_ranks(
     family: str, deepspeed_allocations: Path
@@ -212,6 +213,7 @@ def test_validate_with_a_model_fails_with_exit_2_when_it_does_not_fit(
     assert fuyou(["estimate", "--model", str(TINY_LLAMA), "--config", str(config_path), "--seq-len", "64"]) == 0
 
 
+@pytest.mark.launches
 def test_training_refuses_to_start_when_the_ssd_cannot_hold_the_optimizer_swap(tmp_path: Path, mounted: Any) -> None:
     """The parameters (13 MB) fit on a 24 MiB file system, master weights, Adam moments and gradients do not."""
     small = mounted("tmpfs", "size=24m")

@@ -100,6 +100,7 @@ def test_fuyou_validate_exits_0_on_a_good_config_and_2_listing_every_problem(swa
     assert "Traceback" not in failed.stderr
 
 
+@pytest.mark.launches
 def test_a_misspelt_key_stops_an_unchanged_script_before_training(tmp_path: Path) -> None:
     config = json.loads((ROOT / "configs" / "fuyou_cpu.json").read_text())
     config["fuyou"]["pinned_memroy"] = config["fuyou"].pop("pinned_memory")

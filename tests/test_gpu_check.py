@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.launches  # every test here starts processes (run_tests.sh --fast leaves them out)
+
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ["setup", "gpu-tests", "bench-io", "bench-step", "bench-activations", "estimator"]
 

@@ -21,6 +21,8 @@ import torch
 
 from deepspeed_fuyou.distributed import free_port, shared_memory_buffers
 
+pytestmark = pytest.mark.launches  # every test here starts processes (run_tests.sh --fast leaves them out)
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 GUARDED = ROOT / "tests" / "programs" / "guarded.py"

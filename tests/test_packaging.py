@@ -12,7 +12,11 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import deepspeed_fuyou
+
+pytestmark = pytest.mark.launches  # every test here starts processes (run_tests.sh --fast leaves them out)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "deepspeed_fuyou-hook.pth"

@@ -187,6 +187,7 @@ def test_the_ssd_is_measured_once_per_file_system_and_io_options(
     assert ssd_rates([str(tmp_path)], IOOptions(threads=3)) == SsdRates(1.0, 2.0, 3.0)  # other options: measured
 
 
+@pytest.mark.launches
 def test_compute_is_measured_under_zero_offload_per_layer_and_then_cached(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

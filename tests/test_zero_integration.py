@@ -1,9 +1,11 @@
 """The `"fuyou"` block under real DeepSpeed: which classes run, and that training is unchanged by them.
 
-Every run here is `scripts/finetune.py` (the main job) started by the `deepspeed` launcher on the CPU accelerator,
-through `tests/programs/guarded.py`, which makes the other side's swap classes raise when constructed: a
-fuyou run that completes built none of DeepSpeed's swappers, a stock run built none of ours. Losses of fuyou,
-stock ZeRO-3 with CPU offload and stock ZeRO-Infinity (NVMe) must agree for the same seed and data.
+Every run here is `scripts/finetune.py` (the main job) or a probe program, one process per rank on the CPU
+accelerator (the base comparison started by the `deepspeed` launcher as a user would, the others by `torchrun`,
+which starts the same ranks sooner), the main job through `tests/programs/guarded.py`, which makes the other side's
+swap classes raise when constructed: a fuyou run that completes built none of DeepSpeed's swappers, a stock run
+built none of ours. Losses of fuyou, stock ZeRO-3 with CPU offload and stock ZeRO-Infinity (NVMe) must agree for
+the same seed and data.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.rates import ComputeRates, MachineRates, SsdRates
 from tests.conftest import run_deepspeed
+
+pytestmark = pytest.mark.launches  # every test here starts processes (run_tests.sh --fast leaves them out)
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARDED = ROOT / "tests" / "programs" / "guarded.py"
@@ -49,24 +53,34 @@ def config_for(kind: str, root: Path, **top_level: Any) -> Config:
     return comparison_config({**FUYOU_CONFIG, **top_level}, kind, swap_dirs)
 
 
-def launch(program: Path, config: Config, workdir: Path, *args: str, ranks: int = 1) -> None:
-    """Runs `program` with the `deepspeed` launcher, the config in a file; the side it does not select may not be
-    built (see tests/programs/guarded.py)."""
+def launch(
+    program: Path, config: Config, workdir: Path, *args: str, ranks: int = 1, launcher: str = "torchrun"
+) -> None:
+    """Runs `program` with `launcher`, the config in a file; the side it does not select may not be built (see
+    tests/programs/guarded.py)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "ds_config.json"
     config_path.write_text(json.dumps(config))
     forbid = "stock" if "fuyou" in config else "fuyou"
     result = run_deepspeed(
-        program, "--deepspeed_config", str(config_path), *args, cwd=workdir, ranks=ranks, FORBID=forbid
+        program,
+        "--deepspeed_config",
+        str(config_path),
+        *args,
+        cwd=workdir,
+        ranks=ranks,
+        launcher=launcher,
+        FORBID=forbid,
     )
     assert result.returncode == 0, f"{program.name} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
 
 
-def finetune(config: Config, workdir: Path, *args: str, ranks: int = 1) -> dict[str, Any]:
+def finetune(config: Config, workdir: Path, *args: str, ranks: int = 1, launcher: str = "torchrun") -> dict[str, Any]:
     """Runs the main job and returns its metrics."""
     metrics = workdir / "metrics.json"
     checkpoints = workdir / "checkpoints"
-    launch(GUARDED, config, workdir, "--metrics", str(metrics), "--output-dir", str(checkpoints), *args, ranks=ranks)
+    arguments = ("--metrics", str(metrics), "--output-dir", str(checkpoints), *args)
+    launch(GUARDED, config, workdir, *arguments, ranks=ranks, launcher=launcher)
     return json.loads(metrics.read_text())
 
 
@@ -130,7 +144,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, An
             overrides, ranks, args = variants[variant]
             workdir = root / f"{kind}-{variant}-{overlap or 'auto'}"
             config = with_overlap(config_for(kind, workdir, **overrides), overlap)
-            done[key] = finetune(config, workdir, *args, ranks=ranks)
+            launcher = "deepspeed" if variant == "base" else "torchrun"  # the base runs as a user starts them
+            done[key] = finetune(config, workdir, *args, ranks=ranks, launcher=launcher)
             done[key]["workdir"] = workdir
         return done[key]
 

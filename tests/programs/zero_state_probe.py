@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import deepspeed
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--models", required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = parser.parse_args()
     ds_config = json.loads(Path(args.config).read_text())
     for name, fields in json.loads(Path(args.models).read_text()).items():
