@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import SavedTensors
-from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout, aligned
+from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout
 from deepspeed_fuyou.io.engine import ALIGNMENT, checksum_table_bytes
 from deepspeed_fuyou.swap.host_tier import HostTier
-from deepspeed_fuyou.swap.sizing import pool_budgets, read_ahead_plan
+from deepspeed_fuyou.swap.sizing import aligned, pool_budgets, read_ahead_plan, step_slot
 
 FP32 = 4
 COMPONENTS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "temporaries", "overhead")
@@ -318,7 +318,7 @@ def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts
     """
     forward_backward_budget, step_budget, _ = pool_budgets(setup.fuyou, setup.overlap)
     sub_groups = len(layout.sub_group_numels)
-    slot = aligned(max(layout.sub_group_numels, default=0) * FP32, ALIGNMENT)
+    slot = step_slot(layout.sub_group_numels, FP32)
     states = setup.optimizer_states
     backward = setup.overlap == "backward"
     roles = [2 + states, 1 + states + (0 if backward else 1), 1 + states]  # stepped, read ahead, written back
@@ -339,7 +339,7 @@ def striped_member_bytes(nbytes: int, stripe: int, paths: int) -> list[int]:
     full, tail = divmod(nbytes, stripe)
     members = [(full // paths + (1 if k < full % paths else 0)) * stripe for k in range(paths)]
     members[full % paths] += tail
-    return [aligned(m, ALIGNMENT) for m in members]
+    return [aligned(m) for m in members]
 
 
 def _on_path(plan: Plan, path: str, nbytes: int) -> None:

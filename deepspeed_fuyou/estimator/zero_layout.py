@@ -156,7 +156,3 @@ class ZeroLayout:
     def largest_sub_group_full(self) -> int:
         """Full (unpartitioned) elements of the largest sub-group: stock sizes some host buffers by it."""
         return max(sum(self.full[i] for i in group) for group in self.groups)
-
-
-def aligned(nbytes: int, alignment: int) -> int:
-    return -(-nbytes // alignment) * alignment

@@ -48,7 +48,7 @@ from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.io.native import crc32c
 from deepspeed_fuyou.swap.runtime import SwapRuntime, gradient_file, optimizer_file
-from deepspeed_fuyou.swap.sizing import read_ahead_plan
+from deepspeed_fuyou.swap.sizing import read_ahead_plan, step_slot
 from deepspeed_fuyou.trace import TRACE
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ class FuyouOptimizerSwapper:
             else:
                 self._write_cast(src.reshape(-1), group.file(MASTER))
         self.runtime.flush()
-        self.runtime.step_slot_bytes = max(self.runtime.step_slot_bytes, self._largest_numel * self.dtype.itemsize)
+        slot = step_slot([self._largest_numel], self.dtype.itemsize)
+        self.runtime.step_slot_bytes = max(self.runtime.step_slot_bytes, slot)
 
     def master_file(self, parameter: torch.Tensor) -> str | None:
         """The swap file of the sub-group's master weights, None if it has none (DRAM tier, or not swapped)."""

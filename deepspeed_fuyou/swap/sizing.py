@@ -73,7 +73,7 @@ def read_ahead_plan(
     it), and once those writes have ended, the master and states of the longest prefix that fits are read during
     backward, where the SSD has time to spare, instead of in the step.
     """
-    slot = aligned(max(numels, default=0) * itemsize)
+    slot = step_slot(numels, itemsize)
     gradient_bytes = [slot if on_file else 0 for on_file in gradients_on_file]
     kept = _longest_prefix(gradient_bytes, budget)
     left = budget - sum(gradient_bytes[:kept])
@@ -98,9 +98,16 @@ def _longest_prefix(sizes: Sequence[int], budget: int) -> int:
     return len(sizes)
 
 
-def aligned(nbytes: int) -> int:
-    """`nbytes` rounded up to the I/O alignment, the size of a staging buffer that holds them."""
-    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+def aligned(nbytes: int, alignment: int = ALIGNMENT) -> int:
+    """`nbytes` rounded up to the I/O alignment (ours unless another is given: stock's buffers follow DeepSpeed's),
+    the size of a staging buffer that holds them."""
+    return -(-nbytes // alignment) * alignment
+
+
+def step_slot(numels: Sequence[int], itemsize: int) -> int:
+    """The one buffer size of the step and read-ahead pools: the largest sub-group's tensor, aligned. One size for
+    every buffer keeps the pools from fragmenting when buffers are released in another order than taken."""
+    return aligned(max(numels, default=0) * itemsize)
 
 
 STEP_SLOTS = 15
