@@ -495,13 +495,15 @@ class FuyouOptimizerSwapper:
         views: dict[str, torch.Tensor] = {}
         reads: list[IOFuture] = []
         buffers: list[torch.Tensor] = []
+        states_behind = staging is None and group.host is None and group.key in self._write_behind
+        if states_behind:
+            self.runtime.wait_for_writes(self._carried_written)  # what was read ahead has left the pool
         for name, (numel, dtype) in group.layout.items():
             if group.host is not None:
                 views[name] = group.host[name]
                 continue
             take = staging or self.runtime.step_staging
-            if staging is None and name != MASTER and group.key in self._write_behind:
-                self.runtime.wait_for_writes(self._carried_written)  # what was read ahead has left the pool
+            if states_behind and name != MASTER:
                 take = self.runtime.read_ahead_staging
             buffer = take(numel * dtype.itemsize)
             views[name] = buffer.view(dtype).narrow(0, 0, numel)
