@@ -33,8 +33,10 @@ from deepspeed_fuyou.config.sizes import format_size, parse_size
 from deepspeed_fuyou.estimator.estimate import Estimate, Machine, RatesSource, estimate
 from deepspeed_fuyou.estimator.model import ModelSpec, build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.zero_layout import TrainingSetup
+from deepspeed_fuyou.swap.sizing import aligned
 
 PREFETCH_DEPTHS = (2, 1, 0)
+PROPOSAL_GRANULE = 1 << 20  # proposed sizes are whole MiB, so that they read as sizes
 READ_AHEAD_SHARES = (0.0, 1 / 8, 1 / 4, 1 / 2, 1.0)  # of the bytes the step moves through the SSD
 
 
@@ -122,7 +124,7 @@ def _with_read_ahead_choices(config: dict[str, Any], result: Estimate) -> list[d
     given = parse_size(optimizer.get("read_ahead", 0), "fuyou.optimizer.read_ahead")
     staging = parse_size(config[BLOCK]["pinned_memory"], "fuyou.pinned_memory") - given
     carried = result.fuyou.swapped.get("gradients", 0) + result.fuyou.swapped.get("optimizer_states", 0)
-    sizes = sorted({_whole_mebibytes(share * carried) for share in READ_AHEAD_SHARES} - {given})
+    sizes = sorted({aligned(int(share * carried), PROPOSAL_GRANULE) for share in READ_AHEAD_SHARES} - {given})
     candidates = []
     for size in sizes:
         candidate = copy.deepcopy(config)
@@ -130,11 +132,6 @@ def _with_read_ahead_choices(config: dict[str, Any], result: Estimate) -> list[d
         candidate[BLOCK].setdefault("optimizer", {})["read_ahead"] = size
         candidates.append(candidate)
     return candidates
-
-
-def _whole_mebibytes(nbytes: float) -> int:
-    """`nbytes` rounded up to whole MiB, so that a proposed size reads as one (`format_size`)."""
-    return -(-int(nbytes) // (1 << 20)) << 20
 
 
 def _apply(config: dict[str, Any], micro_batch: int, accumulation: int, depth: int, offload: str | None) -> None:
