@@ -69,10 +69,19 @@ def run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess[s
 def run_deepspeed(
     program: Path, *args: str, cwd: Path, ranks: int = 1, launcher: str = "torchrun", **env: str
 ) -> subprocess.CompletedProcess[str]:
-    """Starts `program` on the CPU accelerator, one process per rank, with `launcher`: "torchrun" by default, or
+    """Starts `program`, one process per rank, with `launcher` (see `run_launched`): "torchrun" by default, or
     "deepspeed" where the `deepspeed` launcher itself is part of what a test shows (the main job as a user starts
     it). Both start the same ranks with the same environment; the `deepspeed` launcher imports DeepSpeed twice
-    before a rank starts, which costs each launch several seconds more on this machine (RESULTS.md).
+    before a rank starts, which costs each launch several seconds more on this machine (RESULTS.md)."""
+    port = free_port()
+    executable = str(Path(sys.executable).parent / launcher)
+    ranks_option = {"torchrun": "--nproc_per_node", "deepspeed": "--num_gpus"}[launcher]
+    command = [executable, ranks_option, str(ranks), "--master_port", str(port), str(program), *args]
+    return run_launched(command, port, cwd, **env)
+
+
+def run_launched(command: list[str], port: int, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Runs `command`, whose ranks meet at rendezvous `port`, on the CPU accelerator unless `env` says otherwise.
 
     A run that succeeds must also have removed DeepSpeed's shared-memory all-reduce buffers (`exit_distributed`):
     left behind, each holds 66 MiB of host memory until reboot. Those of a run that failed (some tests make it fail
@@ -80,15 +89,11 @@ def run_deepspeed(
     """
     if _current_test is not None and _current_test.get_closest_marker("launches") is None:
         raise AssertionError(f"{_current_test.nodeid} starts a launcher: mark it @pytest.mark.launches")
-    port = free_port()
-    executable = str(Path(sys.executable).parent / launcher)
-    ranks_option = {"torchrun": "--nproc_per_node", "deepspeed": "--num_gpus"}[launcher]
-    command = [executable, ranks_option, str(ranks), "--master_port", str(port), str(program), *args]
     environment = {**os.environ, "DS_ACCELERATOR": "cpu", **env}
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=900)
     leaked = shared_memory_buffers(port)
     if result.returncode == 0:
-        assert not leaked, f"{program.name} left DeepSpeed's shared-memory buffers behind: {leaked}"
+        assert not leaked, f"{Path(command[0]).name} left DeepSpeed's shared-memory buffers behind: {leaked}"
     for buffer in leaked:
         buffer.unlink(missing_ok=True)
     return result

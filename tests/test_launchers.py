@@ -10,7 +10,6 @@ under `zero.Init` from the same seed, so their losses must agree to the last dig
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepspeed_fuyou.distributed import free_port, shared_memory_buffers
+from deepspeed_fuyou.distributed import free_port
+from tests.conftest import run_deepspeed, run_launched
 
 pytestmark = pytest.mark.launches  # every test here starts processes (run_tests.sh --fast leaves them out)
 
@@ -44,27 +44,17 @@ def ds_config(tmp_path: Path, shipped: str = "fuyou_cpu.json") -> Path:
     return path
 
 
-def run_example(command: list[str], example: str, port: int, tmp_path: Path, **env: str) -> list[float]:
-    """Runs `command` (a launcher, ending where it takes the program) on `guarded.py` running `example`, on the
-    CPU accelerator unless `env` says otherwise; checks that fuyou did the swapping and that the run left no shared
-    memory behind; returns the losses it printed."""
-    tmp_path.mkdir(parents=True)
-    reports = tmp_path / "reports"
-    environment = {
-        **os.environ,
-        "FORBID": "stock",
-        "GUARDED_SCRIPT": str(EXAMPLES / example),
-        "GUARDED_REPORT": str(reports),
-        "DS_ACCELERATOR": "cpu",
-        **env,
-    }
-    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
-    leaked = shared_memory_buffers(port)
-    for buffer in leaked:
-        buffer.unlink(missing_ok=True)
-    assert result.returncode == 0, f"{example} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    assert not leaked, f"{example} left DeepSpeed's shared-memory buffers behind: {leaked}"
-    [report] = [json.loads(path.read_text()) for path in reports.glob("*.json")]  # one rank
+def guarded(example: str, workdir: Path) -> dict[str, str]:
+    """The environment that makes `guarded.py` run `example` with DeepSpeed's swappers forbidden, reporting what
+    each process built and moved under `workdir`."""
+    workdir.mkdir(parents=True)
+    return {"FORBID": "stock", "GUARDED_SCRIPT": str(EXAMPLES / example), "GUARDED_REPORT": str(workdir / "reports")}
+
+
+def trained_through_fuyou(result: subprocess.CompletedProcess[str], workdir: Path) -> list[float]:
+    """Checks that the run succeeded with fuyou doing the swapping (its one rank's report); the losses it printed."""
+    assert result.returncode == 0, f"{workdir.name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    [report] = [json.loads(path.read_text()) for path in (workdir / "reports").glob("*.json")]  # one rank
     assert report["constructed"] == FUYOU_CLASSES
     assert report["bytes_read"] > 0 and report["bytes_written"] > 0
     losses = [float(loss) for loss in re.findall(r"^step \d+ loss (\S+)$", result.stdout, re.MULTILINE)]
@@ -75,30 +65,23 @@ def run_example(command: list[str], example: str, port: int, tmp_path: Path, **e
 def test_deepspeed_launcher_torchrun_and_accelerate_launch_all_train_through_fuyou_with_the_same_losses(
     tmp_path: Path,
 ) -> None:
-    config = ds_config(tmp_path)
-    steps = ["--steps", str(STEPS)]
+    arguments = ("--deepspeed_config", str(ds_config(tmp_path)), "--steps", str(STEPS))
     losses = {}
+    for launcher in ("deepspeed", "torchrun"):
+        workdir = tmp_path / launcher
+        environment = guarded("train_deepspeed.py", workdir)
+        result = run_deepspeed(GUARDED, *arguments, cwd=workdir, launcher=launcher, **environment)
+        losses[launcher] = trained_through_fuyou(result, workdir)
 
-    port = free_port()
-    launcher = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(port), str(GUARDED)]
-    losses["deepspeed"] = run_example(
-        [*launcher, "--deepspeed_config", str(config), *steps], "train_deepspeed.py", port, tmp_path / "deepspeed"
-    )
-
-    port = free_port()
-    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "1", "--master_port", str(port), str(GUARDED)]
-    losses["torchrun"] = run_example(
-        [*launcher, "--deepspeed_config", str(config), *steps], "train_deepspeed.py", port, tmp_path / "torchrun"
-    )
-
-    port = free_port()
     shipped = (EXAMPLES / "accelerate_deepspeed.yaml").read_text()
     accelerate_config = tmp_path / "accelerate.yaml"
-    accelerate_config.write_text(shipped.replace("configs/fuyou_cpu.json", str(config)))
+    accelerate_config.write_text(shipped.replace("configs/fuyou_cpu.json", arguments[1]))
     assert accelerate_config.read_text() != shipped
-    launcher = [str(BIN / "accelerate"), "launch", "--main_process_port", str(port)]
-    launcher += ["--config_file", str(accelerate_config), str(GUARDED)]
-    losses["accelerate"] = run_example([*launcher, *steps], "train_accelerate.py", port, tmp_path / "accelerate")
+    workdir, port = tmp_path / "accelerate", free_port()
+    command = [str(BIN / "accelerate"), "launch", "--main_process_port", str(port)]
+    command += ["--config_file", str(accelerate_config), str(GUARDED), *arguments[2:]]
+    result = run_launched(command, port, workdir, **guarded("train_accelerate.py", workdir))
+    losses["accelerate"] = trained_through_fuyou(result, workdir)
 
     assert losses["torchrun"] == losses["deepspeed"] and losses["accelerate"] == losses["deepspeed"], losses
 
@@ -108,7 +91,8 @@ def test_deepspeed_launcher_torchrun_and_accelerate_launch_all_train_through_fuy
 def test_lightning_deepspeed_strategy_trains_through_fuyou(tmp_path: Path) -> None:
     """Lightning's `DeepSpeedStrategy` refuses every accelerator but CUDA, so this runs only where a GPU is."""
     pytest.importorskip("lightning")
-    port = free_port()
-    command = [sys.executable, str(GUARDED), "--deepspeed_config", str(ds_config(tmp_path, "fuyou_gpu.json"))]
-    environment = {"DS_ACCELERATOR": "cuda", "MASTER_PORT": str(port)}
-    run_example([*command, "--steps", str(STEPS)], "train_lightning.py", port, tmp_path / "lightning", **environment)
+    workdir, port = tmp_path / "lightning", free_port()
+    config = ds_config(tmp_path, "fuyou_gpu.json")
+    command = [sys.executable, str(GUARDED), "--deepspeed_config", str(config), "--steps", str(STEPS)]
+    environment = {"DS_ACCELERATOR": "cuda", "MASTER_PORT": str(port), **guarded("train_lightning.py", workdir)}
+    trained_through_fuyou(run_launched(command, port, workdir, **environment), workdir)
