@@ -27,10 +27,18 @@ GB = 10**9
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def machine_rates(read: float = 1.0, write: float = 1.0, mixed: float = 1.0, per_layer: float = 0.1) -> MachineRates:
-    """SSD rates in GB/s; every phase's compute `per_layer` seconds a layer, none for the rest."""
+def machine_rates(
+    read: float = 1.0,
+    write: float = 1.0,
+    mixed: float = 1.0,
+    per_layer: float = 0.1,
+    cpu_read: float = 0.0,
+    cpu_written: float = 0.0,
+) -> MachineRates:
+    """SSD rates in GB/s and the engine's host CPU seconds per GB each way; every phase's compute `per_layer`
+    seconds a layer, none for the rest."""
     compute = ComputeRates(per_layer, 0.0, 2 * per_layer, 0.0, per_layer / 2, 0.0)
-    return MachineRates(SsdRates(read * GB, write * GB, mixed * GB), compute)
+    return MachineRates(SsdRates(read * GB, write * GB, mixed * GB, cpu_read / GB, cpu_written / GB), compute)
 
 
 def shape(**changes: object) -> StepShape:
@@ -151,6 +159,21 @@ def test_on_the_cpu_accelerator_compute_and_optimizer_share_the_cores() -> None:
     assert gpu.bottleneck == "compute" and host.bottleneck == "compute"
 
 
+def test_the_engines_cpu_per_byte_moved_takes_the_cores_from_compute_on_the_cpu_accelerator_only() -> None:
+    fast_disk, costly_engine = machine_rates(100, 100, 100), machine_rates(100, 100, 100, cpu_read=0.1, cpu_written=0.2)
+    host_shape = shape(overlap="backward", gradients=0, accelerator_is_host=True)
+    free, host = model_step_time(host_shape, fast_disk), model_step_time(host_shape, costly_engine)
+    backward = host.phases[1]
+    assert (backward.read_bytes, backward.written_bytes) == (11 * GB // 4, 3 * GB)
+    assert backward.seconds == pytest.approx(2.0 + 0.375 + 2.75 * 0.1 + 3 * 0.2)
+    assert host.seconds - free.seconds == pytest.approx((host.read_bytes * 0.1 + host.written_bytes * 0.2) / GB)
+    gpu = model_step_time(shape(overlap="backward", gradients=0), costly_engine)
+    assert gpu.phases[1].seconds == pytest.approx(2.0) and gpu.phases[1].bound_by == "compute"  # CPU: 1.25 s
+    starved = model_step_time(shape(overlap="backward", gradients=0), machine_rates(100, 100, 100, cpu_written=1.0))
+    assert starved.phases[1].bound_by == "CPU"  # on a GPU the engine competes with Adam, not with compute
+    assert starved.phases[1].seconds == pytest.approx(0.375 + 3.0)
+
+
 def test_a_phase_waits_for_the_mixed_rate_when_reads_and_writes_meet() -> None:
     duplex = model_step_time(shape(), machine_rates(read=1, write=1, mixed=2))
     optimizer = duplex.phases[-1]
@@ -183,8 +206,11 @@ def test_the_ssd_is_measured_once_per_file_system_and_io_options(
     monkeypatch.setattr(rates_module, "_probe_ssd", lambda *_: pytest.fail("measured twice"))
     assert ssd_rates([str(tmp_path)], options) == measured
     assert len(json.loads(cache.read_text())) == 1
-    monkeypatch.setattr(rates_module, "_probe_ssd", lambda *_: {"read": 1.0, "write": 2.0, "mixed": 3.0})
-    assert ssd_rates([str(tmp_path)], IOOptions(threads=3)) == SsdRates(1.0, 2.0, 3.0)  # other options: measured
+    assert measured.cpu_per_byte_read > 0 and measured.cpu_per_byte_written > 0  # the checksums, at least
+    probed = {"read": 1.0, "write": 2.0, "mixed": 3.0, "cpu_per_byte_read": 4.0, "cpu_per_byte_written": 5.0}
+    monkeypatch.setattr(rates_module, "_probe_ssd", lambda *_: probed)
+    assert ssd_rates([str(tmp_path)], IOOptions(threads=3)) == SsdRates(1.0, 2.0, 3.0, 4.0, 5.0)  # other options
+    assert ssd_rates([str(tmp_path)], IOOptions(threads=2, verify=False)) == SsdRates(1.0, 2.0, 3.0, 4.0, 5.0)
 
 
 @pytest.mark.launches
@@ -212,7 +238,7 @@ def test_estimate_with_time_prints_the_placement_and_the_modelled_step(
     config["fuyou"]["nvme_paths"] = [str(tmp_path)]
     config["fuyou"]["placement"] = {"host_memory": "4MiB"}
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    monkeypatch.setattr(estimate_module, "ssd_rates", lambda *_: SsdRates(GB, GB, GB))
+    monkeypatch.setattr(estimate_module, "ssd_rates", lambda *_: SsdRates(GB, GB, GB, 0.0, 0.0))
     rates = machine_rates(per_layer=0.01).compute
     monkeypatch.setattr(estimate_module, "compute_rates", lambda *_: rates)
     command = ["estimate", "--model", str(ROOT / "configs/models/llama-tiny"), "--config", str(tmp_path / "ds.json")]

@@ -425,7 +425,7 @@ def timed_estimate(run: dict[str, Any]) -> Any:
     """`fuyou estimate --time` for the run's config (`step_time`); the traffic needs no real rates."""
     config = json.loads((run["workdir"] / "ds_config.json").read_text())
     machine = Machine(gpu_memory=None, host_memory=host_memory_bytes())
-    fixed = MachineRates(SsdRates(1e9, 1e9, 1e9), ComputeRates(*[1e-3] * 6))
+    fixed = MachineRates(SsdRates(1e9, 1e9, 1e9, 0.0, 0.0), ComputeRates(*[1e-3] * 6))
     return estimate(MODEL, config, seq_len=128, machine=machine, rates=lambda *_: fixed)
 
 

@@ -191,7 +191,8 @@ def render_step_time(step: StepTime) -> list[str]:
         ssd, compute = step.rates.ssd, step.rates.compute
         lines.append(
             f"  rates: SSD {ssd.read / 1e9:.2f} GB/s read, {ssd.write / 1e9:.2f} written, {ssd.mixed / 1e9:.2f} both "
-            f"at once; per layer {compute.forward_per_layer * 1e3:.1f} ms forward, "
+            f"at once, host CPU {ssd.cpu_per_byte_read * 1e9:.2f} s per GB read, {ssd.cpu_per_byte_written * 1e9:.2f} "
+            f"written; per layer {compute.forward_per_layer * 1e3:.1f} ms forward, "
             f"{compute.backward_per_layer * 1e3:.1f} backward, {compute.step_per_layer * 1e3:.1f} optimizer "
             f"(measured once, cached in {cache_path()})"
         )

@@ -45,11 +45,17 @@ REPEATS = 3  # timed runs per probe (SSD: the median; compute: the fastest, afte
 @dataclass(frozen=True)
 class SsdRates:
     """Bytes per second through our engine to the striped paths: reading alone, writing alone, and both at once
-    (bytes of either direction, while the other one runs), which is how training's reads and writes meet."""
+    (bytes of either direction, while the other one runs), which is how training's reads and writes meet.
+
+    And the host CPU seconds the engine spends per byte it reads or writes (system calls, completions, checksums,
+    bounce copies), measured as the process's CPU time over the probe: on DeepSpeed's CPU accelerator those cycles
+    are taken from forward, backward and Adam, and on a GPU host from Adam."""
 
     read: float
     write: float
     mixed: float
+    cpu_per_byte_read: float
+    cpu_per_byte_written: float
 
 
 PHASES = ("forward", "backward", "step")
@@ -100,19 +106,23 @@ def _cached(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, floa
         return cache[key]
 
 
-def _median_seconds(action: Callable[[], object]) -> float:
-    times = []
+def _median_seconds(action: Callable[[], object]) -> tuple[float, float]:
+    """Median wall and process CPU seconds of `action` over `REPEATS` runs."""
+    walls, cpus = [], []
     for _ in range(REPEATS):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def ssd_rates(paths: Sequence[str], io: IOOptions) -> SsdRates:
     """`paths` through an engine with `io`'s options, measured on first use per file systems and options."""
     devices = sorted({os.stat(p).st_dev for p in paths})
-    key = f"ssd {devices} {len(paths)} paths {io.engine} {io.block_size} {io.queue_depth} {io.threads}"
+    key = (
+        f"ssd {devices} {len(paths)} paths {io.engine} {io.block_size} {io.queue_depth} {io.threads} verify {io.verify}"
+    )
     return SsdRates(**_cached(key, lambda: _probe_ssd(paths, io)))
 
 
@@ -124,16 +134,22 @@ def _probe_ssd(paths: Sequence[str], io: IOOptions) -> dict[str, float]:
         second.fill_(2)
         files_a, files_b = space.files("probe-a"), space.files("probe-b")
         engine.write(second, files_b).wait()
-        write = _median_seconds(lambda: engine.write(first, files_a).wait())
-        read = _median_seconds(lambda: engine.read(first, files_a).wait())
+        write, write_cpu = _median_seconds(lambda: engine.write(first, files_a).wait())
+        read, read_cpu = _median_seconds(lambda: engine.read(first, files_a).wait())
 
         def both() -> None:
             writing = engine.write(second, files_b)
             engine.read(first, files_a).wait()
             writing.wait()
 
-        mixed = _median_seconds(both)
-    return {"read": SSD_PROBE_BYTES / read, "write": SSD_PROBE_BYTES / write, "mixed": 2 * SSD_PROBE_BYTES / mixed}
+        mixed, _ = _median_seconds(both)
+    return {
+        "read": SSD_PROBE_BYTES / read,
+        "write": SSD_PROBE_BYTES / write,
+        "mixed": 2 * SSD_PROBE_BYTES / mixed,
+        "cpu_per_byte_read": read_cpu / SSD_PROBE_BYTES,
+        "cpu_per_byte_written": write_cpu / SSD_PROBE_BYTES,
+    }
 
 
 def compute_rates(model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str) -> ComputeRates:

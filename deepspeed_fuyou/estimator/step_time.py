@@ -21,11 +21,12 @@ that backward ("backward"), or inside the next forward, whose parameter reads it
 ("forward"). When it shares a phase, one sub-group's share stays exposed (the last one, stepped once backward is
 over, or the first one, which the forward must wait for).
 
-A phase lasts as long as its busiest resource: the CPU (on DeepSpeed's CPU accelerator compute and optimizer add
-up there; on a GPU they overlap), or the SSD (reads at the read rate, writes at the write rate, both together at
-the mixed rate). The step's time is the sum of its phases; its bound is the busiest resource over the whole step,
-what perfect overlap would reach. The traffic is exact (it is what the swap runtime counts, `SwapCounters`); the
-times are as good as the rates.
+A phase lasts as long as its busiest resource: the accelerator, the host CPU, or the SSD (reads at the read rate,
+writes at the write rate, both together at the mixed rate). The host CPU runs the optimizer and the engine's side
+of every byte moved (`SsdRates.cpu_per_byte_*`); on DeepSpeed's CPU accelerator it runs forward and backward too, so
+all of it adds up there, while on a GPU compute overlaps the host's work. The step's time is the sum of its
+phases; its bound is the busiest resource over the whole step, what perfect overlap would reach. The traffic is
+exact (it is what the swap runtime counts, `SwapCounters`); the times are as good as the rates.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class StepTime:
     phases: list[Phase] = field(default_factory=list)
     seconds: float = 0.0
     bound_seconds: float = 0.0
-    bottleneck: str = ""  # the resource busiest over the whole step: "SSD", "compute" or "optimizer"
+    bottleneck: str = ""  # the resource busiest over the whole step: "SSD", "compute" or (on a GPU) "CPU"
     rates: MachineRates | None = None  # what the times were computed from
 
     @property
@@ -162,29 +163,27 @@ def model_step_time(shape: StepShape, rates: MachineRates) -> StepTime:
     """The modelled step: each phase as long as its busiest resource, summed; and the step's bound."""
     result = StepTime(phases=phases(shape, rates), rates=rates)
     for phase in result.phases:
-        phase.seconds, phase.bound_by = _busiest(
-            phase.compute_s, phase.optimizer_s, phase.read_bytes, phase.written_bytes, shape, rates.ssd
-        )
+        phase.seconds, phase.bound_by = _busiest(phase, shape, rates.ssd)
     result.seconds = sum(phase.seconds for phase in result.phases)
-    result.bound_seconds, result.bottleneck = _busiest(
-        sum(p.compute_s for p in result.phases),
-        sum(p.optimizer_s for p in result.phases),
-        result.read_bytes,
-        result.written_bytes,
-        shape,
-        rates.ssd,
+    whole = Phase(
+        "step",
+        compute_s=sum(p.compute_s for p in result.phases),
+        optimizer_s=sum(p.optimizer_s for p in result.phases),
+        read_bytes=result.read_bytes,
+        written_bytes=result.written_bytes,
     )
+    result.bound_seconds, result.bottleneck = _busiest(whole, shape, rates.ssd)
     return result
 
 
-def _busiest(
-    compute_s: float, optimizer_s: float, read: int, written: int, shape: StepShape, ssd: SsdRates
-) -> tuple[float, str]:
-    """Seconds of the busiest resource for this work, and its name."""
+def _busiest(phase: Phase, shape: StepShape, ssd: SsdRates) -> tuple[float, str]:
+    """Seconds of the busiest resource for `phase`'s work, and its name."""
+    read, written = phase.read_bytes, phase.written_bytes
     ssd_s = max(read / ssd.read, written / ssd.write, (read + written) / ssd.mixed)
-    if shape.accelerator_is_host:  # forward, backward and the optimizer share the same cores
-        candidates = {"compute": compute_s + optimizer_s, "SSD": ssd_s}
+    host_s = phase.optimizer_s + read * ssd.cpu_per_byte_read + written * ssd.cpu_per_byte_written
+    if shape.accelerator_is_host:  # forward, backward, the optimizer and the engine share the same cores
+        candidates = {"compute": phase.compute_s + host_s, "SSD": ssd_s}
     else:
-        candidates = {"compute": compute_s, "optimizer": optimizer_s, "SSD": ssd_s}
+        candidates = {"compute": phase.compute_s, "CPU": host_s, "SSD": ssd_s}
     name = max(candidates, key=candidates.__getitem__)
     return candidates[name], name
