@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-from deepspeed_fuyou.swap.zero_optimizer import replay_adam_step_count
+from deepspeed_fuyou.integration.zero_optimizer import replay_adam_step_count
 
 STEPS = 7
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.plan.preflight import load_fuyou_config
 
 CORPUS = sorted((Path(__file__).parent / "configs" / "bad").glob("*.json"))
 
@@ -45,7 +45,7 @@ def test_the_corpus_has_at_least_30_configs() -> None:
 def test_bad_config_is_rejected_naming_every_wrong_field_with_a_fix(path: Path, tmp_path: Path) -> None:
     config, expected_fields = load(path, tmp_path)
     with pytest.raises(FuyouConfigError) as caught:
-        FuyouConfig.from_ds_config(config)
+        load_fuyou_config(config)
     assert sorted(caught.value.fields) == sorted(expected_fields), str(caught.value)
     for problem in caught.value.problems:
         assert problem.reason and problem.fix, problem.line()

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.plan.preflight import load_fuyou_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTATIONS = 400
@@ -107,7 +107,7 @@ def good_config(tmp_path: Path) -> dict[str, Any]:
 def test_every_random_mutation_of_a_good_config_is_valid_or_a_fuyou_config_error(
     good_config: dict[str, Any], tmp_path: Path
 ) -> None:
-    FuyouConfig.from_ds_config(good_config)  # the starting point is valid
+    load_fuyou_config(good_config)  # the starting point is valid
     rng = random.Random(16)
     outcomes = {"valid": 0, "refused": 0}
     previous = signal.signal(signal.SIGALRM, _timeout)
@@ -116,7 +116,7 @@ def test_every_random_mutation_of_a_good_config_is_valid_or_a_fuyou_config_error
             config = mutate(good_config, rng, tmp_path / "swap")
             signal.alarm(SECONDS_PER_CONFIG)
             try:
-                FuyouConfig.from_ds_config(config)
+                load_fuyou_config(config)
                 outcomes["valid"] += 1
             except FuyouConfigError:
                 outcomes["refused"] += 1

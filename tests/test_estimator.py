@@ -11,15 +11,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deepspeed_fuyou.cli.main import main as fuyou
-from deepspeed_fuyou.config.checks import space_problems
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import saved_tensors
 from deepspeed_fuyou.estimator.auto import auto_configure
 from deepspeed_fuyou.estimator.estimate import GLIBC_HEAP_SLACK, RUNTIME_OVERHEAD_HOST, Machine, estimate
 from deepspeed_fuyou.estimator.memory import striped_member_bytes
 from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
-from deepspeed_fuyou.estimator.zero_layout import ZeroLayout, sub_groups
 from deepspeed_fuyou.io.engine import checksum_table_bytes
+from deepspeed_fuyou.plan.preflight import space_problems
+from deepspeed_fuyou.plan.zero_layout import ZeroLayout, sub_groups
 from tests.conftest import run_deepspeed
 from tests.estimator_models import FAMILIES, transformers_config
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from deepspeed_fuyou.config import checks
 from deepspeed_fuyou.config.checks import FuyouConfigWarning
-from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.errors import FuyouConfigError
-from deepspeed_fuyou.swap.sizing import pool_budgets, read_ahead_plan, sub_group_cap
+from deepspeed_fuyou.plan import preflight
+from deepspeed_fuyou.plan.preflight import load_fuyou_config
+from deepspeed_fuyou.plan.sizing import pool_budgets, read_ahead_plan, sub_group_cap
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,11 +42,11 @@ def swap(tmp_path: Path) -> Path:
 
 
 def test_without_a_block_there_is_no_fuyou_config(swap: Path) -> None:
-    assert FuyouConfig.from_ds_config(ds_config(swap)) is None
+    assert load_fuyou_config(ds_config(swap)) is None
 
 
 def test_empty_block_takes_the_offload_paths_and_working_defaults(swap: Path) -> None:
-    config = FuyouConfig.from_ds_config(ds_config(swap, {}))
+    config = load_fuyou_config(ds_config(swap, {}))
     assert config.nvme_paths == (swap / "a", swap / "b")
     assert 0 < config.pinned_memory <= 8 << 30
     assert config.params.prefetch_layers == 2
@@ -57,29 +57,29 @@ def test_empty_block_takes_the_offload_paths_and_working_defaults(swap: Path) ->
 
 def test_sizes_are_read_with_their_units(swap: Path) -> None:
     block = {"pinned_memory": "1.5GiB", "io": {"block_size": "4KiB"}, "activations": {"min_tensor_size": 8 << 20}}
-    config = FuyouConfig.from_ds_config(ds_config(swap, block))
+    config = load_fuyou_config(ds_config(swap, block))
     assert (config.pinned_memory, config.io.block_size) == (3 << 29, 4096)
     assert config.activations.min_tensor_size == 8 << 20
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("fuyou_*.json")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path: Path) -> None:
-    assert FuyouConfig.from_ds_config(json.loads(path.read_text())) is not None
+    assert load_fuyou_config(json.loads(path.read_text())) is not None
 
 
 def test_machine_checks_are_skipped_when_validation_is_off(swap: Path) -> None:
     block = {"nvme_paths": [str(swap / "missing")], "estimator": {"validate": False}}
-    assert FuyouConfig.from_ds_config(ds_config(swap, block)).nvme_paths == (swap / "missing",)
+    assert load_fuyou_config(ds_config(swap, block)).nvme_paths == (swap / "missing",)
     with pytest.raises(FuyouConfigError) as caught:  # the block itself is still checked
-        FuyouConfig.from_ds_config(ds_config(swap, {**block, "io": {"threads": 0}}))
+        load_fuyou_config(ds_config(swap, {**block, "io": {"threads": 0}}))
     assert caught.value.fields == ["fuyou.io.threads"]
 
 
 def test_swap_that_does_not_fit_the_free_space_names_the_directory(swap: Path) -> None:
     config = ds_config(swap, {"nvme_paths": [str(swap / "a"), str(swap / "b")]})
-    assert FuyouConfig.from_ds_config(config, ssd_bytes=1 << 20) is not None
+    assert load_fuyou_config(config, ssd_bytes=1 << 20) is not None
     with pytest.raises(FuyouConfigError) as caught:
-        FuyouConfig.from_ds_config(config, ssd_bytes=1 << 60)
+        load_fuyou_config(config, ssd_bytes=1 << 60)
     # Both directories are on one file system, which needs the whole swap: reported once, at the first of them.
     assert caught.value.fields == ["fuyou.nvme_paths[0]"]
     assert "free" in caught.value.reason and "add another SSD" in caught.value.fix
@@ -117,13 +117,13 @@ def test_a_misspelt_key_stops_an_unchanged_script_before_training(tmp_path: Path
 
 
 def test_overlap_auto_steps_during_backward_unless_clipping_or_fp16_needs_the_norm_first(swap: Path) -> None:
-    config = FuyouConfig.from_ds_config(ds_config(swap, {}))
+    config = load_fuyou_config(ds_config(swap, {}))
     assert config.optimizer.mode(gradient_clipping=0.0, fp16=False) == "backward"
     assert config.optimizer.mode(gradient_clipping=1.0, fp16=False) == "forward"
     assert config.optimizer.mode(gradient_clipping=0.0, fp16=True) == "forward"
     for explicit in ("off", "backward", "forward"):
         block = {"optimizer": {"overlap": explicit}}
-        assert FuyouConfig.from_ds_config(ds_config(swap, block)).optimizer.mode(0.0, False) == explicit
+        assert load_fuyou_config(ds_config(swap, block)).optimizer.mode(0.0, False) == explicit
 
 
 @pytest.mark.parametrize("needs_norm", [{"gradient_clipping": 1.0}, {"fp16": {"enabled": True}}])
@@ -132,7 +132,7 @@ def test_overlap_backward_is_refused_where_the_global_norm_is_needed_before_the_
 ) -> None:
     config = {**ds_config(swap, {"optimizer": {"overlap": "backward"}}), **needs_norm}
     with pytest.raises(FuyouConfigError) as caught:
-        FuyouConfig.from_ds_config(config)
+        load_fuyou_config(config)
     problem = caught.value.problems[0]
     assert problem.field == "fuyou.optimizer.overlap" and '"forward"' in problem.fix
 
@@ -142,10 +142,8 @@ def test_read_ahead_comes_out_of_the_pinned_budget_and_joins_the_step_pool_when_
 ) -> None:
     """`optimizer.read_ahead` gets its own pool in the modes that carry sub-groups; with "backward" (nothing to carry)
     the step's pool gets it instead, so its sub-groups grow; 0 leaves the budget as it was."""
-    config = FuyouConfig.from_ds_config(
-        ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": "256MiB"}})
-    )
-    without = FuyouConfig.from_ds_config(ds_config(swap, {"pinned_memory": "1GiB"}))
+    config = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": "256MiB"}}))
+    without = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB"}))
     mib = 1 << 20
     assert pool_budgets(config, "forward") == pool_budgets(config, "off") == (384 * mib, 384 * mib, 256 * mib)
     assert pool_budgets(config, "backward") == (384 * mib, 640 * mib, 0)
@@ -180,7 +178,7 @@ def test_read_ahead_keeps_gradients_first_then_writes_behind_and_reads_ahead_sta
 
 def test_a_read_ahead_that_leaves_no_staging_budget_is_refused(swap: Path) -> None:
     with pytest.raises(FuyouConfigError) as caught:
-        FuyouConfig.from_ds_config(ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": "1GiB"}}))
+        load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": "1GiB"}}))
     problem = caught.value.problems[0]
     assert problem.field == "fuyou.optimizer.read_ahead" and "pinned_memory" in problem.fix
 
@@ -191,31 +189,31 @@ def test_placement_auto_is_half_the_available_memory_after_the_pinned_budget(
     from deepspeed_fuyou.config import fuyou
 
     monkeypatch.setattr(fuyou, "available_host_memory", lambda: 20 << 30)
-    auto = FuyouConfig.from_ds_config(ds_config(swap, {"pinned_memory": "4GiB"}))
+    auto = load_fuyou_config(ds_config(swap, {"pinned_memory": "4GiB"}))
     assert auto.placement.budget(auto.pinned_memory) == 8 << 30
     for size, budget in (("0", 0), ("3GiB", 3 << 30)):
         block = {"placement": {"host_memory": 0 if size == "0" else size}}
-        assert FuyouConfig.from_ds_config(ds_config(swap, block)).placement.budget(4 << 30) == budget
+        assert load_fuyou_config(ds_config(swap, block)).placement.budget(4 << 30) == budget
 
 
 def test_an_aio_queue_the_kernel_has_no_room_for_is_refused_before_anything_starts(
     swap: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(checks, "aio_events_left", lambda: 100)
+    monkeypatch.setattr(preflight, "aio_events_left", lambda: 100)
     io = {"engine": "aio", "queue_depth": 32, "threads": 4}  # 128 events
     with pytest.raises(FuyouConfigError) as caught:
-        FuyouConfig.from_ds_config(ds_config(swap, {"io": io}))
+        load_fuyou_config(ds_config(swap, {"io": io}))
     assert caught.value.fields == ["fuyou.io.queue_depth"]
     assert "fs.aio-max-nr" in caught.value.fix
-    assert FuyouConfig.from_ds_config(ds_config(swap, {"io": {**io, "threads": 3}})) is not None  # 96 events
+    assert load_fuyou_config(ds_config(swap, {"io": {**io, "threads": 3}})) is not None  # 96 events
     with pytest.warns(FuyouConfigWarning, match="thread engine"):  # "auto" falls back to threads instead
-        assert FuyouConfig.from_ds_config(ds_config(swap, {"io": {**io, "engine": "auto"}})) is not None
+        assert load_fuyou_config(ds_config(swap, {"io": {**io, "engine": "auto"}})) is not None
 
 
 def test_bounce_blocks_that_could_outgrow_host_memory_are_refused(swap: Path) -> None:
     block = {"io": {"block_size": "64MiB", "threads": 2}, "pinned_memory": "128MiB"}  # up to 1 GiB of bounce blocks
-    assert FuyouConfig.from_ds_config(ds_config(swap, {**block, "estimator": {"host_memory": "64GiB"}}))
+    assert load_fuyou_config(ds_config(swap, {**block, "estimator": {"host_memory": "64GiB"}}))
     with pytest.raises(FuyouConfigError) as caught:
-        FuyouConfig.from_ds_config(ds_config(swap, {**block, "estimator": {"host_memory": "1GiB"}}))
+        load_fuyou_config(ds_config(swap, {**block, "estimator": {"host_memory": "1GiB"}}))
     assert caught.value.fields == ["fuyou.io.block_size"]
     assert "bounce" in caught.value.reason

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from deepspeed_fuyou.swap.sizing import explicit_window_settings, layer_numel, prefetch_window
+from deepspeed_fuyou.plan.sizing import explicit_window_settings, layer_numel, prefetch_window
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-tiny"
 

@@ -79,13 +79,15 @@ def test_unregister_restores_deepspeed_classes_and_register_is_idempotent() -> N
     assert stage3.DeepSpeedZeroOptimizer_Stage3 is integration.zero3_optimizer
 
 
-@pytest.mark.parametrize("module", ["deepspeed_fuyou.swap.zero_optimizer", "deepspeed_fuyou.swap.param_swapper"])
+@pytest.mark.parametrize(
+    "module", ["deepspeed_fuyou.integration.zero_optimizer", "deepspeed_fuyou.integration.param_swapper"]
+)
 def test_importing_a_swapper_first_still_registers_and_subclasses_stock_deepspeed(module: str) -> None:
     """The swappers import DeepSpeed, whose import triggers registration: neither may see the other half-built."""
     code = f"""
 import {module}
 from deepspeed_fuyou import integration
-from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
+from deepspeed_fuyou.integration.zero_optimizer import FuyouZeroOptimizer
 assert integration.is_registered()
 assert FuyouZeroOptimizer.__bases__ == (integration.STOCK_STAGE3,), FuyouZeroOptimizer.__bases__
 assert integration.STOCK_STAGE3.__module__ == "deepspeed.runtime.zero.stage3"

@@ -100,8 +100,8 @@ def test_the_dram_tier_takes_parameters_then_gradients_then_whole_sub_groups_whi
     from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    from deepspeed_fuyou.integration.param_swapper import FuyouParamSwapper
     from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
-    from deepspeed_fuyou.swap.param_swapper import FuyouParamSwapper
 
     paths = (tmp_path / "a", tmp_path / "b")
     placement = {"host_memory": 3 * MiB + MiB // 2}

@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from deepspeed_fuyou.activations.offloader import ActivationOffloader, ActivationStats, find_layers
+from deepspeed_fuyou.activations.offloader import ActivationOffloader, ActivationStats
 from deepspeed_fuyou.config.fuyou import ActivationOptions, default_pinned_budget
 from deepspeed_fuyou.config.sizes import parse_size
 from deepspeed_fuyou.io.engine import IOEngine, IOOptions
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
 
-__all__ = ["ActivationOffloader", "ActivationStats", "find_layers", "offload_activations", "offload_module"]
+__all__ = ["ActivationOffloader", "ActivationStats", "offload_activations", "offload_module"]
 
 _offloaders: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[Any, ...], _Offload]] = weakref.WeakKeyDictionary()
 

@@ -51,11 +51,9 @@ from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
+from deepspeed_fuyou.plan.layers import HEAD, repeated_layers
 
 log = logging.getLogger(__name__)
-
-HEAD = -1
-"""Layer index of what is saved before the first layer (embeddings): its backward comes last."""
 
 
 @dataclass
@@ -168,18 +166,6 @@ class _Saved:
         return torch.empty(0, dtype=self.dtype, device=storage.device).set_(storage, offset, self.shape, self.stride)
 
 
-def find_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks: the ModuleList holding the most parameters (decoder layers of a causal LM)."""
-    best: list[torch.nn.Module] = []
-    best_params = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
-            params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())  # ZeRO-3: full size
-            if params > best_params:
-                best, best_params = list(module), params
-    return best
-
-
 class ActivationOffloader:
     """Offloads the activations of `model`'s forward passes run inside `with offloader:` (or `offload_module`).
 
@@ -213,7 +199,7 @@ class ActivationOffloader:
         self._in_flight: list[_Record] = []
         self._unreported_failure: BaseException | None = None  # of a transfer finished after its last reader went
         self._by_storage: weakref.WeakValueDictionary[int, _Record] = weakref.WeakValueDictionary()
-        self._layers = find_layers(model)
+        self._layers = repeated_layers(model)
         self._layer = HEAD
         self._layer_started = 0.0
         layer_params = {id(p) for layer in self._layers for p in layer.parameters()}

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from deepspeed_fuyou.cli.args import add_model_arguments, read_ds_config
 from deepspeed_fuyou.config.checks import FuyouConfigWarning
-from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
+from deepspeed_fuyou.config.fuyou import BLOCK
 from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.plan.preflight import load_fuyou_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FuyouConfigWarning)
         try:
-            config = FuyouConfig.from_ds_config(ds_config)
+            config = load_fuyou_config(ds_config)
         except FuyouConfigError as err:
             print(f"{path}: {len(err.problems)} problem(s):", file=sys.stderr)
             for problem in err.problems:

@@ -2,24 +2,24 @@
 
 DeepSpeed keeps unknown top-level keys without looking at them, so everything under `"fuyou"` is ours to validate:
 a misspelt key or an impossible value is a FuyouConfigError that names the JSON path, before anything is allocated.
-`FuyouConfig.from_ds_config` is the one entry point: it parses the block, checks the DeepSpeed fields fuyou relies
-on and, unless `estimator.validate` is off, the machine (see `config.checks`), and reports every problem at once.
+`FuyouConfig.from_ds_config` parses the block, checks the DeepSpeed fields fuyou relies on and whatever machine
+checks it is given (`plan.preflight.load_fuyou_config` gives this machine's), and reports every problem at once.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, StrictBool, StrictInt, field_validator
 
 from deepspeed_fuyou.config import checks
+from deepspeed_fuyou.config.io_options import IOOptions
 from deepspeed_fuyou.config.schema import FuyouModel, Size, SizeOrAuto, invalid
 from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.errors import FuyouConfigError
-from deepspeed_fuyou.io.engine import IOOptions
 
 BLOCK = "fuyou"
 MIN_PINNED_MEMORY = 16 << 20
@@ -105,7 +105,7 @@ def norm_needed_before_step(gradient_clipping: float, fp16: bool) -> str | None:
 
 
 class PlacementOptions(FuyouModel):
-    """`fuyou.placement`: which swap files live in host memory instead of on the SSD (`swap.host_tier`).
+    """`fuyou.placement`: which swap files live in host memory instead of on the SSD (`plan.host_tier`).
 
     `host_memory` is a budget for them, filled with what saves the most SSD traffic per byte held: low-precision
     parameter partitions (three transfers a step), then gradients (two), then whole optimizer sub-groups (two);
@@ -186,12 +186,17 @@ class FuyouConfig(FuyouModel):
         return budget
 
     @classmethod
-    def from_ds_config(cls, ds_config: Mapping[str, Any], ssd_bytes: int | None = None) -> FuyouConfig | None:
+    def from_ds_config(
+        cls,
+        ds_config: Mapping[str, Any],
+        machine_problems: Callable[[FuyouConfig], list[FuyouConfigError]] | None = None,
+    ) -> FuyouConfig | None:
         """The block of a DeepSpeed config dict, or None when it has none (then DeepSpeed runs as stock).
 
         Raises one FuyouConfigError listing every problem: of the block, of the DeepSpeed fields it depends on and,
-        with `estimator.validate` on, of this machine (`ssd_bytes`, when known, is checked against free space).
-        A block that is there but not an object (`"fuyou": null` included) is a problem, never stock DeepSpeed.
+        with `estimator.validate` on, what `machine_problems` finds (`plan.preflight.load_fuyou_config` passes this
+        machine's checks; the schema itself knows no machine). A block that is there but not an object
+        (`"fuyou": null` included) is a problem, never stock DeepSpeed.
         """
         if BLOCK not in ds_config:
             return None
@@ -210,9 +215,9 @@ class FuyouConfig(FuyouModel):
             config = cls._without_bad_keys(block, block_problems)
         if config is not None:
             problems += _optimizer_problems(config, ds_config)
-        if config is not None and config.estimator.validate_at_start:
+        if config is not None and config.estimator.validate_at_start and machine_problems is not None:
             reported = {_key_of(problem.field) for problem in block_problems}
-            problems += [p for p in checks.machine_problems(config, ssd_bytes) if _key_of(p.field) not in reported]
+            problems += [p for p in machine_problems(config) if _key_of(p.field) not in reported]
         problems[:0] = block_problems
         if problems:
             raise FuyouConfigError.combine(problems)

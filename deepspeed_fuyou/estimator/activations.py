@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from deepspeed_fuyou.activations.offloader import HEAD, find_layers
 from deepspeed_fuyou.config.fuyou import ActivationOptions
+from deepspeed_fuyou.plan.layers import HEAD, repeated_layers
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class SavedTensors:
     storages: int  # how many distinct storages
     largest: int  # bytes of the largest one (the unit activation offload moves at once)
     loss: torch.Tensor
-    layers: int = 0  # repeated blocks found (see activations.find_layers)
+    layers: int = 0  # repeated blocks found (see plan.layers.repeated_layers)
     by_layer: tuple[tuple[int, int], ...] = ()  # (layer saved in, bytes) per storage; -1 before the first layer
 
     def resident_with_offload(self, options: ActivationOptions) -> int:
@@ -76,7 +76,7 @@ def saved_tensors(model: torch.nn.Module, input_ids: torch.Tensor) -> SavedTenso
     and in which layer (the unit activation offload keeps, prefetches and measures)."""
     parameters = {storage_key(p) for p in model.parameters()}
     saved: dict[int, tuple[int, int]] = {}
-    layers = find_layers(model)
+    layers = repeated_layers(model)
     current = [HEAD]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:

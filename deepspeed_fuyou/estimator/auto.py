@@ -32,8 +32,8 @@ from deepspeed_fuyou.config.fuyou import BLOCK, MIN_PINNED_MEMORY, default_pinne
 from deepspeed_fuyou.config.sizes import format_size, parse_size
 from deepspeed_fuyou.estimator.estimate import Estimate, Machine, RatesSource, estimate
 from deepspeed_fuyou.estimator.model import ModelSpec, build_fake_model, load_model_config
-from deepspeed_fuyou.estimator.zero_layout import TrainingSetup
-from deepspeed_fuyou.swap.sizing import aligned
+from deepspeed_fuyou.plan.sizing import aligned
+from deepspeed_fuyou.plan.zero_layout import TrainingSetup
 
 PREFETCH_DEPTHS = (2, 1, 0)
 PROPOSAL_GRANULE = 1 << 20  # proposed sizes are whole MiB, so that they read as sizes

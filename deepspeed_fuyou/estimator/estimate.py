@@ -18,15 +18,16 @@ from typing import Any
 
 import torch
 
-from deepspeed_fuyou.config.checks import machine_problems
 from deepspeed_fuyou.config.fuyou import MIN_PINNED_MEMORY, EstimatorOptions
 from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.estimator.memory import DEVICES, ModelFacts, Plan, fuyou_plan, stock_plan, stock_window
 from deepspeed_fuyou.estimator.model import FakeModel, ModelSpec, build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.rates import MachineRates, compute_rates, ssd_rates
 from deepspeed_fuyou.estimator.step_time import StepShape, StepTime, model_step_time
-from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout
-from deepspeed_fuyou.swap.sizing import layer_numel, repeated_layers, stage3_overrides
+from deepspeed_fuyou.plan.layers import repeated_layers
+from deepspeed_fuyou.plan.preflight import machine_problems
+from deepspeed_fuyou.plan.sizing import layer_numel, stage3_overrides
+from deepspeed_fuyou.plan.zero_layout import TrainingSetup, ZeroLayout
 
 RUNTIME_OVERHEAD_HOST = 400 << 20
 """Pageable host memory of the training process before any model state: Python, torch, DeepSpeed, transformers

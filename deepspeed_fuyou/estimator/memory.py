@@ -15,12 +15,11 @@ from dataclasses import asdict, dataclass, field
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import SavedTensors
-from deepspeed_fuyou.estimator.zero_layout import TrainingSetup, ZeroLayout
 from deepspeed_fuyou.io.engine import ALIGNMENT, checksum_table_bytes
-from deepspeed_fuyou.swap.host_tier import HostTier
-from deepspeed_fuyou.swap.sizing import aligned, pool_budgets, read_ahead_plan, step_slot
+from deepspeed_fuyou.plan.host_tier import HostTier
+from deepspeed_fuyou.plan.sizing import aligned, pool_budgets, read_ahead_plan, step_slot
+from deepspeed_fuyou.plan.zero_layout import FP32, TrainingSetup, ZeroLayout
 
-FP32 = 4
 COMPONENTS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "temporaries", "overhead")
 DEVICES = ("gpu", "pinned_host", "pageable_host", "ssd")
 
@@ -79,7 +78,7 @@ class Plan:
 
 
 def stock_window(zero) -> dict[str, int]:
-    """Stage 3's gather and reduce limits as the DeepSpeed config sets them (fuyou replaces them, see swap.sizing)."""
+    """Stage 3's gather and reduce limits as the DeepSpeed config sets them (fuyou replaces them, see plan.sizing)."""
     return {"max_live_parameters": zero.max_live_parameters, "reduce_bucket_size": zero.reduce_bucket_size}
 
 
@@ -164,24 +163,6 @@ def stock_plan(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts) -> P
     return plan
 
 
-def fuyou_swap_files(layout: ZeroLayout, itemsize: int, optimizer_states: int) -> dict[str, list[int]]:
-    """Bytes of each file our swappers write, by what it holds: a file per parameter partition of at least a page
-    (smaller ones stay in memory), and per sub-group one for the master weights, one per optimizer state and one
-    for the gradients."""
-    per_sub_group = [n * FP32 for n in layout.sub_group_numels if n * FP32 >= ALIGNMENT]
-    return {
-        "parameters": [nbytes for _, nbytes in _parameter_files(layout, itemsize)],
-        "optimizer_states": (1 + optimizer_states) * per_sub_group,
-        "gradients": per_sub_group,
-    }
-
-
-def _parameter_files(layout: ZeroLayout, itemsize: int) -> list[tuple[int, int]]:
-    """(full elements, partition bytes) of each parameter whose partition gets a file: one of at least a page."""
-    pairs = zip(layout.full, layout.partitions, strict=True)
-    return [(full, n * itemsize) for full, n in pairs if n * itemsize >= ALIGNMENT]
-
-
 def fuyou_plan(
     layout: ZeroLayout,
     setup: TrainingSetup,
@@ -197,7 +178,7 @@ def fuyou_plan(
     _accelerator(plan, layout, setup, facts, window)
     if _device(setup.zero.offload_optimizer) != "nvme":  # on NVMe, gradients stream to their sub-group files
         _host_gradient_buffer(plan, layout, setup)
-    files = fuyou_swap_files(layout, setup.itemsize, setup.optimizer_states)
+    files = layout.swap_files(setup.itemsize, setup.optimizer_states)
     if setup.overlap == "backward" and setup.gradient_accumulation_steps == 1:
         files["gradients"] = []  # kept in pinned memory from backward to their step, never written
     placed = place_in_host_tier(files, setup.optimizer_states, host_tier_budget)
@@ -213,7 +194,7 @@ def fuyou_plan(
                 _stripe(plan, component, nbytes, setup.fuyou.io.block_size, nvme_paths)
                 plan.swapped[component] = plan.swapped.get(component, 0) + nbytes
     threshold = setup.zero.param_persistence_threshold
-    for (full, nbytes), here in zip(_parameter_files(layout, setup.itemsize), placed["parameters"], strict=True):
+    for (full, nbytes), here in zip(layout.parameter_files(setup.itemsize), placed["parameters"], strict=True):
         if full <= threshold and not here:
             plan.swapped["persistent_parameters"] = plan.swapped.get("persistent_parameters", 0) + nbytes
     if setup.itemsize == FP32:
@@ -234,7 +215,7 @@ def read_ahead(
     ("read_ahead_states") and of states written during the next backward ("written_behind_states"); and the pool's
     peak."""
     assert setup.fuyou is not None
-    numels = [n for n in layout.sub_group_numels if n * FP32 >= ALIGNMENT]
+    numels = layout.swapped_sub_group_numels
     gradient_files = [not here for here in placed["gradients"]] if files["gradients"] else [False] * len(numels)
     plan = read_ahead_plan(
         numels,
@@ -268,7 +249,7 @@ def _parameters_in_masters(layout: ZeroLayout, placed: dict[str, list[bool]]) ->
 
 
 def place_in_host_tier(files: dict[str, list[int]], optimizer_states: int, budget: int) -> dict[str, list[bool]]:
-    """Which of `fuyou_swap_files` the DRAM tier holds: reserved in the order training reserves them (`HostTier`):
+    """Which of `ZeroLayout.swap_files` the DRAM tier holds: reserved in the order training reserves them (`HostTier`):
     parameters, then gradients, then each sub-group's master and states together."""
     tier = HostTier(budget)
     placed = {

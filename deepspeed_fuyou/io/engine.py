@@ -12,22 +12,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, StrictBool, StrictInt, field_validator
 
-from deepspeed_fuyou.config.schema import FuyouModel, Size, invalid
+from deepspeed_fuyou.config.io_options import ALIGNMENT, IOOptions
 from deepspeed_fuyou.errors import FuyouConfigError, FuyouIOError
 from deepspeed_fuyou.io import native
 from deepspeed_fuyou.trace import TRACE
 
 log = logging.getLogger(__name__)
 
-ALIGNMENT: int = native.ALIGNMENT
-MAX_BLOCK_SIZE = 64 << 20
-MAX_QUEUE_DEPTH = 1024
-MAX_THREADS = 64
 
 CHECKSUM_BYTES_PER_CHUNK = 5
 """Host bytes `io.verify` keeps per 4 KiB of each file the engine writes: a CRC32C and a "known" flag
@@ -41,32 +35,6 @@ def checksum_table_bytes(file_bytes: int) -> int:
 
 # Directories already announced as lacking O_DIRECT: the fallback is logged once per directory, not per request.
 _announced_fallback_dirs: set[str] = set()
-
-
-class IOOptions(FuyouModel):
-    """The `"fuyou".io` block: which kernel interface moves the bytes, and how much is in flight."""
-
-    json_path: ClassVar[str] = "fuyou.io"
-
-    engine: Literal["auto", "aio", "io_uring", "threads"] = "auto"
-    block_size: Size = Field(1 << 20, examples=["1MiB"])
-    # Upper bounds: past them nothing gets faster, and the engine would try to allocate what no machine has (a
-    # queue slot per request in flight, a bounce buffer of `block_size` per unaligned transfer) or start threads by
-    # the thousand.
-    queue_depth: StrictInt = Field(32, ge=1, le=MAX_QUEUE_DEPTH, examples=[32])
-    threads: StrictInt = Field(4, ge=1, le=MAX_THREADS, examples=[4])
-    # true: a CRC32C of every 4 KiB written, checked when it is read back, so a byte the SSD (or anyone) changed
-    # fails the read that would have trained on it. false: no checksums (to measure what they cost).
-    verify: StrictBool = Field(True, examples=[True])
-
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, block: int) -> int:
-        if block < ALIGNMENT or block & (block - 1):
-            raise invalid(f"must be a power of two of at least {ALIGNMENT} bytes", 'use e.g. "1MiB"')
-        if block > MAX_BLOCK_SIZE:
-            raise invalid(f"is larger than {MAX_BLOCK_SIZE >> 20} MiB, which no SSD needs", 'use e.g. "1MiB"')
-        return block
 
 
 CORRUPTION_FIX = (

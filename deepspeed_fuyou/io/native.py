@@ -2,6 +2,8 @@
 
 import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
 
+from deepspeed_fuyou.config.io_options import ALIGNMENT
+
 try:
     from deepspeed_fuyou import _C
 except ImportError as err:  # pragma: no cover - only on a broken install
@@ -10,7 +12,9 @@ except ImportError as err:  # pragma: no cover - only on a broken install
         "'pip install --no-build-isolation -e .' with libaio-dev installed"
     ) from err
 
-ALIGNMENT: int = _C.ALIGNMENT
+if _C.ALIGNMENT != ALIGNMENT:  # pragma: no cover - only if csrc/fuyou/common.h changes alone
+    raise ImportError(f"deepspeed_fuyou._C aligns to {_C.ALIGNMENT} bytes, the Python side to {ALIGNMENT}: rebuild")
+
 BOUNCE_BLOCKS_PER_WORKER: int = _C.BOUNCE_BLOCKS_PER_WORKER
 Engine = _C.Engine
 Request = _C.Request

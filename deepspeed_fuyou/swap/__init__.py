@@ -1,2 +1,3 @@
-"""The ZeRO-3 swap path: parameter and optimizer swappers on the fuyou I/O engine and pinned pool, and the stage-3
-optimizer subclass that uses them."""
+"""The ZeRO-3 swap path's runtime on the fuyou I/O engine and pinned pool: the swap runtime, the optimizer
+swapper, the step thread and the registry of pending parameter updates. The DeepSpeed subclasses that use them (the
+stage-3 optimizer, the parameter swapper) live in `integration`."""

@@ -47,8 +47,8 @@ import torch
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.io.native import crc32c
+from deepspeed_fuyou.plan.sizing import read_ahead_plan, step_slot
 from deepspeed_fuyou.swap.runtime import SwapRuntime, gradient_file, optimizer_file
-from deepspeed_fuyou.swap.sizing import read_ahead_plan, step_slot
 from deepspeed_fuyou.trace import TRACE
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
+from deepspeed_fuyou.plan.host_tier import HostTier
+from deepspeed_fuyou.plan.sizing import aligned, pool_budgets
 from deepspeed_fuyou.swap.host_heap import install_host_cache
-from deepspeed_fuyou.swap.host_tier import HostTier
-from deepspeed_fuyou.swap.sizing import aligned, pool_budgets
 from deepspeed_fuyou.swap.updates import PendingUpdates
 from deepspeed_fuyou.trace import start_from_environment
 

@@ -28,10 +28,10 @@ from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import Partitio
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartitionedParameterSwapper
 from deepspeed.runtime.swap_tensor.pipelined_optimizer_swapper import PipelinedOptimizerSwapper
 
+from deepspeed_fuyou.integration.param_swapper import FuyouParamSwapper
+from deepspeed_fuyou.integration.zero_optimizer import FuyouZeroOptimizer
 from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
-from deepspeed_fuyou.swap.param_swapper import FuyouParamSwapper
 from deepspeed_fuyou.swap.runtime import SwapRuntime
-from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
 
 MAIN_JOB = Path(__file__).resolve().parents[2] / "scripts" / "finetune.py"
 FUYOU_CLASSES = (SwapRuntime, FuyouParamSwapper, FuyouOptimizerSwapper, FuyouZeroOptimizer)

@@ -40,9 +40,10 @@ from deepspeed.runtime.zero import partition_parameters, partitioned_param_coord
 from packaging.version import Version
 
 from deepspeed_fuyou import checkpoints
-from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig
+from deepspeed_fuyou.config.fuyou import BLOCK
 from deepspeed_fuyou.distributed import clean_up_when_stopped
 from deepspeed_fuyou.errors import FuyouError
+from deepspeed_fuyou.plan.preflight import load_fuyou_config
 
 SUPPORTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))  # [low, high): the versions whose internals we checked
 
@@ -156,11 +157,11 @@ def _load_checkpoint(self: Any, load_dir: str, tag: Any = None, *args: Any, **kw
 
 def parameter_swapper(ds_config: Any, model_dtype: Any) -> Any:
     """Factory in place of `AsyncPartitionedParameterSwapper(ds_config, model_dtype)` inside `zero.Init`."""
-    config = FuyouConfig.from_ds_config(ds_config._param_dict)
+    config = load_fuyou_config(ds_config._param_dict)
     if config is None:
         return STOCK_PARAM_SWAPPER(ds_config, model_dtype)
     # The swappers are imported on first use: they import DeepSpeed, whose import may be what is registering us.
-    from deepspeed_fuyou.swap.param_swapper import FuyouParamSwapper
+    from deepspeed_fuyou.integration.param_swapper import FuyouParamSwapper
     from deepspeed_fuyou.swap.runtime import SwapRuntime
 
     clean_up_when_stopped()
@@ -171,7 +172,7 @@ def zero3_optimizer(module: Any, init_optimizer: Any, param_names: Any, *args: A
     """Factory in place of `DeepSpeedZeroOptimizer_Stage3(...)` inside the engine."""
     if BLOCK not in kwargs["ds_config"]:  # FuyouZeroOptimizer validates the block itself (null is an error)
         return STOCK_STAGE3(module, init_optimizer, param_names, *args, **kwargs)
-    from deepspeed_fuyou.swap.zero_optimizer import FuyouZeroOptimizer
+    from deepspeed_fuyou.integration.zero_optimizer import FuyouZeroOptimizer
 
     clean_up_when_stopped()
     return FuyouZeroOptimizer(module, init_optimizer, param_names, *args, **kwargs)

@@ -12,6 +12,7 @@ import torch
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig, OverlapMode, overlap_mode
 from deepspeed_fuyou.io.engine import ALIGNMENT
+from deepspeed_fuyou.plan.layers import repeated_layers
 
 PREFETCH_SHARE = 0.5
 """Share of the pinned budget for what forward and backward hold (parameter reads in flight, activations); the rest
@@ -128,11 +129,6 @@ _WINDOW_KEYS = {
     "max_reuse_distance": ("stage3_max_reuse_distance", "max_reuse_distance"),
     "reduce_bucket_size": ("reduce_bucket_size",),
 }
-
-
-def repeated_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's layers: the blocks of its longest `ModuleList` (a transformer's decoder layers), [] if none."""
-    return list(max((m for m in module.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[]))
 
 
 def layer_numel(module: torch.nn.Module) -> int:

@@ -16,6 +16,10 @@ import torch
 
 from deepspeed_fuyou.config.fuyou import BLOCK, FuyouConfig, overlap_mode
 from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.io.engine import ALIGNMENT
+from deepspeed_fuyou.plan.preflight import load_fuyou_config
+
+FP32 = 4  # bytes of the master weights, optimizer states and gradient files, whatever the training dtype
 
 DS_AIO_ALIGNED_BYTES = 1024
 """Stock swap files pad every tensor to this many bytes times the aio `intra_op_parallelism`."""
@@ -95,7 +99,7 @@ class TrainingSetup:
         aio = ds_config.get("aio") or {}
         grad_accum = (ds_config.get("data_types") or {}).get("grad_accum_dtype")
         if fuyou is None and BLOCK in ds_config:
-            fuyou = FuyouConfig.from_ds_config(ds_config)
+            fuyou = load_fuyou_config(ds_config)
         return cls(
             zero=zero,
             fuyou=fuyou,
@@ -156,3 +160,24 @@ class ZeroLayout:
     def largest_sub_group_full(self) -> int:
         """Full (unpartitioned) elements of the largest sub-group: stock sizes some host buffers by it."""
         return max(sum(self.full[i] for i in group) for group in self.groups)
+
+    @property
+    def swapped_sub_group_numels(self) -> list[int]:
+        """Elements of each sub-group whose fp32 tensors get files (those of at least a page), in order."""
+        return [n for n in self.sub_group_numels if n * FP32 >= ALIGNMENT]
+
+    def swap_files(self, itemsize: int, optimizer_states: int) -> dict[str, list[int]]:
+        """Bytes of each file fuyou's swappers write, by what it holds: a file per parameter partition of at least
+        a page (smaller ones stay in memory), and per sub-group one for the master weights, one per optimizer state
+        and one for the gradients."""
+        per_sub_group = [n * FP32 for n in self.swapped_sub_group_numels]
+        return {
+            "parameters": [nbytes for _, nbytes in self.parameter_files(itemsize)],
+            "optimizer_states": (1 + optimizer_states) * per_sub_group,
+            "gradients": per_sub_group,
+        }
+
+    def parameter_files(self, itemsize: int) -> list[tuple[int, int]]:
+        """(full elements, partition bytes) of each parameter whose partition gets a file: one of at least a page."""
+        pairs = zip(self.full, self.partitions, strict=True)
+        return [(full, n * itemsize) for full, n in pairs if n * itemsize >= ALIGNMENT]

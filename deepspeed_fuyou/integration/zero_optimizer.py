@@ -10,7 +10,7 @@ Only what differs is overridden (DeepSpeed's `SuperOffloadOptimizer_Stage3` is t
 - free heap is returned to the kernel after set-up and after each step (`host_heap`), so RSS stays near what is live;
 - sub-groups are capped so that three of them (prefetch, step, write-back) fit in the pinned budget;
 - `fuyou.params.prefetch_layers` sets how many parameters stage 3 keeps gathered and prefetches, in layers of the
-  model (see `swap.sizing`), unless the config sets DeepSpeed's own knobs explicitly;
+  model (see `plan.sizing`), unless the config sets DeepSpeed's own knobs explicitly;
 - with `estimator.validate` on, the SSDs must have room for every swap file (the estimator's arithmetic) before
   the optimizer writes any;
 - checkpoints export and import our striped state through the folder DeepSpeed copies;
@@ -52,16 +52,16 @@ from deepspeed.runtime.utils import combine_grad_norm_groups, is_invalid_grad_no
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
 from deepspeed_fuyou.activations import ActivationOffloader
-from deepspeed_fuyou.config.checks import space_problems
-from deepspeed_fuyou.config.fuyou import FuyouConfig, overlap_mode
+from deepspeed_fuyou.config.fuyou import overlap_mode
 from deepspeed_fuyou.errors import FuyouConfigError, FuyouError
-from deepspeed_fuyou.estimator.memory import fuyou_swap_files
-from deepspeed_fuyou.estimator.zero_layout import OPTIMIZER_STATES, ZeroLayout
 from deepspeed_fuyou.integration import STOCK_STAGE3, gate_parameter_fetches, track_pending_steps
+from deepspeed_fuyou.plan.layers import repeated_layers
+from deepspeed_fuyou.plan.preflight import load_fuyou_config, space_problems
+from deepspeed_fuyou.plan.sizing import stage3_overrides
+from deepspeed_fuyou.plan.zero_layout import OPTIMIZER_STATES, ZeroLayout
 from deepspeed_fuyou.swap.host_heap import release_free_heap
 from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
 from deepspeed_fuyou.swap.runtime import SwapRuntime
-from deepspeed_fuyou.swap.sizing import repeated_layers, stage3_overrides
 from deepspeed_fuyou.swap.stepper import StepThread, hyperparameter_view, snapshot
 from deepspeed_fuyou.trace import TRACE, now_ns
 
@@ -77,7 +77,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
 
     def __init__(self, module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> None:
         # Set before the base constructor: it calls the overridden methods below.
-        self.fuyou_config = FuyouConfig.from_ds_config(kwargs["ds_config"])
+        self.fuyou_config = load_fuyou_config(kwargs["ds_config"])
         self.fuyou_runtime = SwapRuntime.for_config(self.fuyou_config)
         overrides = stage3_overrides(
             module, self.fuyou_config, kwargs["ds_config"], kwargs.get("sub_group_size", 10**12)
@@ -343,7 +343,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             [getattr(p, "ds_numel", p.numel()) for p in params], dist.get_world_size(group=dp_group), sub_group_size
         )
         states = OPTIMIZER_STATES.get(type(optimizer).__name__.lower(), 2)
-        files = fuyou_swap_files(layout, params[0].dtype.itemsize, states)
+        files = layout.swap_files(params[0].dtype.itemsize, states)
         swap = sum(sum(sizes) for sizes in files.values())
         problems = space_problems(self.fuyou_config, swap, export_bytes=sum(files["optimizer_states"]))
         if problems:

@@ -10,7 +10,7 @@ stage 3's optimizer), with three differences users feel:
 - with the optimizer stepping behind the forward (`optimizer.overlap: "forward"`), a partition whose sub-group is
   not yet stepped is not prefetched, a read of it waits for its update, and an update the step has just produced is
   taken from memory instead of its file (`SwapRuntime.updates`);
-- partitions placed in the DRAM tier (`fuyou.placement.host_memory`, `swap.host_tier`) live in a host tensor of
+- partitions placed in the DRAM tier (`fuyou.placement.host_memory`, `plan.host_tier`) live in a host tensor of
   their own, which stage 3 gathers from directly: no file, no read, no pinned buffer;
 - in fp32 training a partition on the SSD is the same bytes as its piece of its sub-group's master weights, so once
   the optimizer has written the masters it is read from there (`store_in`) and the step writes it only once, as
@@ -29,8 +29,8 @@ from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedP
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
+from deepspeed_fuyou.plan.sizing import aligned
 from deepspeed_fuyou.swap.runtime import SwapRuntime, parameter_file, swap_file_kind
-from deepspeed_fuyou.swap.sizing import aligned
 from deepspeed_fuyou.trace import TRACE
 
 PARAMETERS = swap_file_kind(parameter_file(0))  # how the swap counters count a partition's bytes, wherever stored
