@@ -145,12 +145,13 @@ def test_after_backward_no_file_buffer_or_record_is_left(ids: torch.Tensor, tmp_
             with offloader:
                 loss = model(input_ids=ids, labels=ids).loss
             assert files_under(offloader), "the pass's activations should be on the SSD during the step"
+            assert offloader.saved_storages > 0
             loss.backward()
             del loss
             assert files_under(offloader) == []
             assert offloader.stats.resident_bytes == 0
-            assert len(offloader._by_storage) == 0
-            assert offloader._in_flight == []
+            assert offloader.saved_storages == 0
+            assert offloader.transfers_in_flight == 0
     finally:
         offloader.close()
 
@@ -176,7 +177,7 @@ def test_thousands_of_steps_leak_nothing(tmp_path: Path) -> None:
         assert off.stats.offloaded >= 2000 * 2
         assert files_under(off) == []
         assert off.stats.resident_bytes == 0
-        assert len(off._by_storage) == 0
+        assert off.saved_storages == 0
 
 
 class _LaggingWrite:
@@ -203,7 +204,7 @@ def test_the_last_pass_file_goes_with_its_backward_even_when_its_writes_lag(
         assert files_under(off), "the writes are still in flight"
         loss.backward()  # forwards the live tensors: nothing needs the lagging writes any more
         assert files_under(off) == []
-        assert off._in_flight == []
+        assert off.transfers_in_flight == 0
         assert off.stats.resident_bytes == 0
 
 

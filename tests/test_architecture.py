@@ -18,7 +18,7 @@ CHAIN: tuple[frozenset[str], ...] = tuple(
     frozenset(rung)
     for rung in (
         {"errors"},
-        {"trace", "distributed", "checkpoints"},  # helpers that need nothing of the package but its errors
+        {"trace", "distributed", "checkpoints", "storages"},  # helpers that need nothing of the package but errors
         {"config"},  # the schema of the "fuyou" block, its I/O options included
         {"io"},  # the engine, the pinned pool, swap directories, and their compiled core (`_C`)
         {"plan"},  # what a config means on this machine: preflight, sizing, layers, ZeRO layout, DRAM tier

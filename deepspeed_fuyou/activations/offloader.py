@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from deepspeed_fuyou.activations.policy import Measurements, layers_to_keep
+from deepspeed_fuyou.activations.states import IN_FLIGHT, Where, successor
 from deepspeed_fuyou.activations.transfers import DeviceCopies, aligned_host_bytes, storage_bytes
 from deepspeed_fuyou.config.fuyou import ActivationOptions
 from deepspeed_fuyou.errors import FuyouIOError
@@ -52,6 +53,7 @@ from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
 from deepspeed_fuyou.plan.layers import HEAD, repeated_layers
+from deepspeed_fuyou.storages import WeakStorage, storage_key
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +73,6 @@ class ActivationStats:
     kept_layers: int = 0  # last layers the policy keeps in device memory (auto)
     resident_bytes: int = 0  # saved bytes the hooks hold in device memory now
     peak_resident_bytes: int = 0
-
-
-# Where a record's bytes are (the states of the transfer state machine).
-KEPT, COPYING, WRITING, STORED, READING, UPLOADING, RESTORED, FAILED = range(8)
-_IN_FLIGHT = (COPYING, WRITING, READING, UPLOADING)
 
 
 def _unlink(paths: list[str]) -> None:
@@ -107,8 +104,16 @@ class _Pass:
         _unlink(self.files)
 
 
+@dataclass
+class _Held:
+    """Device bytes a record holds: what the offloader's resident count gives back when the record goes."""
+
+    nbytes: int = 0
+
+
 class _Record:
-    """One saved storage of one forward pass, and where its bytes are."""
+    """One saved storage of one forward pass, and where its bytes are. When the last handle lets it go, its memory
+    goes, and with the pass's last record the pass's file (`ActivationOffloader._forget`)."""
 
     def __init__(self, owner: ActivationOffloader, fpass: _Pass, storage: torch.UntypedStorage, layer: int) -> None:
         self.owner = owner
@@ -116,8 +121,8 @@ class _Record:
         self.layer = layer
         self.nbytes = storage.nbytes()
         self.device = storage.device
-        self._weak = storage._weak_ref()  # keeps the storage's identity reserved, not its memory
-        self.state = KEPT
+        self._weak = WeakStorage(storage)
+        self.state = Where.KEPT
         self.source: torch.Tensor | None = None  # the storage's bytes, held while they must stay on the device
         self.host: torch.Tensor | None = None  # cpu tier: the copy; nvme tier: a staging buffer in transit
         self.offset = -1
@@ -126,27 +131,23 @@ class _Record:
         self.restored: torch.Tensor | None = None  # bytes back on the device, with their offset in their storage
         self.restored_delta = 0
         self.error: BaseException | None = None
-        self.resident = 0
+        self.held = _Held()  # its bytes in device memory now
         self.handles = 0  # _Saved handles the autograd graph still holds
         fpass.live += 1
+        finalizer = weakref.finalize(self, owner._forget, fpass, self.held, self._weak)
+        finalizer.atexit = False  # at exit the memory and the files go with the process and its swap directory
 
     def live_storage(self) -> torch.UntypedStorage | None:
         """The original storage if anything still holds it (forwarding), else None."""
         if self.source is not None:
             return self.source.untyped_storage()
-        if torch.UntypedStorage._expired(self._weak):
-            return None
-        return torch.UntypedStorage._new_with_weak_ptr(self._weak)  # None if it died since the line above
-
-    def __del__(self) -> None:
-        self.owner._forget(self)
-        torch.UntypedStorage._free_weak_ref(self._weak)
+        return self._weak.get()
 
 
 class _Saved:
     """What the autograd graph holds instead of a saved tensor: its record and how to rebuild the view."""
 
-    __slots__ = ("dtype", "kept", "offset", "record", "shape", "stride")
+    __slots__ = ("__weakref__", "dtype", "kept", "offset", "record", "shape", "stride")
 
     def __init__(self, record: _Record, tensor: torch.Tensor, kept: bool) -> None:
         self.record = record
@@ -156,9 +157,7 @@ class _Saved:
         self.stride = tensor.stride()
         self.offset = tensor.storage_offset()
         record.handles += 1
-
-    def __del__(self) -> None:
-        self.record.owner._release(self.record)
+        weakref.finalize(self, record.owner._release, record).atexit = False
 
     def view(self, storage: torch.UntypedStorage, delta: int = 0) -> torch.Tensor:
         """The saved tensor rebuilt on `storage`, whose bytes start `delta` bytes into it."""
@@ -305,12 +304,12 @@ class ActivationOffloader:
             self._reap()
             fpass = self._pass
             storage = tensor.untyped_storage()
-            record = self._by_storage.get(storage._cdata)
+            record = self._by_storage.get(storage_key(tensor))
             self.stats.saved += 1
             if record is not None and record.fpass is fpass:
                 self.stats.deduplicated += 1
             else:
-                record = self._by_storage[storage._cdata] = _Record(self, fpass, storage, self._layer)
+                record = self._by_storage[storage_key(tensor)] = _Record(self, fpass, storage, self._layer)
                 fpass.layers.setdefault(self._layer, []).append(weakref.ref(record))
                 if record.nbytes >= self.options.min_tensor_size:
                     fpass.layer_bytes[self._layer] = fpass.layer_bytes.get(self._layer, 0) + record.nbytes
@@ -318,7 +317,7 @@ class ActivationOffloader:
                     self._offload(record, storage)
                 else:  # every handle of a kept record holds its own tensor, and with it the storage
                     self._hold(record, record.nbytes)
-            return _Saved(record, tensor, kept=record.state == KEPT)
+            return _Saved(record, tensor, kept=record.state is Where.KEPT)
 
     @staticmethod
     def _may_offload(tensor: torch.Tensor) -> bool:
@@ -335,8 +334,8 @@ class ActivationOffloader:
         """Whether `tensor` shares its storage with a parameter of the layer being run (or of no layer)."""
         in_layer = 0 <= self._layer < len(self._layers)
         params = self._layers[self._layer].parameters() if in_layer else self._outside_params
-        key = tensor.untyped_storage()._cdata
-        return any(p.untyped_storage()._cdata == key for p in params)
+        key = storage_key(tensor)
+        return any(storage_key(p) == key for p in params)
 
     def _offloads(self, record: _Record) -> bool:
         if record.nbytes < self.options.min_tensor_size:
@@ -347,40 +346,64 @@ class ActivationOffloader:
 
     def _offload(self, record: _Record, storage: torch.UntypedStorage) -> None:
         """Starts moving the storage off the device; the record holds it until its bytes are safe elsewhere."""
-        source = storage_bytes(storage)
         self.stats.offloaded += 1
         self.stats.offloaded_bytes += record.nbytes
-        if self.options.tier == "cpu":
-            record.host = self._host_buffer(record.nbytes, pinned=record.device.type == "cuda")
-        elif record.device.type == "cuda":
-            record.host = self._staging(record.nbytes)
-        else:  # the nvme tier from host memory: write straight from the tensor
-            record.source = source
-            self._hold(record, record.nbytes)
-            self._write(record, source)
-            return
-        record.event = self._copies.to_host(source, record.host[: record.nbytes])
-        if record.event is None:  # a host "device": the copy is done
-            self._stored_on_host(record)
-        else:
-            record.source = source
-            self._hold(record, record.nbytes)
-            record.state = COPYING
-            self._in_flight.append(record)
+        self._move(record, source=storage_bytes(storage))
 
-    def _stored_on_host(self, record: _Record) -> None:
-        if self.options.tier == "cpu":
-            record.state = STORED
-            if record.device.type == "cpu":  # the host copy takes the place of the original in the same memory
-                self._hold(record, record.nbytes)
-        else:
-            self._write(record, record.host[: record.nbytes])
-
-    def _write(self, record: _Record, data: torch.Tensor) -> None:
-        record.offset = record.fpass.allocate(record.nbytes)
-        record.future = self.engine.write(data, record.fpass.files, record.offset)
-        record.state = WRITING
-        if record not in self._in_flight:
+    def _move(self, record: _Record, source: torch.Tensor | None = None) -> None:
+        """Takes `record` to its next state (`states.successor`): settles the transfer that has just finished and
+        starts the next one. `source` is the storage's bytes, for the first move."""
+        before = record.state
+        after = successor(before, self.options.tier, record.device.type == "cuda")
+        n = record.nbytes
+        if after is Where.COPYING:  # off a GPU: into pinned memory first
+            assert source is not None
+            cpu_tier = self.options.tier == "cpu"
+            record.host = self._host_buffer(n, pinned=True) if cpu_tier else self._staging(n)
+            record.event = self._copies.to_host(source, record.host[:n])
+            record.source = source
+            self._hold(record, n)
+        elif after is Where.WRITING:
+            if before is Where.KEPT:  # host memory: the engine writes straight from the tensor, which stays held
+                assert source is not None
+                record.source = data = source
+                self._hold(record, n)
+            else:
+                self._drop_source(record)
+                data = record.host[:n]
+            record.offset = record.fpass.allocate(n)
+            record.future = self.engine.write(data, record.fpass.files, record.offset)
+        elif after is Where.STORED:
+            if before is Where.KEPT:  # cpu tier on a host device: the copy takes the original's place in memory
+                assert source is not None
+                record.host = self._host_buffer(n, pinned=False)
+                record.host[:n].copy_(source)
+                self._hold(record, n)
+            else:
+                self._drop_source(record)
+                if before is Where.WRITING:
+                    record.host = None  # the staging buffer goes back to the pool
+        elif after is Where.READING:
+            if record.device.type == "cuda":
+                record.host = self._staging(n)
+                target = record.host[:n]
+            else:  # into new host memory, aligned for O_DIRECT, which then is the tensor's
+                target, record.restored_delta = aligned_host_bytes(n)
+                record.restored = target
+                self._hold(record, n)
+            record.future = self.engine.read(target, record.fpass.files, record.offset)
+        elif after is Where.UPLOADING:
+            record.restored, record.event = self._copies.to_device(record.host[:n], record.device)
+            self._hold(record, n)
+        elif before is Where.STORED:  # RESTORED, cpu tier on a host device: the host copy is the tensor
+            record.restored, record.restored_delta, record.host = record.host[:n], 0, None
+        elif before is Where.UPLOADING:  # RESTORED: the pinned buffer goes back; the event stays for users
+            record.host = None
+        if before is Where.STORED:
+            self.stats.reads += 1
+            self.stats.read_bytes += n
+        record.state = after
+        if after in IN_FLIGHT and record not in self._in_flight:
             self._in_flight.append(record)
 
     def _host_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:
@@ -413,12 +436,12 @@ class ActivationOffloader:
             if saved.kept is not None:
                 return saved.kept
             storage = record.live_storage()
-            if storage is not None and record.state != RESTORED:
+            if storage is not None and record.state is not Where.RESTORED:
                 self.stats.forwarded += 1
                 return saved.view(storage)
-            if record.state == STORED:
-                self._read(record)
-            if record.state in _IN_FLIGHT:
+            if record.state is Where.STORED:
+                self._move(record)
+            if record.state in IN_FLIGHT:
                 started = time.perf_counter()
                 self._advance(record, block=True)  # raises the transfer's error, if any
                 self.stats.waited_seconds += time.perf_counter() - started
@@ -433,74 +456,29 @@ class ActivationOffloader:
             for layer in range(index - 1, max(index - 1 - self.options.prefetch_layers, HEAD - 1), -1):
                 for ref in fpass.layers.get(layer, []):
                     record = ref()
-                    if record is not None and record.state == STORED and record.live_storage() is None:
-                        self._read(record)
-
-    def _read(self, record: _Record) -> None:
-        """Starts bringing a stored record back to its device."""
-        self.stats.reads += 1
-        self.stats.read_bytes += record.nbytes
-        if self.options.tier == "cpu":
-            self._upload(record)
-            return
-        if record.device.type == "cuda":
-            record.host = self._staging(record.nbytes)
-            target = record.host[: record.nbytes]
-        else:
-            target, record.restored_delta = aligned_host_bytes(record.nbytes)
-            record.restored = target
-            self._hold(record, record.nbytes)
-        record.future = self.engine.read(target, record.fpass.files, record.offset)
-        record.state = READING
-        self._in_flight.append(record)
-
-    def _upload(self, record: _Record) -> None:
-        """Host bytes -> device: on a GPU an async copy; on a host device the host copy is the tensor."""
-        assert record.host is not None
-        if record.device.type == "cpu":
-            record.restored, record.restored_delta = record.host[: record.nbytes], 0
-            record.host = None
-            record.state = RESTORED
-        else:
-            record.restored, record.event = self._copies.to_device(record.host[: record.nbytes], record.device)
-            record.state = UPLOADING
-            if record not in self._in_flight:
-                self._in_flight.append(record)
-        self._hold(record, record.nbytes)
+                    if record is not None and record.state is Where.STORED and record.live_storage() is None:
+                        self._move(record)
 
     # ----- the transfer state machine -------------------------------------------------------------------------
 
     def _advance(self, record: _Record, block: bool) -> None:
-        """Moves a record's transfer on as far as it can go (all the way with `block`); raises its I/O error."""
+        """Moves a record's transfers on as far as they can go (all the way with `block`); raises its I/O error."""
         try:
-            while record.state in _IN_FLIGHT:
-                if record.state in (COPYING, UPLOADING):
+            while record.state in IN_FLIGHT:
+                if record.state in (Where.COPYING, Where.UPLOADING):
                     assert record.event is not None
                     if not block and not record.event.query():
                         return
                     record.event.synchronize()
-                    if record.state == COPYING:
-                        self._drop_source(record)
-                        self._stored_on_host(record)
-                    else:
-                        record.host = None  # the pinned buffer goes back to the pool; the event stays for users
-                        record.state = RESTORED
                 else:
                     assert record.future is not None
                     if not block and not record.future.done():
                         return
                     record.future.wait()
                     record.future = None
-                    if record.state == WRITING:
-                        self._drop_source(record)
-                        record.host = None
-                        record.state = STORED
-                    elif record.device.type == "cuda":
-                        self._upload(record)
-                    else:
-                        record.state = RESTORED
+                self._move(record)
         except BaseException as err:
-            record.state, record.error = FAILED, err
+            record.state, record.error = Where.FAILED, err
             self._drop_source(record)
             record.host = record.restored = None
             raise
@@ -515,7 +493,7 @@ class ActivationOffloader:
             except BaseException as err:
                 failure = failure or err
                 continue
-            if record.state in _IN_FLIGHT:
+            if record.state in IN_FLIGHT:
                 still.append(record)
         self._in_flight = still
         if failure is not None:
@@ -528,8 +506,8 @@ class ActivationOffloader:
 
     def _hold(self, record: _Record, nbytes: int) -> None:
         """Sets the device bytes counted for `record` (resident saved bytes) and the peak."""
-        self.stats.resident_bytes += nbytes - record.resident
-        record.resident = nbytes
+        self.stats.resident_bytes += nbytes - record.held.nbytes
+        record.held.nbytes = nbytes
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.stats.resident_bytes)
 
     def _release(self, record: _Record) -> None:
@@ -549,11 +527,11 @@ class ActivationOffloader:
             finally:
                 self._in_flight = [other for other in self._in_flight if other is not record]
 
-    def _forget(self, record: _Record) -> None:
-        """A record's last handle is gone: its memory goes, and with the pass's last record, the pass's file."""
+    def _forget(self, fpass: _Pass, held: _Held, weak: WeakStorage) -> None:
+        """A record is gone (its finalizer): its memory goes, and with the pass's last record, the pass's file."""
+        weak.free()
         with self._lock:
-            self.stats.resident_bytes -= record.resident
-            fpass = record.fpass
+            self.stats.resident_bytes -= held.nbytes
             fpass.live -= 1
             if fpass.live == 0 and not fpass.open:
                 fpass.remove_files()
@@ -594,6 +572,18 @@ class ActivationOffloader:
         return nbytes / (written - started), nbytes / (done - written)
 
     # ----- end of life ----------------------------------------------------------------------------------------
+
+    @property
+    def saved_storages(self) -> int:
+        """Storages of forward passes that the autograd graphs still hold handles of (kept or moved)."""
+        with self._lock:
+            return len(self._by_storage)
+
+    @property
+    def transfers_in_flight(self) -> int:
+        """Copies, writes and reads started and not yet seen finished."""
+        with self._lock:
+            return len(self._in_flight)
 
     def flush(self) -> None:
         """Waits for every transfer in flight; raises the first failure."""

@@ -17,6 +17,7 @@ import torch
 
 from deepspeed_fuyou.config.fuyou import ActivationOptions
 from deepspeed_fuyou.plan.layers import HEAD, repeated_layers
+from deepspeed_fuyou.storages import storage_key
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,6 @@ class SavedTensors:
             else:
                 moved[layer] = moved.get(layer, 0) + nbytes
         return small, last, tail, moved
-
-
-def storage_key(tensor: torch.Tensor) -> int:
-    """Identity of the storage under `tensor`: the same for every view of it, real or fake."""
-    return tensor.untyped_storage()._cdata
 
 
 def saved_tensors(model: torch.nn.Module, input_ids: torch.Tensor) -> SavedTensors:
