@@ -31,9 +31,8 @@ after our forward has ended, keeps its activations on the device as usual.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
-import os
 import sys
 import threading
 import time
@@ -44,9 +43,15 @@ from typing import Any
 
 import torch
 
-from deepspeed_fuyou.activations.policy import Measurements, layers_to_keep
+from deepspeed_fuyou.activations.policy import layers_to_keep, measure
 from deepspeed_fuyou.activations.states import IN_FLIGHT, Where, successor
-from deepspeed_fuyou.activations.transfers import DeviceCopies, aligned_host_bytes, storage_bytes
+from deepspeed_fuyou.activations.transfers import (
+    DeviceCopies,
+    aligned_host_bytes,
+    remove_files,
+    storage_bytes,
+    tier_bandwidth,
+)
 from deepspeed_fuyou.config.fuyou import ActivationOptions
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
@@ -75,13 +80,6 @@ class ActivationStats:
     peak_resident_bytes: int = 0
 
 
-def _unlink(paths: list[str]) -> None:
-    """Removes the stripe members of a file; a member never written (a short file) does not exist."""
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 class _Pass:
     """The saved tensors of one forward pass: its own file on the SSDs, removed once backward has consumed them."""
 
@@ -101,7 +99,7 @@ class _Pass:
         return offset
 
     def remove_files(self) -> None:
-        _unlink(self.files)
+        remove_files(self.files)
 
 
 @dataclass
@@ -265,7 +263,9 @@ class ActivationOffloader:
             self._reap()
             if not self._measured and fpass.layer_bytes:  # a pass that saved nothing (no_grad) measures nothing
                 self._measured = True
-                self.stats.kept_layers = layers_to_keep(self._measure(fpass))
+                bandwidth = functools.partial(tier_bandwidth, self.options.tier, self.engine, self.space)
+                measured = measure(len(self._layers), fpass.layer_seconds, fpass.layer_bytes, bandwidth)
+                self.stats.kept_layers = layers_to_keep(measured)
                 log.info("fuyou: activation offload keeps the last %d layer(s) in place", self.stats.kept_layers)
 
     def _hook_layer(self, index: int, layer: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -535,41 +535,6 @@ class ActivationOffloader:
             fpass.live -= 1
             if fpass.live == 0 and not fpass.open:
                 fpass.remove_files()
-
-    # ----- measurement ----------------------------------------------------------------------------------------
-
-    def _measure(self, fpass: _Pass) -> Measurements:
-        layers = len(self._layers)
-        seconds = [fpass.layer_seconds.get(i, 0.0) for i in range(layers)]
-        per_layer = [fpass.layer_bytes.get(i, 0) for i in range(layers)]
-        write, read = self._bandwidth(max(per_layer, default=0))
-        return Measurements(
-            layers=layers,
-            forward_seconds_per_layer=sum(seconds) / max(layers, 1),
-            offloadable_bytes_per_layer=sum(per_layer) / max(layers, 1),
-            write_bytes_per_second=write,
-            read_bytes_per_second=read,
-        )
-
-    def _bandwidth(self, nbytes: int) -> tuple[float, float]:
-        """Write and read bandwidth of the tier, probed with one layer's worth of bytes (at least 16 MiB)."""
-        nbytes = max(nbytes, 16 << 20)
-        probe, _ = aligned_host_bytes(nbytes)
-        if self.options.tier == "cpu":
-            started = time.perf_counter()
-            torch.empty_like(probe).copy_(probe)
-            seconds = time.perf_counter() - started
-            return nbytes / seconds, nbytes / seconds
-        files = self.space.files(f"activations-probe-{os.getpid()}")
-        try:
-            started = time.perf_counter()
-            self.engine.write(probe, files).wait()
-            written = time.perf_counter()
-            self.engine.read(probe, files).wait()
-            done = time.perf_counter()
-        finally:
-            _unlink(files)
-        return nbytes / (written - started), nbytes / (done - written)
 
     # ----- end of life ----------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ time and bytes in the first forward pass (which keeps one layer while it measure
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 BACKWARD_TO_FORWARD = 2.0
@@ -43,3 +44,23 @@ def layers_to_keep(m: Measurements) -> int:
         movable_layers = window * bandwidth / m.offloadable_bytes_per_layer
         keep = max(keep, math.ceil(m.layers - movable_layers))
     return min(keep, m.layers)
+
+
+def measure(
+    layers: int,
+    layer_seconds: Mapping[int, float],
+    layer_bytes: Mapping[int, int],
+    bandwidth: Callable[[int], tuple[float, float]],
+) -> Measurements:
+    """The policy's inputs from one forward pass (seconds and offloadable bytes of each layer it ran) and the
+    tier's write and read `bandwidth`, probed with the largest layer's bytes."""
+    seconds = [layer_seconds.get(i, 0.0) for i in range(layers)]
+    per_layer = [layer_bytes.get(i, 0) for i in range(layers)]
+    write, read = bandwidth(max(per_layer, default=0))
+    return Measurements(
+        layers=layers,
+        forward_seconds_per_layer=sum(seconds) / max(layers, 1),
+        offloadable_bytes_per_layer=sum(per_layer) / max(layers, 1),
+        write_bytes_per_second=write,
+        read_bytes_per_second=read,
+    )

@@ -8,9 +8,17 @@ the tensors' memory (the I/O engine aligns what is not), which is the path CI ex
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+
 import torch
 
-from deepspeed_fuyou.io.engine import ALIGNMENT
+from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine
+from deepspeed_fuyou.io.swap_space import SwapSpace
+
+BANDWIDTH_PROBE_BYTES = 16 << 20
+"""The fewest bytes a bandwidth probe moves: fewer would time the request, not the bandwidth."""
 
 
 def storage_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -72,3 +80,33 @@ class DeviceCopies:
         current = torch.cuda.current_stream(tensor.device)
         current.wait_event(event)
         tensor.record_stream(current)
+
+
+def tier_bandwidth(tier: str, engine: IOEngine | None, space: SwapSpace | None, nbytes: int) -> tuple[float, float]:
+    """Write and read bytes per second of the tier, probed with `nbytes` (at least `BANDWIDTH_PROBE_BYTES`): a
+    host copy for the cpu tier, a write and a read through the engine for the nvme tier."""
+    nbytes = max(nbytes, BANDWIDTH_PROBE_BYTES)
+    probe, _ = aligned_host_bytes(nbytes)
+    if tier == "cpu":
+        started = time.perf_counter()
+        torch.empty_like(probe).copy_(probe)
+        seconds = time.perf_counter() - started
+        return nbytes / seconds, nbytes / seconds
+    assert engine is not None and space is not None
+    files = space.files(f"activations-probe-{os.getpid()}")
+    try:
+        started = time.perf_counter()
+        engine.write(probe, files).wait()
+        written = time.perf_counter()
+        engine.read(probe, files).wait()
+        done = time.perf_counter()
+    finally:
+        remove_files(files)
+    return nbytes / (written - started), nbytes / (done - written)
+
+
+def remove_files(paths: list[str]) -> None:
+    """Removes the stripe members of a file; a member never written (a short file) does not exist."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
