@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from deepspeed_fuyou.config import reference
 from deepspeed_fuyou.config.checks import FuyouConfigWarning
 from deepspeed_fuyou.errors import FuyouConfigError
 from deepspeed_fuyou.plan import preflight
@@ -217,3 +218,11 @@ def test_bounce_blocks_that_could_outgrow_host_memory_are_refused(swap: Path) ->
         load_fuyou_config(ds_config(swap, {**block, "estimator": {"host_memory": "1GiB"}}))
     assert caught.value.fields == ["fuyou.io.block_size"]
     assert "bounce" in caught.value.reason
+
+
+def test_the_readme_table_is_the_one_the_field_docstrings_generate() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert reference.with_table(readme) == readme, "run: python -m deepspeed_fuyou.config.reference --write README.md"
+    documented = {line.split("`")[1] for line in reference.block_table().splitlines()[2:]}
+    assert documented == {key for key, _ in reference.fields()}
+    assert {"io.verify", "estimator.validate", "optimizer.read_ahead", "host_cache"} <= documented

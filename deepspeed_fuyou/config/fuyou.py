@@ -53,40 +53,32 @@ class ParamsOptions(FuyouModel):
 
     json_path: ClassVar[str] = "fuyou.params"
     prefetch_layers: StrictInt = Field(2, ge=0, examples=[2])
+    """Integer >= 0: stage 3's parameter window in layers of the model; the layers after the one computing are read
+    ahead (`0`: each layer is read when it is needed), and the window's knobs follow from it."""
 
 
 OverlapMode = Literal["off", "backward", "forward"]
 
 
 class OptimizerOptions(FuyouModel):
-    """`fuyou.optimizer`: when the optimizer steps each sub-group, relative to compute.
-
-    `overlap`:
-    - "off": in `step()`, after backward, sub-group after sub-group as stock ZeRO-3 does (the next sub-group's state
-      is read and the previous one's written while one is stepped);
-    - "backward": each sub-group as soon as its gradients are final, on the step thread, while backward goes on
-      with earlier layers; its gradients never go to the SSD. Only where nothing needs the global gradient norm
-      before the first update: refused with `gradient_clipping` or fp16 loss scaling;
-    - "forward": `step()` takes the global norm and the overflow verdict, then returns; sub-groups are stepped on the
-      step thread behind the next forward, which waits only for the sub-group holding a parameter it fetches and
-      takes updated parameters from memory;
-    - "auto": "backward" where it is valid, else "forward".
-    Every mode gives the same numbers as stock DeepSpeed.
-
-    `read_ahead`: pinned memory, part of `pinned_memory`, that carries work across the end of backward in the modes
-    whose gradients go to the SSD ("off", "forward"): final gradients stay in it instead of making the round trip
-    through their files (the sub-groups stepped first first). What is left serves twice while backward runs, when
-    the SSD has time to spare: first the optimizer states of the last sub-groups, updated by the step, are written
-    from it (the step left them there instead of writing them while it was waited for), then the master weights
-    and states of the first sub-groups are read into it. The step then moves fewer bytes while the next forward
-    (or, with "off", compute) waits for it. 0: nothing is carried. In
-    "backward", whose gradients never go to the SSD and whose sub-groups are stepped during backward already,
-    nothing is carried: the step's pool gets this memory (larger sub-groups).
-    """
+    """`fuyou.optimizer`: when the optimizer steps each sub-group, relative to compute. Every mode gives the same
+    numbers as stock DeepSpeed."""
 
     json_path: ClassVar[str] = "fuyou.optimizer"
     overlap: Literal["auto", "off", "backward", "forward"] = "auto"
+    """`off`: in `step()`, after backward, sub-group after sub-group as stock ZeRO-3 does (the next sub-group's state
+    read and the previous one's written while one is stepped); `backward`: each sub-group as soon as its gradients
+    are final, on the step thread, while backward goes on with earlier layers, its gradients never on the SSD
+    (refused with `gradient_clipping` or fp16 loss scaling, which need the global norm first); `forward`: `step()`
+    takes the global norm and the overflow verdict and returns, and the sub-groups are stepped behind the next
+    forward, which waits only for the sub-group holding a parameter it fetches and takes updated parameters from
+    memory; `auto`: `backward` where it is valid, else `forward`."""
     read_ahead: Size = Field(0, examples=["2GiB", 0])
+    """Size, part of `pinned_memory`, that carries work across the end of backward with `off` and `forward`: final
+    gradients stay in it instead of going through their files (the sub-groups stepped first first); what is left
+    first holds the last sub-groups' optimizer states from the step until the next backward writes them, then takes
+    the first sub-groups' master weights and states, read during backward. `0`: nothing is carried. With `backward`
+    it enlarges the step's pool instead."""
 
     def mode(self, gradient_clipping: float, fp16: bool) -> OverlapMode:
         """The mode `overlap` selects for a run with this clipping threshold (0: none) and precision."""
@@ -105,17 +97,14 @@ def norm_needed_before_step(gradient_clipping: float, fp16: bool) -> str | None:
 
 
 class PlacementOptions(FuyouModel):
-    """`fuyou.placement`: which swap files live in host memory instead of on the SSD (`plan.host_tier`).
-
-    `host_memory` is a budget for them, filled with what saves the most SSD traffic per byte held: low-precision
-    parameter partitions (three transfers a step), then gradients (two), then whole optimizer sub-groups (two);
-    whatever does not fit stays on the SSD. `0`: everything on the SSD. A size: at most that much host memory.
-    `"auto"`: half of what the machine has available when training starts, after the pinned budget, so that the rest
-    stays for activations, gathered layers and everything else (`fuyou estimate` shows the placement and the peaks).
-    """
+    """`fuyou.placement`: which swap files live in host memory instead of on the SSD (`plan.host_tier`)."""
 
     json_path: ClassVar[str] = "fuyou.placement"
     host_memory: SizeOrAuto = Field(None, examples=["auto", "8GiB", 0])
+    """Size: at most that much host memory holds swap files, filled with what saves the most SSD traffic per byte
+    held (low-precision parameter partitions, three transfers a step; then gradients, two; then whole optimizer
+    sub-groups, two), the rest on the SSD; `0`: everything on the SSD; `auto`: half of the memory available at
+    start-up after the pinned budget (`fuyou estimate` shows the placement and the peaks)."""
 
     def budget(self, pinned_memory: int, available: int | None = None) -> int:
         """The bytes of host memory the tier may hold with `available` bytes of host memory (default: now, here)."""
@@ -129,9 +118,14 @@ class ActivationOptions(FuyouModel):
 
     json_path: ClassVar[str] = "fuyou.activations"
     offload: Literal["off", "auto", "all"] = "off"
+    """`off`: activations stay on the device; `all`: every saved storage of at least `min_tensor_size` is moved;
+    `auto`: as `all`, except the last layers whose reads backward could not hide (measured in the first forward)."""
     tier: Literal["cpu", "nvme"] = "nvme"
+    """`cpu`: host memory; `nvme`: files under `nvme_paths`."""
     min_tensor_size: Size = Field(4 << 20, examples=["4MiB"])
+    """Size: smaller saved storages stay on the device."""
     prefetch_layers: StrictInt = Field(2, ge=1, examples=[2])
+    """Integer >= 1: layers whose activations are read back ahead of backward."""
 
 
 class EstimatorOptions(FuyouModel):
@@ -140,9 +134,14 @@ class EstimatorOptions(FuyouModel):
     json_path: ClassVar[str] = "fuyou.estimator"
     # `validate` is a (deprecated) method name of pydantic's BaseModel, so the field takes it as its JSON alias.
     validate_at_start: StrictBool = Field(True, alias="validate", examples=[True])
+    """`true`: the machine checks run at start-up (swap directories, free space, host memory, the kernel's AIO room);
+    `false`: only the block and its DeepSpeed fields are checked."""
     gpu_memory: SizeOrAuto = Field(None, examples=["auto", "24GiB"])
+    """Size, or `auto` (detected): the accelerator memory the estimate checks its peak against."""
     host_memory: SizeOrAuto = Field(None, examples=["auto", "64GiB"])
+    """Size, or `auto` (detected): the host memory the checks and the estimate assume."""
     margin: float = Field(0.05, ge=0, lt=0.5, examples=[0.05])
+    """Fraction in [0, 0.5) of each memory kept free."""
 
     @property
     def host_memory_bytes(self) -> int:
@@ -152,16 +151,26 @@ class EstimatorOptions(FuyouModel):
 class FuyouConfig(FuyouModel):
     """The validated block. Immutable and hashable, so one process shares one I/O engine and pool per config."""
 
-    nvme_paths: tuple[Path, ...] = Field(examples=[["/mnt/nvme0"]])  # non-empty: see _paths_are_strings
+    nvme_paths: tuple[Path, ...] = Field(
+        examples=[["/mnt/nvme0"]], json_schema_extra={"default_text": "the `offload_*` `nvme_path`s"}
+    )
+    """Non-empty list of existing, writable directories, one per SSD: swap files are striped over all of them."""
     io: IOOptions = IOOptions()
-    pinned_memory: Size = Field(default_factory=default_pinned_budget, examples=["8GiB"])
+    pinned_memory: Size = Field(
+        default_factory=default_pinned_budget,
+        examples=["8GiB"],
+        json_schema_extra={"default_text": "a quarter of host memory, at most 8GiB"},
+    )
+    """Size >= 16MiB that fits host memory less the margin: the one budget of page-locked staging buffers, split
+    between the parameter window and the optimizer step."""
     params: ParamsOptions = ParamsOptions()
     optimizer: OptimizerOptions = OptimizerOptions()
     placement: PlacementOptions = PlacementOptions()
     activations: ActivationOptions = ActivationOptions()
     estimator: EstimatorOptions = EstimatorOptions()
-    # fuyou's CPU allocator for large tensors (swap.host_heap); off: glibc's heap, as in stock DeepSpeed
     host_cache: StrictBool = Field(True, examples=[False])
+    """`true`: CPU tensors of 128 KiB and more come from fuyou's caching allocator (see "Host memory"), so host
+    memory stays flat; `false`: glibc's heap, as in stock DeepSpeed."""
 
     @field_validator("nvme_paths", mode="before")
     @classmethod

@@ -27,15 +27,21 @@ class IOOptions(FuyouModel):
     json_path: ClassVar[str] = "fuyou.io"
 
     engine: Literal["auto", "aio", "io_uring", "threads"] = "auto"
+    """`auto`: Linux AIO with O_DIRECT, falling back to the pread/pwrite threads where AIO or O_DIRECT is missing;
+    `aio`, `io_uring`: that kernel interface or an error at start-up; `threads`: pread/pwrite on worker threads."""
     block_size: Size = Field(1 << 20, examples=["1MiB"])
+    """Size, a power of two from 4KiB to 64MiB: the largest piece one request moves; a file is striped over
+    `nvme_paths` in pieces of this size."""
     # Upper bounds: past them nothing gets faster, and the engine would try to allocate what no machine has (a
     # queue slot per request in flight, a bounce buffer of `block_size` per unaligned transfer) or start threads by
     # the thousand.
     queue_depth: StrictInt = Field(32, ge=1, le=MAX_QUEUE_DEPTH, examples=[32])
+    """Integer from 1 to 1024: requests each worker keeps in flight."""
     threads: StrictInt = Field(4, ge=1, le=MAX_THREADS, examples=[4])
-    # true: a CRC32C of every 4 KiB written, checked when it is read back, so a byte the SSD (or anyone) changed
-    # fails the read that would have trained on it. false: no checksums (to measure what they cost).
+    """Integer from 1 to 64: the engine's worker threads, each with its own queue."""
     verify: StrictBool = Field(True, examples=[True])
+    """`true`: a CRC32C of every 4 KiB the engine writes, checked on every read of it, so a byte the SSD (or anyone)
+    changed fails the read that would have trained on it; `false`: no checksums (to measure what they cost)."""
 
     @field_validator("block_size")
     @classmethod

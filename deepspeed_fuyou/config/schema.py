@@ -44,7 +44,7 @@ def invalid(reason: str, fix: str) -> PydanticCustomError:
 class FuyouModel(BaseModel):
     """A section of the block: immutable (so hashable), unknown keys rejected, errors as FuyouConfigError."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     json_path: ClassVar[str] = "fuyou"
     """Where this section sits in the DeepSpeed config, for the field names in errors."""
 
@@ -109,6 +109,11 @@ def _problem(detail: ErrorDetails, model: type[BaseModel], json_path: str) -> Fu
 def json_keys(model: type[BaseModel]) -> dict[str, FieldInfo]:
     """The keys a section accepts in JSON (a field's alias where it has one) and their fields."""
     return {info.alias or name: info for name, info in model.model_fields.items()}
+
+
+def size_field(info: FieldInfo) -> bool:
+    """Whether the field takes a size (`Size` or `SizeOrAuto`)."""
+    return any(getattr(meta, "func", None) in (_size, _size_or_auto) for meta in info.metadata)
 
 
 def _field_at(model: type[BaseModel], loc: list[str | int]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
