@@ -7,10 +7,14 @@ chain; units on the same rung do not import each other. Only `integration` reach
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+
+from deepspeed_fuyou.config.fuyou import FuyouConfig
+from deepspeed_fuyou.config.schema import json_keys
 
 PACKAGE = Path(__file__).resolve().parent.parent / "deepspeed_fuyou"
 
@@ -125,3 +129,21 @@ def test_only_integration_reaches_into_deepspeeds_runtime() -> None:
         if imported.startswith("deepspeed.runtime") and imported != DEEPSPEED_CONFIG_SCHEMA
     ]
     assert reaching == []
+
+
+def test_the_io_layer_names_no_setting_of_the_block() -> None:
+    """Errors of `io` name the setting their owner passed (a pool's `short_budget`, a swap space's `field`, the
+    options' own `json_path`), so the generic layer never needs to know the JSON schema."""
+    setting = re.compile(rf"\bfuyou\.({'|'.join(json_keys(FuyouConfig))})\b")
+    named = []
+    for path in sorted((PACKAGE / "io").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        documented = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef | ast.FunctionDef))]
+        docstrings = {id(node.body[0].value) for node in documented if ast.get_docstring(node) is not None}
+        named += [
+            f"{path.name}:{node.lineno} {node.value!r}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            if setting.search(node.value)
+        ]
+    assert named == []

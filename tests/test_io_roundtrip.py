@@ -124,7 +124,7 @@ def test_striping_over_three_directories_spreads_stripes_round_robin(engine: IOE
     dirs = [tmp_path / f"ssd{i}" for i in range(3)]
     for d in dirs:
         d.mkdir()
-    with SwapSpace(dirs) as space:
+    with SwapSpace(dirs, field="fuyou.nvme_paths") as space:
         paths = space.files("store")
         stripe = 64 << 10
         data = random_bytes(10 * stripe + 1234, seed=3)

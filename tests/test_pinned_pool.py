@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.errors import FuyouConfigError, FuyouError
 from deepspeed_fuyou.io import PinnedPool
+from deepspeed_fuyou.plan.sizing import pinned_budget_error
 
 MiB = 1 << 20
 
@@ -77,13 +78,23 @@ def test_exhausted_budget_blocks_until_another_thread_releases_a_buffer() -> Non
     assert stats.peak_reserved <= 4 * MiB
 
 
-def test_exhausted_budget_raises_a_config_error_after_the_timeout_naming_the_budget_to_set() -> None:
+def test_exhausted_budget_raises_after_the_timeout_naming_the_budget_it_needs() -> None:
     pool = PinnedPool(4 * MiB)
+    _held = pool.acquire(3 * MiB)
+    with pytest.raises(FuyouError, match=r"at least 5.00 MiB"):  # what is in use plus what was asked
+        pool.acquire(2 * MiB, timeout=0.2)
+
+
+def test_the_owner_of_a_pool_names_the_setting_its_budget_came_from() -> None:
+    pool = PinnedPool(4 * MiB, short_budget=pinned_budget_error("fuyou.pinned_memory", 8 * MiB, 0.5, "hold less"))
     _held = pool.acquire(3 * MiB)
     with pytest.raises(FuyouConfigError) as err:
         pool.acquire(2 * MiB, timeout=0.2)
-    assert err.value.field == "fuyou.pinned_memory"
-    assert "5.00 MiB" in err.value.fix  # what is in use plus what was asked
+    assert err.value.field == "fuyou.pinned_memory" and err.value.value == "8.00 MiB"  # the setting, not the share
+    assert err.value.fix == "raise fuyou.pinned_memory to at least 10.00 MiB, or hold less"
+    with pytest.raises(FuyouConfigError) as err:
+        pool.acquire(5 * MiB)  # larger than the whole pool: no other fix
+    assert err.value.fix == "raise fuyou.pinned_memory to at least 10.00 MiB"
 
 
 def test_free_bytes_split_between_buffers_in_use_are_named_as_such_when_a_request_times_out() -> None:
@@ -91,16 +102,16 @@ def test_free_bytes_split_between_buffers_in_use_are_named_as_such_when_a_reques
     pool.acquire(4 * MiB)  # one slab, the whole budget, free again
     pieces = [pool.acquire(MiB) for _ in range(4)]
     del pieces[1], pieces[2]  # 2 MiB free, as two 1 MiB holes between the buffers still held
-    with pytest.raises(FuyouConfigError) as err:
+    with pytest.raises(FuyouError) as err:
         pool.acquire(2 * MiB, timeout=0.2)
-    assert "2.00 MiB free in pieces too small" in err.value.reason
-    assert "6.00 MiB" in err.value.fix  # the slab it holds plus a new one of the size asked
+    assert "2.00 MiB free in pieces too small" in str(err.value)
+    assert "at least 6.00 MiB" in str(err.value)  # the slab it holds plus a new one of the size asked
 
 
 def test_a_buffer_larger_than_the_whole_budget_fails_at_once() -> None:
     pool = PinnedPool(MiB, timeout=3600)
     start = time.monotonic()
-    with pytest.raises(FuyouConfigError, match=re.escape("at least 2.00 MiB")):
+    with pytest.raises(FuyouError, match=re.escape("at least 2.00 MiB")):
         pool.acquire(2 * MiB)
     assert time.monotonic() - start < 1
 
@@ -166,7 +177,7 @@ def test_trim_unmaps_free_slabs() -> None:
 
 
 def test_invalid_pool_settings_are_rejected() -> None:
-    with pytest.raises(FuyouConfigError, match=re.escape("fuyou.pinned_memory")):
+    with pytest.raises(ValueError, match="positive budget"):
         PinnedPool(0)
     with pytest.raises(ValueError, match="lock"):
         PinnedPool(MiB, lock="sometimes")

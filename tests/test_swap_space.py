@@ -25,7 +25,7 @@ def test_each_root_gets_a_private_directory_with_files_readable_only_by_us(
     roots = [tmp_path / "a", tmp_path / "b"]
     for root in roots:
         root.mkdir()
-    with SwapSpace(roots) as space:
+    with SwapSpace(roots, field="fuyou.nvme_paths") as space:
         assert [d.parent for d in space.dirs] == roots
         assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in space.dirs)
         aio_engine.write(torch.randn(1 << 20), space.files("t")).wait()
@@ -37,7 +37,7 @@ def test_each_root_gets_a_private_directory_with_files_readable_only_by_us(
 
 def test_swap_directories_are_removed_at_interpreter_exit(tmp_path: Path) -> None:
     code = (
-        f"from deepspeed_fuyou.io import SwapSpace; s = SwapSpace([{str(tmp_path)!r}]); "
+        f"from deepspeed_fuyou.io import SwapSpace; s = SwapSpace([{str(tmp_path)!r}], field='fuyou.nvme_paths'); "
         "open(s.files('x')[0], 'w').write('data'); print(s.dirs[0])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -47,13 +47,14 @@ def test_swap_directories_are_removed_at_interpreter_exit(tmp_path: Path) -> Non
 
 def test_directories_of_killed_processes_are_removed_by_the_next_swap_space(tmp_path: Path) -> None:
     code = (
-        f"import os; from deepspeed_fuyou.io import SwapSpace; s = SwapSpace([{str(tmp_path)!r}]); "
+        "import os; from deepspeed_fuyou.io import SwapSpace; "
+        f"s = SwapSpace([{str(tmp_path)!r}], field='fuyou.nvme_paths'); "
         "print(s.dirs[0], flush=True); os._exit(0)"
     )  # no clean-up runs, like a kill
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     stale = Path(result.stdout.strip())
     assert stale.exists()
-    with SwapSpace([tmp_path]) as space:
+    with SwapSpace([tmp_path], field="fuyou.nvme_paths") as space:
         assert not stale.exists()
         assert space.dirs[0].exists()
 
@@ -67,7 +68,8 @@ def start_job_in_another_pid_namespace(root: Path) -> tuple[subprocess.Popen[str
     while _alive(free_here):
         free_here -= 1
     job_code = (
-        f"import sys; from deepspeed_fuyou.io import SwapSpace; s = SwapSpace([{str(root)!r}]); "
+        "import sys; from deepspeed_fuyou.io import SwapSpace; "
+        f"s = SwapSpace([{str(root)!r}], field='fuyou.nvme_paths'); "
         "print(s.dirs[0], flush=True); sys.stdin.read()"
     )
     # The shell is PID 1 there; it sets the namespace's last PID, so Python gets `free_here`.
@@ -95,7 +97,7 @@ def _alive(pid: int) -> bool:
 def test_a_live_job_in_another_pid_namespace_keeps_its_swap_directory(tmp_path: Path) -> None:
     job, theirs = start_job_in_another_pid_namespace(tmp_path)
     try:
-        with SwapSpace([tmp_path]) as ours:
+        with SwapSpace([tmp_path], field="fuyou.nvme_paths") as ours:
             assert theirs.exists()
             assert ours.dirs[0] != theirs
     finally:
@@ -111,20 +113,20 @@ def test_a_killed_job_of_another_pid_namespace_is_cleaned_up_by_the_next_swap_sp
     job.wait(timeout=120)
     job.stdin.close()
     assert theirs.exists()
-    with SwapSpace([tmp_path]):
+    with SwapSpace([tmp_path], field="fuyou.nvme_paths"):
         assert not theirs.exists()
 
 
 def test_missing_or_unusable_roots_are_config_errors_naming_the_entry(tmp_path: Path) -> None:
     with pytest.raises(FuyouConfigError) as err:
-        SwapSpace([tmp_path, tmp_path / "missing"])
+        SwapSpace([tmp_path, tmp_path / "missing"], field="fuyou.nvme_paths")
     assert err.value.field == "fuyou.nvme_paths[1]"
     assert "mkdir -p" in err.value.fix
     (tmp_path / "file").write_text("x")
     with pytest.raises(FuyouConfigError, match="not a directory"):
-        SwapSpace([tmp_path / "file"])
+        SwapSpace([tmp_path / "file"], field="fuyou.nvme_paths")
     with pytest.raises(FuyouConfigError, match="no swap directory"):
-        SwapSpace([])
+        SwapSpace([], field="fuyou.nvme_paths")
 
 
 def test_a_file_system_that_refuses_locks_is_a_config_error_and_leaves_no_directory(
@@ -139,6 +141,6 @@ def test_a_file_system_that_refuses_locks_is_a_config_error_and_leaves_no_direct
     calls = iter([fcntl.flock, refuse])  # the first root locks, the second refuses
     monkeypatch.setattr(fcntl, "flock", lambda fd, operation: next(calls)(fd, operation))
     with pytest.raises(FuyouConfigError) as err:
-        SwapSpace(roots)
+        SwapSpace(roots, field="fuyou.nvme_paths")
     assert err.value.field == "fuyou.nvme_paths[1]" and "local file system" in err.value.fix
     assert not [entry for root in roots for entry in root.iterdir()]

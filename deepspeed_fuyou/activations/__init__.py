@@ -26,6 +26,7 @@ from deepspeed_fuyou.config.sizes import parse_size
 from deepspeed_fuyou.io.engine import IOEngine, IOOptions
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
+from deepspeed_fuyou.plan.sizing import pinned_budget_error
 
 __all__ = ["ActivationOffloader", "ActivationStats", "offload_activations", "offload_module"]
 
@@ -68,7 +69,9 @@ def make_offloader(
         space = SwapSpace([path], field="path")
         engine = IOEngine(io)
     budget = default_pinned_budget() if pinned_memory is None else parse_size(pinned_memory, "pinned_memory")
-    pool = PinnedPool(budget) if torch.cuda.is_available() else None  # staging only exists for GPU tensors
+    pool = None
+    if torch.cuda.is_available():  # staging only exists for GPU tensors
+        pool = PinnedPool(budget, short_budget=pinned_budget_error("pinned_memory", budget))
 
     def release() -> None:
         if engine is not None:

@@ -249,7 +249,7 @@ def run(settings: BenchSettings) -> dict[str, object]:
     with (
         IOEngine(settings.options.model_copy(update={"verify": True})) as engine,
         IOEngine(unverified_options) as unverified,
-        SwapSpace(settings.paths) as space,
+        SwapSpace(settings.paths, field="--path") as space,
     ):
         report["engine"] = engine.backend
         benches: list[object] = [

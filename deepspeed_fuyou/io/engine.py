@@ -132,7 +132,7 @@ class IOEngine:
 
         if options.engine == "io_uring" and not native.io_uring_compiled():
             raise FuyouConfigError(
-                "fuyou.io.engine",
+                f"{options.json_path}.engine",
                 "io_uring",
                 "this build has no io_uring support",
                 "install liburing-dev and rebuild, or use 'auto'",
@@ -142,7 +142,7 @@ class IOEngine:
                 return start(options.engine)
             except RuntimeError as err:
                 raise FuyouConfigError(
-                    "fuyou.io.engine",
+                    f"{options.json_path}.engine",
                     options.engine,
                     f"the kernel refused it ({err})",
                     "use 'auto', which falls back to 'threads', or raise fs.aio-max-nr",

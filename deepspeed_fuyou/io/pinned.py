@@ -2,23 +2,33 @@
 
 Stock ZeRO-Infinity sizes pinned buffers per tensor and per swapper, so host memory grows with the model until the
 OOM killer ends the run. Here every staging buffer comes out of one budget: a request that does not fit waits for
-a release, and a request that can never fit, or waits too long, raises a FuyouConfigError that says how much
-budget would have been needed. Buffers are ordinary uint8 CPU tensors; a buffer returns to the pool when its last
-view is gone.
+a release, and a request that can never fit, or waits too long, raises an error that says how much budget would
+have been needed. The pool knows bytes, not settings: its owner passes `short_budget`, which turns that into an
+error naming the setting the budget came from (`plan.sizing.pinned_budget_error`). Buffers are ordinary uint8 CPU
+tensors; a buffer returns to the pool when its last view is gone.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from deepspeed_fuyou.config.sizes import format_size
-from deepspeed_fuyou.errors import FuyouConfigError
+from deepspeed_fuyou.errors import FuyouError
 from deepspeed_fuyou.io import native
 
 LOCK_MODES = ("auto", "cuda", "mlock", "none")
+
+ShortBudget = Callable[[str, int, bool], Exception]
+"""Builds the error for a request the pool cannot serve, from what happened, the pool budget that would have served
+it, and whether the request waited (buffers held at once, rather than one too large)."""
+
+
+def _short_budget(problem: str, need: int, waited: bool) -> FuyouError:
+    return FuyouError(f"pinned pool: {problem}; it needs a budget of at least {format_size(need)}")
 
 
 @dataclass(frozen=True)
@@ -45,34 +55,29 @@ class PinnedPool:
     buffers stay pageable and `stats().locked` shows it.
     """
 
-    def __init__(self, budget: int, lock: str = "auto", timeout: float = 60.0, share: float = 1.0) -> None:
+    def __init__(
+        self, budget: int, lock: str = "auto", timeout: float = 60.0, short_budget: ShortBudget = _short_budget
+    ) -> None:
         if lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {LOCK_MODES}, got {lock!r}")
         if budget <= 0:
-            raise FuyouConfigError(
-                "fuyou.pinned_memory", budget, "the pinned budget must be positive", 'use e.g. "2GiB"'
-            )
+            raise ValueError(f"a pinned pool needs a positive budget, got {budget}")
         self.budget = budget
         self.timeout = timeout
-        self.share = share  # of fuyou.pinned_memory this pool is: its messages name the whole budget
+        self._short_budget = short_budget
         self._pool = native.PinnedPool(budget, lock)
 
     def acquire(self, nbytes: int, timeout: float | None = None) -> torch.Tensor:
         """A uint8 tensor of `nbytes` whose memory is 4 KiB-aligned and (where permitted) page-locked.
 
-        Blocks while the budget is exhausted; raises FuyouConfigError after `timeout` seconds (default: the pool's),
-        or at once if `nbytes` exceeds the whole budget.
+        Blocks while the budget is exhausted; raises `short_budget`'s error after `timeout` seconds (default: the
+        pool's), or at once if `nbytes` exceeds the whole budget.
         """
         timeout = self.timeout if timeout is None else timeout
         try:
             buffer = self._pool.acquire(nbytes, timeout)
         except ValueError as err:  # std::length_error: larger than the whole budget
-            raise FuyouConfigError(
-                "fuyou.pinned_memory",
-                format_size(self.budget / self.share),
-                f"one staging buffer needs {format_size(nbytes)}",
-                f"raise fuyou.pinned_memory to at least {format_size(nbytes / self.share)}",
-            ) from err
+            raise self._short_budget(f"one staging buffer needs {format_size(nbytes)}", nbytes, False) from err
         if buffer is None:
             stats = self.stats()
             problem = f"waited {timeout:g} s for {format_size(nbytes)} while {format_size(stats.in_use)} stayed in use"
@@ -80,13 +85,7 @@ class PinnedPool:
             if need <= self.budget:  # enough free bytes, but between buffers still in use: no range is large enough
                 problem += f", the {format_size(self.budget - stats.in_use)} free in pieces too small for it"
                 need = stats.reserved + nbytes
-            raise FuyouConfigError(
-                "fuyou.pinned_memory",
-                format_size(self.budget / self.share),
-                problem,
-                f"raise fuyou.pinned_memory to at least {format_size(need / self.share)}, or lower "
-                "params.prefetch_layers so fewer buffers are held at once",
-            )
+            raise self._short_budget(problem, need, True)
         return buffer
 
     def try_acquire(self, nbytes: int) -> torch.Tensor | None:

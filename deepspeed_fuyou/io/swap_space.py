@@ -142,7 +142,8 @@ def supports_o_direct(root: Path) -> bool:
 class SwapSpace:
     """One private directory per SSD path; `files(name)` gives the stripe members of a logical file."""
 
-    def __init__(self, roots: Sequence[str | os.PathLike], field: str = "fuyou.nvme_paths") -> None:
+    def __init__(self, roots: Sequence[str | os.PathLike], field: str) -> None:
+        """`field`: the setting the roots came from (a JSON path, an argument), which errors name."""
         if not roots:
             raise FuyouConfigError(field, [], "no swap directory given", "list at least one directory on an SSD")
         checked = [check_swap_root(root, f"{field}[{i}]") for i, root in enumerate(roots)]

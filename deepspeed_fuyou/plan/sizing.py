@@ -11,7 +11,10 @@ from typing import Any, NamedTuple
 import torch
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig, OverlapMode, overlap_mode
+from deepspeed_fuyou.config.sizes import format_size
+from deepspeed_fuyou.errors import FuyouConfigError
 from deepspeed_fuyou.io.engine import ALIGNMENT
+from deepspeed_fuyou.io.pinned import ShortBudget
 from deepspeed_fuyou.plan.layers import repeated_layers
 
 PREFETCH_SHARE = 0.5
@@ -35,6 +38,20 @@ def pool_budgets(config: FuyouConfig, mode: OverlapMode) -> PoolBudgets:
     forward_backward = int((config.pinned_memory - read_ahead) * PREFETCH_SHARE)
     carried = 0 if mode == "backward" else read_ahead
     return PoolBudgets(forward_backward, config.pinned_memory - forward_backward - carried, carried)
+
+
+def pinned_budget_error(field: str, configured: int, share: float = 1.0, fewer_held: str = "") -> ShortBudget:
+    """The error of a pool holding `share` of the setting `field` (`configured` bytes) when a request does not fit:
+    it names the setting and the value it needs, so that the pool's own share never shows. `fewer_held`: the other
+    fix when the request waited for buffers held at once."""
+
+    def error(problem: str, need: int, waited: bool) -> FuyouConfigError:
+        fix = f"raise {field} to at least {format_size(need / share)}"
+        if waited and fewer_held:
+            fix += f", or {fewer_held}"
+        return FuyouConfigError(field, format_size(configured), problem, fix)
+
+    return error
 
 
 class ReadAheadPlan(NamedTuple):

@@ -37,7 +37,7 @@ from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
 from deepspeed_fuyou.plan.host_tier import HostTier
-from deepspeed_fuyou.plan.sizing import aligned, pool_budgets
+from deepspeed_fuyou.plan.sizing import aligned, pinned_budget_error, pool_budgets
 from deepspeed_fuyou.swap.host_heap import install_host_cache
 from deepspeed_fuyou.swap.updates import PendingUpdates
 from deepspeed_fuyou.trace import start_from_environment
@@ -117,12 +117,15 @@ class SwapRuntime:
         if config.host_cache:
             install_host_cache()
         budgets = pool_budgets(config, "forward")  # until the optimizer says its mode (`set_overlap_mode`)
-        self.pool = PinnedPool(budgets.forward_backward, share=budgets.forward_backward / config.pinned_memory)
-        self.step_pool = PinnedPool(budgets.step, share=budgets.step / config.pinned_memory)
-        self.read_ahead_pool = PinnedPool(budgets.read_ahead) if budgets.read_ahead else None
+        self.pool = self._share_of_pinned_memory(budgets.forward_backward)
+        self.step_pool = self._share_of_pinned_memory(budgets.step)
+        self.read_ahead_pool = None
+        if budgets.read_ahead:
+            short = pinned_budget_error("fuyou.optimizer.read_ahead", budgets.read_ahead)
+            self.read_ahead_pool = PinnedPool(budgets.read_ahead, short_budget=short)
         self.step_slot_bytes = ALIGNMENT  # every step buffer is at least this (the optimizer swapper sets it)
         self.engine = IOEngine(config.io)
-        self.space = SwapSpace([str(p) for p in config.nvme_paths])
+        self.space = SwapSpace([str(p) for p in config.nvme_paths], field="fuyou.nvme_paths")
         self.host = HostTier(config.placement.budget(config.pinned_memory))
         self.counters = SwapCounters()
         self.updates = PendingUpdates()
@@ -181,13 +184,19 @@ class SwapRuntime:
         """
         return self._acquire(self.step_pool, nbytes)
 
+    def _share_of_pinned_memory(self, budget: int) -> PinnedPool:
+        """A pool of `budget` bytes out of `fuyou.pinned_memory`, whose errors name the whole setting."""
+        total = self.config.pinned_memory
+        fewer = "lower params.prefetch_layers so fewer buffers are held at once"
+        return PinnedPool(budget, short_budget=pinned_budget_error("fuyou.pinned_memory", total, budget / total, fewer))
+
     def set_overlap_mode(self, mode: OverlapMode) -> None:
         """Sizes the step's pools for the optimizer's overlap mode, before the optimizer takes anything from them:
         in "backward" nothing is carried, and the read-ahead budget joins the step pool (`sizing.pool_budgets`)."""
         budgets = pool_budgets(self.config, mode)
         if budgets.step != self.step_pool.budget:
             assert self.step_pool.stats().reserved == 0, "the step pool is resized before its first use"
-            self.step_pool = PinnedPool(budgets.step, share=budgets.step / self.config.pinned_memory)
+            self.step_pool = self._share_of_pinned_memory(budgets.step)
             self.read_ahead_pool = None
 
     def read_ahead_staging(self, nbytes: int) -> torch.Tensor:
