@@ -16,6 +16,7 @@ import torch
 
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine
 from deepspeed_fuyou.io.swap_space import SwapSpace
+from deepspeed_fuyou.io.transfer import SideStreams
 
 BANDWIDTH_PROBE_BYTES = 16 << 20
 """The fewest bytes a bandwidth probe moves: fewer would time the request, not the bandwidth."""
@@ -41,12 +42,12 @@ class DeviceCopies:
     """Device <-> host copies on one side stream per GPU; events tell when each copy is done."""
 
     def __init__(self) -> None:
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams = SideStreams()
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
+        stream = self._streams.get(device)
+        assert stream is not None, "only copies that involve a GPU run on a side stream"
+        return stream
 
     def to_host(self, src: torch.Tensor, dst: torch.Tensor) -> torch.cuda.Event | None:
         """Starts copying device bytes `src` into host bytes `dst`; returns the copy's event (None: already done)."""

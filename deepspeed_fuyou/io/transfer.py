@@ -39,6 +39,21 @@ def _drain(futures: Sequence[IOFuture | None]) -> None:
             future.wait()
 
 
+class SideStreams:
+    """One side stream per CUDA device, made on first use: copies on it overlap the compute of the current stream."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def get(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The side stream of `device`; None for a host device, where copies are plain memcpys."""
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+
 class DeviceTransfer:
     """Moves tensors between files and any device, `chunk_size` bytes at a time through `depth` pinned buffers."""
 
@@ -50,14 +65,7 @@ class DeviceTransfer:
         self.engine = engine
         self.chunk_size = chunk_size
         self._buffers = [pool.acquire(chunk_size) for _ in range(depth)]
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-
-    def _stream(self, device: torch.device) -> torch.cuda.Stream | None:
-        if device.type != "cuda":
-            return None
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
+        self._streams = SideStreams()
 
     def _chunks(self, nbytes: int) -> list[tuple[int, int]]:
         return [(lo, min(nbytes, lo + self.chunk_size)) for lo in range(0, nbytes, self.chunk_size)]
@@ -67,7 +75,7 @@ class DeviceTransfer:
         dst_bytes = _as_bytes(dst)
         chunks = self._chunks(dst_bytes.numel())
         depth = len(self._buffers)
-        stream = self._stream(dst.device)
+        stream = self._streams.get(dst.device)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(dst.device))  # earlier work on dst comes first
         copied: list[torch.cuda.Event | None] = [None] * depth
@@ -104,7 +112,7 @@ class DeviceTransfer:
         """Writes `src` (on any device) at `offset` of `path`; returns once every byte is on the file."""
         src_bytes = _as_bytes(src)
         depth = len(self._buffers)
-        stream = self._stream(src.device)
+        stream = self._streams.get(src.device)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(src.device))  # src is complete before we copy it
         writes: list[IOFuture | None] = [None] * depth
