@@ -278,23 +278,27 @@ def check_deepspeed_internals() -> None:
             raise FuyouError(f"DeepSpeed {deepspeed.__version__} changed: expected that {name}")
 
 
+REPLACED: tuple[tuple[Any, str, Any, Any], ...] = (
+    (partition_parameters, "AsyncPartitionedParameterSwapper", STOCK_PARAM_SWAPPER, parameter_swapper),
+    (stage3, "DeepSpeedZeroOptimizer_Stage3", STOCK_STAGE3, zero3_optimizer),
+    (partition_parameters.GatheredParameters, "__enter__", STOCK_GATHERED_ENTER, _gathered_parameters_enter),
+    (DeepSpeedEngine, "save_checkpoint", STOCK_SAVE_CHECKPOINT, _save_checkpoint),
+    (DeepSpeedEngine, "load_checkpoint", STOCK_LOAD_CHECKPOINT, _load_checkpoint),
+)
+"""Every DeepSpeed name fuyou replaces: (where it lives, its name, DeepSpeed's own, ours)."""
+
+
 def register() -> None:
-    """Installs both factories (idempotent). Raises FuyouError on a DeepSpeed this version does not support."""
+    """Installs every replacement (idempotent). Raises FuyouError on a DeepSpeed this version does not support."""
     check_deepspeed_version()
-    partition_parameters.AsyncPartitionedParameterSwapper = parameter_swapper
-    stage3.DeepSpeedZeroOptimizer_Stage3 = zero3_optimizer
-    partition_parameters.GatheredParameters.__enter__ = _gathered_parameters_enter
-    DeepSpeedEngine.save_checkpoint = _save_checkpoint
-    DeepSpeedEngine.load_checkpoint = _load_checkpoint
+    for owner, name, _, ours in REPLACED:
+        setattr(owner, name, ours)
 
 
 def unregister() -> None:
-    """Puts DeepSpeed's own classes back (for tests that compare against stock in one process)."""
-    partition_parameters.AsyncPartitionedParameterSwapper = STOCK_PARAM_SWAPPER
-    stage3.DeepSpeedZeroOptimizer_Stage3 = STOCK_STAGE3
-    partition_parameters.GatheredParameters.__enter__ = STOCK_GATHERED_ENTER
-    DeepSpeedEngine.save_checkpoint = STOCK_SAVE_CHECKPOINT
-    DeepSpeedEngine.load_checkpoint = STOCK_LOAD_CHECKPOINT
+    """Puts DeepSpeed's own back (for tests that compare against stock in one process)."""
+    for owner, name, stock, _ in REPLACED:
+        setattr(owner, name, stock)
 
 
 def is_registered() -> bool:
