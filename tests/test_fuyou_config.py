@@ -211,6 +211,14 @@ def test_an_aio_queue_the_kernel_has_no_room_for_is_refused_before_anything_star
         assert load_fuyou_config(ds_config(swap, {"io": {**io, "engine": "auto"}})) is not None
 
 
+def test_the_estimator_margin_is_kept_free_of_the_pinned_budget(swap: Path) -> None:
+    block = {"pinned_memory": "900MiB", "io": {"block_size": "1MiB", "threads": 1}}
+    assert load_fuyou_config(ds_config(swap, {**block, "estimator": {"host_memory": "1GiB", "margin": 0.05}}))
+    with pytest.raises(FuyouConfigError) as caught:  # 1 GiB less 20 % leaves 819 MiB
+        load_fuyou_config(ds_config(swap, {**block, "estimator": {"host_memory": "1GiB", "margin": 0.2}}))
+    assert caught.value.fields == ["fuyou.pinned_memory"] and "20%" in caught.value.reason
+
+
 def test_bounce_blocks_that_could_outgrow_host_memory_are_refused(swap: Path) -> None:
     block = {"io": {"block_size": "64MiB", "threads": 2}, "pinned_memory": "128MiB"}  # up to 1 GiB of bounce blocks
     assert load_fuyou_config(ds_config(swap, {**block, "estimator": {"host_memory": "64GiB"}}))
