@@ -198,7 +198,7 @@ class FuyouConfig(FuyouModel):
     def from_ds_config(
         cls,
         ds_config: Mapping[str, Any],
-        machine_problems: Callable[[FuyouConfig], list[FuyouConfigError]] | None = None,
+        machine_problems: Callable[[FuyouConfig], list[FuyouConfigError]],
     ) -> FuyouConfig | None:
         """The block of a DeepSpeed config dict, or None when it has none (then DeepSpeed runs as stock).
 
@@ -224,7 +224,7 @@ class FuyouConfig(FuyouModel):
             config = cls._without_bad_keys(block, block_problems)
         if config is not None:
             problems += _optimizer_problems(config, ds_config)
-        if config is not None and config.estimator.validate_at_start and machine_problems is not None:
+        if config is not None and config.estimator.validate_at_start:
             reported = {_key_of(problem.field) for problem in block_problems}
             problems += [p for p in machine_problems(config) if _key_of(p.field) not in reported]
         problems[:0] = block_problems
