@@ -303,13 +303,13 @@ class ActivationOffloader:
         with self._lock:
             self._reap()
             fpass = self._pass
-            storage = tensor.untyped_storage()
-            record = self._by_storage.get(storage_key(tensor))
+            storage, key = tensor.untyped_storage(), storage_key(tensor)
+            record = self._by_storage.get(key)
             self.stats.saved += 1
             if record is not None and record.fpass is fpass:
                 self.stats.deduplicated += 1
             else:
-                record = self._by_storage[storage_key(tensor)] = _Record(self, fpass, storage, self._layer)
+                record = self._by_storage[key] = _Record(self, fpass, storage, self._layer)
                 fpass.layers.setdefault(self._layer, []).append(weakref.ref(record))
                 if record.nbytes >= self.options.min_tensor_size:
                     fpass.layer_bytes[self._layer] = fpass.layer_bytes.get(self._layer, 0) + record.nbytes

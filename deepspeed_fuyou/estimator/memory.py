@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import SavedTensors
-from deepspeed_fuyou.io.engine import ALIGNMENT, checksum_table_bytes
+from deepspeed_fuyou.io.engine import checksum_table_bytes
 from deepspeed_fuyou.plan.host_tier import HostTier
 from deepspeed_fuyou.plan.sizing import aligned, pool_budgets, read_ahead_plan, step_slot
 from deepspeed_fuyou.plan.zero_layout import FP32, TrainingSetup, ZeroLayout
@@ -236,10 +236,10 @@ def read_ahead(
 def _parameters_in_masters(layout: ZeroLayout, placed: dict[str, list[bool]]) -> int:
     """Bytes of fp32 parameter partitions on the SSD that are stored in their sub-group's master file on the SSD
     (`FuyouZeroOptimizer._store_partitions_in_masters`): the step writes them once, with the master."""
-    has_file = [n * FP32 >= ALIGNMENT for n in layout.partitions]
+    has_file = layout.partitions_with_files(FP32)
     partition_on_ssd = iter([not here for here in placed["parameters"]])
     on_ssd = [has and next(partition_on_ssd) for has in has_file]
-    swappable = [n * FP32 >= ALIGNMENT for n in layout.sub_group_numels]
+    swappable = layout.sub_groups_with_files
     master_on_ssd = iter([not here for here in placed["optimizer_states"]])
     total = 0
     for group, swapped in zip(layout.groups, swappable, strict=True):

@@ -162,9 +162,18 @@ class ZeroLayout:
         return max(sum(self.full[i] for i in group) for group in self.groups)
 
     @property
+    def sub_groups_with_files(self) -> list[bool]:
+        """Whether each sub-group's fp32 tensors get files: those of at least a page (smaller ones stay in memory)."""
+        return [n * FP32 >= ALIGNMENT for n in self.sub_group_numels]
+
+    @property
     def swapped_sub_group_numels(self) -> list[int]:
-        """Elements of each sub-group whose fp32 tensors get files (those of at least a page), in order."""
-        return [n for n in self.sub_group_numels if n * FP32 >= ALIGNMENT]
+        """Elements of each sub-group whose fp32 tensors get files, in order."""
+        return [n for n, has in zip(self.sub_group_numels, self.sub_groups_with_files, strict=True) if has]
+
+    def partitions_with_files(self, itemsize: int) -> list[bool]:
+        """Whether each parameter's partition of `itemsize`-byte elements gets a file: one of at least a page."""
+        return [n * itemsize >= ALIGNMENT for n in self.partitions]
 
     def swap_files(self, itemsize: int, optimizer_states: int) -> dict[str, list[int]]:
         """Bytes of each file fuyou's swappers write, by what it holds: a file per parameter partition of at least
@@ -179,5 +188,5 @@ class ZeroLayout:
 
     def parameter_files(self, itemsize: int) -> list[tuple[int, int]]:
         """(full elements, partition bytes) of each parameter whose partition gets a file: one of at least a page."""
-        pairs = zip(self.full, self.partitions, strict=True)
-        return [(full, n * itemsize) for full, n in pairs if n * itemsize >= ALIGNMENT]
+        pairs = zip(self.full, self.partitions, self.partitions_with_files(itemsize), strict=True)
+        return [(full, n * itemsize) for full, n, has in pairs if has]
