@@ -54,13 +54,12 @@ def _register() -> None:
     instead of training stock silently."""
     from deepspeed_fuyou.errors import FuyouError
 
-    importing = sys.modules.get("deepspeed_fuyou.integration")
-    if importing is not None and not hasattr(importing, "register"):
-        return  # `import deepspeed_fuyou.integration` imported deepspeed; it registers when its import completes
     try:
-        from deepspeed_fuyou import integration
+        # The module, not the package: when `import deepspeed_fuyou.integration` is what imports DeepSpeed, the
+        # package is still at its first line here (see its `import deepspeed`).
+        from deepspeed_fuyou.integration.registration import register
 
-        integration.register()
+        register()
     except FuyouError as err:
         warnings.warn(f"deepspeed-fuyou is not active: {err}", stacklevel=3)
         _refuse_blocks(str(err))

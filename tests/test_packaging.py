@@ -81,7 +81,7 @@ def test_python_m_build_makes_an_sdist_and_a_wheel_that_installs_with_its_hook_a
     assert version.strip() == f"deepspeed-fuyou {deepspeed_fuyou.__version__}"
     imported, modules = run(python, "-c", PROBE, cwd=tmp_path).strip().split("\n")[-2:]
     assert Path(imported).is_relative_to(site)  # the installed package, not the source tree
-    assert modules.split() == ["deepspeed_fuyou.integration", "deepspeed_fuyou.integration"]
+    assert modules.split() == ["deepspeed_fuyou.integration.registration", "deepspeed_fuyou.integration.registration"]
 
 
 def test_the_installed_package_carries_the_hook_in_its_own_record() -> None:

@@ -30,13 +30,38 @@ def probe(**env: str) -> list[str]:
 
 
 def test_installed_hook_registers_fuyou_when_an_unchanged_script_imports_deepspeed() -> None:
-    assert probe() == ["deepspeed_fuyou.integration", "deepspeed_fuyou.integration"]
+    assert probe() == ["deepspeed_fuyou.integration.registration", "deepspeed_fuyou.integration.registration"]
 
 
 def test_fuyou_disable_leaves_deepspeed_stock() -> None:
     assert probe(FUYOU_DISABLE="1") == [
         "deepspeed.runtime.swap_tensor.partitioned_param_swapper",
         "deepspeed.runtime.zero.stage3",
+    ]
+
+
+IMPORT_WITHOUT_HOOK = """
+from deepspeed.runtime.zero import stage3
+import deepspeed_fuyou.integration as integration
+print(integration.is_registered(), stage3.DeepSpeedZeroOptimizer_Stage3.__module__)
+integration.register()
+print(integration.is_registered(), stage3.DeepSpeedZeroOptimizer_Stage3.__module__)
+"""
+
+
+def test_importing_the_integration_patches_nothing_and_register_does() -> None:
+    """With the hook off, importing the package and DeepSpeed leaves DeepSpeed stock; only `register()` patches."""
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_WITHOUT_HOOK],
+        env={**os.environ, "FUYOU_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.splitlines()[-2:] == [
+        "False deepspeed.runtime.zero.stage3",
+        "True deepspeed_fuyou.integration.registration",
     ]
 
 

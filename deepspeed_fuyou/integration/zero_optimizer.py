@@ -54,7 +54,7 @@ from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 from deepspeed_fuyou.activations import ActivationOffloader
 from deepspeed_fuyou.config.fuyou import overlap_mode
 from deepspeed_fuyou.errors import FuyouConfigError, FuyouError
-from deepspeed_fuyou.integration import STOCK_STAGE3, gate_parameter_fetches, track_pending_steps
+from deepspeed_fuyou.integration.registration import STOCK_STAGE3, gate_parameter_fetches, track_pending_steps
 from deepspeed_fuyou.plan.layers import repeated_layers
 from deepspeed_fuyou.plan.preflight import load_fuyou_config, space_problems
 from deepspeed_fuyou.plan.sizing import stage3_overrides
