@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -351,3 +352,71 @@ def test_on_cuda_gradients_with_offload_equal_gradients_without(
         torch.testing.assert_close(got[0], expected[0], rtol=1.6e-2, atol=1e-2)
         for want, have in zip(expected[1], got[1], strict=True):
             torch.testing.assert_close(have, want, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("tier", ["nvme", "cpu"])
+def test_activations_tier_nvme_writes_the_pass_to_files_and_cpu_keeps_it_in_host_memory(
+    tier: str, ids: torch.Tensor, tmp_path: Path
+) -> None:
+    model = causal_lm("gpt2")
+    with contextlib.closing(
+        make_offloader(model, tier=tier, path=str(tmp_path), offload="all", min_tensor_size=0)
+    ) as off:
+        with off:
+            loss = model(input_ids=ids, labels=ids).loss
+        off.flush()
+        moved = off.stats.offloaded_bytes
+        assert moved > 0
+        if tier == "nvme":
+            assert off.engine.bytes_written == moved
+            assert files_under(off)
+        else:
+            assert off.engine is None and off.space is None  # no file, no engine: the copies are host memory
+        loss.backward()
+        assert off.stats.read_bytes > 0
+
+
+def test_activations_min_tensor_size_leaves_smaller_storages_where_they_are(tmp_path: Path) -> None:
+    x = torch.randn(256, 1024, requires_grad=True)  # 1 MiB
+    for min_tensor_size, offloaded in (("1MiB", 1), ("2MiB", 0)):
+        with contextlib.closing(
+            make_offloader(torch.nn.Linear(1, 1), path=str(tmp_path), min_tensor_size=min_tensor_size)
+        ) as off:
+            with off:
+                z = (x.sin() * 2).sum()  # saves x (1 MiB)
+            off.flush()
+            z.backward()
+            assert (off.stats.saved, off.stats.offloaded, off.engine.bytes_written) == (1, offloaded, offloaded << 20)
+
+
+def reads_started_when_backward_reaches_the_last_layer(
+    model: torch.nn.Module, ids: torch.Tensor, path: Path, prefetch_layers: int
+) -> int:
+    reads: list[int] = []
+    with contextlib.closing(
+        make_offloader(model, path=str(path), offload="all", min_tensor_size=0, prefetch_layers=prefetch_layers)
+    ) as off:
+
+        def watch(module: torch.nn.Module, args: Any, output: Any) -> None:
+            first = output[0] if isinstance(output, tuple) else output
+            first.register_hook(lambda grad: reads.append(off.stats.reads))
+
+        handle = model.model.layers[-1].register_forward_hook(watch)  # after the offloader's: its hook runs first
+        try:
+            with off:
+                loss = model(input_ids=ids, labels=ids).loss
+            off.flush()
+            loss.backward()
+        finally:
+            handle.remove()
+    return reads[0]
+
+
+def test_activations_prefetch_layers_is_how_many_layers_backward_reads_ahead(ids: torch.Tensor, tmp_path: Path) -> None:
+    """When backward reaches the last layer, the reads started cover the `prefetch_layers` layers below it (besides the
+    head's and the loss's, read as backward used them): each layer more of depth, one layer's reads more."""
+    model = causal_lm("llama", layers=6)
+    started = {
+        depth: reads_started_when_backward_reaches_the_last_layer(model, ids, tmp_path, depth) for depth in (1, 2, 3)
+    }
+    assert started[2] - started[1] == started[3] - started[2] > 0

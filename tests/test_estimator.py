@@ -409,3 +409,32 @@ def test_the_checksums_of_the_swap_files_are_counted_in_host_memory_only_when_ve
     assert verified.ssd.total == unverified.ssd.total > 0
     extra = verified.pageable_host.buffers - unverified.pageable_host.buffers
     assert extra == checksum_table_bytes(verified.ssd.total) == -(-verified.ssd.total // 4096) * 5
+
+
+@pytest.mark.parametrize("gpu_memory", ["auto", "1GiB"])
+def test_estimator_gpu_memory_auto_is_the_detected_device_and_a_size_replaces_it(
+    gpu_memory: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` reads the device's memory (here a pretend 1 MiB GPU, which nothing fits); a size is taken instead."""
+
+    class Device:
+        total_memory = 1 * MiB
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Device())
+    result = estimate(TINY_LLAMA, fuyou_config(tmp_path, validate=False, gpu_memory=gpu_memory), seq_len=64)
+    assert result.machine.gpu_memory == (MiB if gpu_memory == "auto" else 1 << 30)
+    assert result.fits is (gpu_memory != "auto")
+
+
+@pytest.mark.parametrize("host_memory", ["auto", "64GiB"])
+def test_estimator_host_memory_auto_is_this_machines_memory_and_a_size_replaces_it(
+    host_memory: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` reads the host's memory (here a pretend 256 MiB host, smaller than the pinned budget's needs)."""
+    monkeypatch.setattr("deepspeed_fuyou.config.fuyou.host_memory_bytes", lambda: 256 * MiB)
+    result = estimate(TINY_LLAMA, fuyou_config(tmp_path, validate=False, host_memory=host_memory), seq_len=64)
+    assert result.machine.host_memory == (256 * MiB if host_memory == "auto" else 64 << 30)
+    assert result.fits is (host_memory != "auto")
+    if host_memory == "auto":
+        assert result.problems[0].startswith("host memory")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepspeed_fuyou.errors import FuyouIOError
+from deepspeed_fuyou.errors import FuyouConfigError, FuyouIOError
 from deepspeed_fuyou.io import IOEngine, IOOptions, native
 from tests.conftest import BACKENDS, make_engine, run_python
 
@@ -114,7 +114,7 @@ def test_write_without_permission_raises_eacces(backend: str) -> None:
         # root ignores permission bits: the child drops to nobody once everything is imported and started.
         code = f"""
 import json, os, torch
-from deepspeed_fuyou.errors import FuyouIOError
+from deepspeed_fuyou.errors import FuyouConfigError, FuyouIOError
 from deepspeed_fuyou.io import IOEngine, IOOptions
 engine = IOEngine(IOOptions(engine={backend!r}))
 if os.geteuid() == 0:
@@ -145,7 +145,7 @@ def test_file_size_limit_reached_mid_write_raises_efbig_with_the_failing_offset(
 import json, resource, signal, torch
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of returning EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, ({MiB + 1000}, {MiB + 1000}))
-from deepspeed_fuyou.errors import FuyouIOError
+from deepspeed_fuyou.errors import FuyouConfigError, FuyouIOError
 from deepspeed_fuyou.io import IOEngine, IOOptions
 try:
     engine = IOEngine(IOOptions(engine={backend!r}))
@@ -239,3 +239,22 @@ def test_unknown_engine_names_the_field() -> None:
         IOOptions(block_size="3KiB")
     with pytest.raises(FuyouConfigError, match=re.escape("fuyou.io.queue_depth")):
         IOOptions(queue_depth=0)
+
+
+@pytest.mark.parametrize(
+    ("engine", "backend"), [("auto", "aio"), ("aio", "aio"), ("io_uring", "io_uring"), ("threads", "threads")]
+)
+def test_io_engine_runs_the_backend_it_names_and_auto_prefers_aio(engine: str, backend: str, tmp_path: Path) -> None:
+    with make_engine(engine) as eng:
+        assert eng.backend == backend
+        data = torch.randn(12345)
+        eng.write(data, tmp_path / "t").wait()
+        back = torch.empty_like(data)
+        eng.read(back, tmp_path / "t").wait()
+        assert torch.equal(back, data)
+
+
+def test_io_uring_on_a_build_without_liburing_is_refused_naming_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "io_uring_compiled", lambda: False)
+    with pytest.raises(FuyouConfigError, match=r"fuyou\.io\.engine.*io_uring.*liburing"):
+        IOEngine(IOOptions(engine="io_uring"))

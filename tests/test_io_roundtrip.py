@@ -161,3 +161,46 @@ def test_closing_an_engine_finishes_transfers_already_started(tmp_path: Path) ->
     assert (tmp_path / "t").read_bytes() == data.numpy().tobytes()
     with pytest.raises(RuntimeError, match="closed"):
         eng.write(data, tmp_path / "t2")
+
+
+@pytest.mark.parametrize("block_size", [64 << 10, 128 << 10])
+def test_io_block_size_is_the_piece_a_file_is_striped_in_over_the_paths(block_size: int, tmp_path: Path) -> None:
+    """`io.block_size` (no explicit stripe): piece k of the data lands in path k % 3 at row k // 3."""
+    roots = [tmp_path / f"ssd{i}" for i in range(3)]
+    for root in roots:
+        root.mkdir()
+    with make_engine("threads", block_size=block_size) as engine, SwapSpace(roots, field="fuyou.nvme_paths") as space:
+        paths = space.files("store")
+        data = random_bytes(7 * (64 << 10), seed=block_size)
+        engine.write(data, paths).wait()
+        raw = [Path(p).read_bytes() for p in paths]
+        for k in range(-(-data.numel() // block_size)):
+            piece = data[k * block_size : (k + 1) * block_size].numpy().tobytes()
+            assert raw[k % 3][(k // 3) * block_size :][: len(piece)] == piece
+
+
+@pytest.mark.parametrize("queue_depth", [1, 4])
+def test_io_queue_depth_is_how_many_pieces_a_worker_keeps_in_flight(queue_depth: int, tmp_path: Path) -> None:
+    """Memory that is not 4 KiB-aligned goes through one bounce block per piece in flight, so the bounce blocks a
+    single worker allocates for a long misaligned write count the requests it keeps in flight at once."""
+    block_size = 64 << 10
+    with make_engine("aio", threads=1, queue_depth=queue_depth, block_size=block_size) as engine:
+        data = page_aligned(random_bytes(32 * block_size + 1, seed=queue_depth))[1:]
+        engine.write(data, tmp_path / "t").wait()
+        assert engine.bounce_bytes == queue_depth * block_size
+        back = torch.empty_like(data)
+        engine.read(back, tmp_path / "t").wait()
+        assert torch.equal(back, data)
+
+
+@pytest.mark.parametrize("backend", ["aio", "threads"])
+def test_io_threads_is_the_number_of_worker_threads_the_engine_starts(backend: str) -> None:
+    def threads_now() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    started = {}
+    for threads in (1, 4):
+        before = threads_now()
+        with make_engine(backend, threads=threads):
+            started[threads] = threads_now() - before
+    assert started[4] - started[1] == 3

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from deepspeed_fuyou.plan.sizing import explicit_window_settings, layer_numel, prefetch_window
+from deepspeed_fuyou.plan.preflight import load_fuyou_config
+from deepspeed_fuyou.plan.sizing import explicit_window_settings, layer_numel, prefetch_window, stage3_overrides
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-tiny"
 
@@ -49,3 +50,22 @@ def test_deepspeed_knobs_the_user_set_are_kept() -> None:
         "reduce_bucket_size",
     }
     assert explicit_window_settings({}) == set()
+
+
+@pytest.mark.parametrize("prefetch_layers", [0, 2])
+def test_params_prefetch_layers_reaches_deepspeed_as_its_window(
+    model: torch.nn.Module, prefetch_layers: int, tmp_path: Path
+) -> None:
+    """From the JSON to stage 3's arguments: `0` prefetches nothing and keeps only the layer computing gathered."""
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}},
+        "fuyou": {"params": {"prefetch_layers": prefetch_layers}, "estimator": {"validate": False}},
+    }
+    config = load_fuyou_config(ds_config)
+    layer = layer_numel(model)
+    overrides = stage3_overrides(model, config, ds_config, sub_group_size=10**9)
+    assert overrides["prefetch_bucket_size"] == prefetch_layers * layer
+    assert overrides["max_live_parameters"] == (prefetch_layers + 1) * layer
+    ds_config["zero_optimization"]["stage3_prefetch_bucket_size"] = 12345  # the user's own setting wins
+    assert "prefetch_bucket_size" not in stage3_overrides(model, config, ds_config, sub_group_size=10**9)

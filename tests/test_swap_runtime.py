@@ -122,7 +122,7 @@ def test_the_dram_tier_takes_parameters_then_gradients_then_whole_sub_groups_whi
         )
         optimizer.plan_host_tier([("g0", MiB // 4), ("g1", MiB // 4)], states=2, gradients_on_file=True)
         # the first gradient takes 1 MiB of the 1.5 left; the second no longer fits, nor any sub-group (3 MiB each)
-        assert optimizer._host_plan == {"g0": (True, False), "g1": (False, False)}
+        assert runtime.host.reserved == 3 * MiB
         swapper.swap_in(params[:2], async_op=False)
         assert runtime.counters.bytes_read == 0
         for param in params[:2]:
