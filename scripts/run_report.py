@@ -8,6 +8,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from deepspeed_fuyou.cli import plotting
+from deepspeed_fuyou.errors import FuyouConfigError
+
 GiB = 1 << 30
 
 
@@ -35,13 +38,11 @@ def write_pictures(summary: dict[str, Any], directory: Path) -> list[Path]:
     """Draws `loss.png` and, when the run recorded them per step, `memory_io.png` into `directory`; returns the files
     written (none without matplotlib, the `plot` extra)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
+        pyplot = plotting.pyplot("--output_dir", directory)
+    except FuyouConfigError:
         return []
+    from matplotlib.ticker import MaxNLocator
+
     directory.mkdir(parents=True, exist_ok=True)
     first = summary["first_step"] + 1
     steps = list(range(first, first + len(summary["losses"])))
@@ -51,9 +52,7 @@ def write_pictures(summary: dict[str, Any], directory: Path) -> list[Path]:
     axis.set(xlabel="step", ylabel="loss", title="training loss")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(directory / "loss.png", dpi=120)
-    pyplot.close(figure)
+    plotting.save(figure, directory / "loss.png")
     written.append(directory / "loss.png")
     if "rss_per_step_bytes" in summary:
         figure, (memory, ssd) = pyplot.subplots(2, 1, figsize=(6, 5.5), sharex=True)
@@ -71,8 +70,6 @@ def write_pictures(summary: dict[str, Any], directory: Path) -> list[Path]:
         ssd.xaxis.set_major_locator(MaxNLocator(integer=True))
         ssd.legend()
         ssd.grid(alpha=0.3, axis="y")
-        figure.tight_layout()
-        figure.savefig(directory / "memory_io.png", dpi=120)
-        pyplot.close(figure)
+        plotting.save(figure, directory / "memory_io.png")
         written.append(directory / "memory_io.png")
     return written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,16 @@ def test_fuyou_trace_draws_the_last_complete_iteration_as_a_png(tmp_path: Path) 
     synthetic_trace(tmp_path / "t.json")
     assert fuyou(["trace", str(tmp_path / "t.json"), "-o", str(tmp_path / "step.png")]) == 0
     assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_drawing_without_matplotlib_is_one_clear_error_naming_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synthetic_trace(tmp_path / "t.json")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` finds where it is not installed
+    assert fuyou(["trace", str(tmp_path / "t.json"), "-o", str(tmp_path / "step.png")]) == 2
+    assert "-o" in (err := capsys.readouterr().err) and "deepspeed-fuyou[plot]" in err
+    assert not (tmp_path / "step.png").exists()
 
 
 def test_a_file_that_is_not_a_trace_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from deepspeed_fuyou.cli import plotting
 from deepspeed_fuyou.cli.args import add_model_arguments, read_ds_config
 from deepspeed_fuyou.config.fuyou import BLOCK, EstimatorOptions
 from deepspeed_fuyou.config.sizes import format_size
@@ -136,15 +137,7 @@ def render(result: Estimate) -> str:
 def draw(result: Estimate, output: Path) -> None:
     """One panel per device: a stacked bar per plan (stock, fuyou) by what the bytes hold, and the machine's memory
     where the verdict checks one (the accelerator's, and the host's for pinned and pageable together)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
-    except ImportError as err:
-        raise FuyouConfigError(
-            "--plot", str(output), "drawing needs matplotlib", "pip install 'deepspeed-fuyou[plot]'"
-        ) from err
+    pyplot = plotting.pyplot("--plot", output)
     plans = [plan for plan in (result.stock, result.fuyou) if plan is not None]
     figure, axes = pyplot.subplots(1, len(DEVICES), figsize=(3.2 * len(DEVICES), 4))
     colors = dict(zip(COMPONENTS, pyplot.get_cmap("tab10").colors, strict=False))
@@ -171,9 +164,7 @@ def draw(result: Estimate, output: Path) -> None:
         f"{inputs['seq_len']} tokens, per rank"
     )
     figure.legend(loc="lower center", ncol=len(COMPONENTS), fontsize=8)
-    figure.tight_layout(rect=(0, 0.07, 1, 1))
-    figure.savefig(output, dpi=120)
-    pyplot.close(figure)
+    plotting.save(figure, output, rect=(0, 0.07, 1, 1))
 
 
 def render_step_time(step: StepTime) -> list[str]:

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepspeed_fuyou.cli import plotting
 from deepspeed_fuyou.errors import FuyouError
 from deepspeed_fuyou.trace import LANES
 
@@ -78,11 +79,7 @@ def shares(bars: list[Bar], start: float, end: float) -> dict[str, float]:
 
 
 def draw(bars: list[Bar], length: float, busy: dict[str, float], title: str, output: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plotting.pyplot("-o", output)
     lanes = list(busy)
     figure, axes = plt.subplots(figsize=(14, 0.6 * len(lanes) + 1.4))
     for row, lane in enumerate(lanes):
@@ -94,9 +91,7 @@ def draw(bars: list[Bar], length: float, busy: dict[str, float], title: str, out
     axes.set_xlabel("milliseconds")
     axes.set_title(title)
     axes.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
+    plotting.save(figure, output, dpi=110)
 
 
 def run(args: argparse.Namespace) -> int:
