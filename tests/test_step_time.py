@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from deepspeed_fuyou.estimator.auto import auto_configure
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.rates import ComputeRates, MachineRates, SsdRates, compute_rates, ssd_rates
 from deepspeed_fuyou.estimator.step_time import StepShape, model_step_time
-from deepspeed_fuyou.io import IOOptions
+from deepspeed_fuyou.io import IOEngine, IOOptions
 
 GB = 10**9
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,6 +194,32 @@ def test_overlap_never_makes_the_modelled_step_slower() -> None:
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FUYOU_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache" / "rates.json"
+
+
+def test_the_ssd_is_timed_only_after_the_probe_has_moved_enough_to_spend_a_burst_allowance(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe_bytes = 8 << 20
+    monkeypatch.setattr(rates_module, "SSD_PROBE_BYTES", probe_bytes)
+    monkeypatch.setattr(rates_module, "SSD_SETTLE_ROUNDS", 3)
+    engines: list[IOEngine] = []
+
+    class RecordedEngine(IOEngine):
+        def __init__(self, options: IOOptions) -> None:
+            super().__init__(options)
+            engines.append(self)
+
+    moved_when_timing_starts = []
+    timed = rates_module._median_seconds
+
+    def median_seconds(action: Any) -> tuple[float, float]:
+        moved_when_timing_starts.append(engines[0].bytes_read + engines[0].bytes_written)
+        return timed(action)
+
+    monkeypatch.setattr(rates_module, "IOEngine", RecordedEngine)
+    monkeypatch.setattr(rates_module, "_median_seconds", median_seconds)
+    ssd_rates([str(tmp_path)], IOOptions())
+    assert min(moved_when_timing_starts) >= 2 * probe_bytes + 3 * 2 * probe_bytes  # the files' first writes, 3 rounds
 
 
 def test_the_ssd_is_measured_once_per_file_system_and_io_options(

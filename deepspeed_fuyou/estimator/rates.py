@@ -35,6 +35,12 @@ SSD_PROBE_BYTES = 256 << 20
 """Bytes each SSD probe moves per direction: many times the engine's requests in flight, so the queue is full for
 most of the probe, and a fraction of a second on an NVMe SSD."""
 
+SSD_SETTLE_ROUNDS = 8
+"""Rounds of reading and writing `SSD_PROBE_BYTES` at once before the timed runs. Some disks serve a burst faster
+than they sustain (cloud volumes spend a burst allowance, SSDs fill a write cache), and a training run moves many
+GB per step for hours: timed on a fresh burst, the rates would promise the run a speed it never gets
+(RESULTS.md, 2026-12-01 09:57: one such disk measured half its first probe's rates on the next)."""
+
 PROBE_LAYERS = (4, 8)
 """Depths the model is cut to for the compute probe (fewer when it has fewer): a layer's cost is their difference.
 Shallower cuts are dominated by what every step costs once, and their difference by noise."""
@@ -121,7 +127,8 @@ def ssd_rates(paths: Sequence[str], io: IOOptions) -> SsdRates:
     """`paths` through an engine with `io`'s options, measured on first use per file systems and options."""
     devices = sorted({os.stat(p).st_dev for p in paths})
     key = (
-        f"ssd {devices} {len(paths)} paths {io.engine} {io.block_size} {io.queue_depth} {io.threads} verify {io.verify}"
+        f"ssd {devices} {len(paths)} paths {io.engine} {io.block_size} {io.queue_depth} {io.threads} verify {io.verify} "
+        f"settled {SSD_SETTLE_ROUNDS}"
     )
     return SsdRates(**_cached(key, lambda: _probe_ssd(paths, io)))
 
@@ -133,15 +140,18 @@ def _probe_ssd(paths: Sequence[str], io: IOOptions) -> dict[str, float]:
         first.fill_(1)
         second.fill_(2)
         files_a, files_b = space.files("probe-a"), space.files("probe-b")
+        engine.write(first, files_a).wait()
         engine.write(second, files_b).wait()
-        write, write_cpu = _median_seconds(lambda: engine.write(first, files_a).wait())
-        read, read_cpu = _median_seconds(lambda: engine.read(first, files_a).wait())
 
         def both() -> None:
             writing = engine.write(second, files_b)
             engine.read(first, files_a).wait()
             writing.wait()
 
+        for _ in range(SSD_SETTLE_ROUNDS):
+            both()
+        write, write_cpu = _median_seconds(lambda: engine.write(first, files_a).wait())
+        read, read_cpu = _median_seconds(lambda: engine.read(first, files_a).wait())
         mixed, _ = _median_seconds(both)
     return {
         "read": SSD_PROBE_BYTES / read,
