@@ -127,8 +127,8 @@ def ssd_rates(paths: Sequence[str], io: IOOptions) -> SsdRates:
     """`paths` through an engine with `io`'s options, measured on first use per file systems and options."""
     devices = sorted({os.stat(p).st_dev for p in paths})
     key = (
-        f"ssd {devices} {len(paths)} paths {io.engine} {io.block_size} {io.queue_depth} {io.threads} verify {io.verify} "
-        f"settled {SSD_SETTLE_ROUNDS}"
+        f"ssd {devices} {len(paths)} paths {io.engine} {io.block_size} {io.queue_depth} {io.threads} "
+        f"verify {io.verify} settled {SSD_SETTLE_ROUNDS}"
     )
     return SsdRates(**_cached(key, lambda: _probe_ssd(paths, io)))
 

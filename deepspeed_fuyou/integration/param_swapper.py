@@ -30,6 +30,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
 from deepspeed_fuyou.plan.sizing import aligned
+from deepspeed_fuyou.plan.zero_layout import gets_a_file
 from deepspeed_fuyou.swap.runtime import SwapRuntime, parameter_file, swap_file_kind
 from deepspeed_fuyou.trace import TRACE
 
@@ -55,9 +56,9 @@ class FuyouParamSwapper:
     # -- what zero.Init calls while it partitions a freshly built module -------------------------------------------
 
     def swappable_tensor(self, param: torch.nn.Parameter | None = None, numel: int | None = None) -> bool:
-        """Partitions of at least one page go to the SSD; smaller ones would cost a file and an I/O for nothing."""
+        """Partitions that `gets_a_file` gives a file go to the SSD."""
         numel = param.ds_tensor.ds_numel if numel is None else numel
-        return numel * self.dtype.itemsize >= ALIGNMENT
+        return gets_a_file(numel * self.dtype.itemsize)
 
     def get_buffer(self, param: torch.nn.Parameter, numel: int) -> torch.Tensor:
         """A buffer for a partition about to be filled and then swapped out with `swap_out_and_release`: the

@@ -28,6 +28,12 @@ OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "fusedadam": 2, "cpuadam": 2, "lamb":
 """fp32 tensors per parameter element that each optimizer keeps besides the master weights."""
 
 
+def gets_a_file(nbytes: int) -> bool:
+    """Whether a tensor of `nbytes` is swapped through a file: one of at least a page. A smaller one stays in memory;
+    its file would cost an open file and an I/O of the engine's smallest size for a few bytes."""
+    return nbytes >= ALIGNMENT
+
+
 def partition_numel(numel: int, world_size: int) -> int:
     """Elements of one rank's partition of a parameter: padded to a multiple of the world size, then split."""
     return -(-numel // world_size)
@@ -164,7 +170,7 @@ class ZeroLayout:
     @property
     def sub_groups_with_files(self) -> list[bool]:
         """Whether each sub-group's fp32 tensors get files: those of at least a page (smaller ones stay in memory)."""
-        return [n * FP32 >= ALIGNMENT for n in self.sub_group_numels]
+        return [gets_a_file(n * FP32) for n in self.sub_group_numels]
 
     @property
     def swapped_sub_group_numels(self) -> list[int]:
@@ -173,7 +179,7 @@ class ZeroLayout:
 
     def partitions_with_files(self, itemsize: int) -> list[bool]:
         """Whether each parameter's partition of `itemsize`-byte elements gets a file: one of at least a page."""
-        return [n * itemsize >= ALIGNMENT for n in self.partitions]
+        return [gets_a_file(n * itemsize) for n in self.partitions]
 
     def swap_files(self, itemsize: int, optimizer_states: int) -> dict[str, list[int]]:
         """Bytes of each file fuyou's swappers write, by what it holds: a file per parameter partition of at least

@@ -45,9 +45,10 @@ from pathlib import Path
 import torch
 
 from deepspeed_fuyou.errors import FuyouIOError
-from deepspeed_fuyou.io.engine import ALIGNMENT, IOFuture
+from deepspeed_fuyou.io.engine import IOFuture
 from deepspeed_fuyou.io.native import crc32c
 from deepspeed_fuyou.plan.sizing import read_ahead_plan, step_slot
+from deepspeed_fuyou.plan.zero_layout import gets_a_file
 from deepspeed_fuyou.swap.runtime import SwapRuntime, gradient_file, optimizer_file
 from deepspeed_fuyou.trace import TRACE
 
@@ -118,12 +119,12 @@ class FuyouOptimizerSwapper:
     # -- set-up -----------------------------------------------------------------------------------------------------
 
     def is_swappable_tensor(self, tensor: torch.Tensor | None = None, numel: int | None = None) -> bool:
-        """Anything of at least one page goes to the SSD; a tensor marked `swappable = False` stays in memory."""
+        """What `gets_a_file` says; a tensor marked `swappable = False` stays in memory."""
         if tensor is not None:
             if not getattr(tensor, "swappable", True):
                 return False
             numel = tensor.numel()
-        return numel is not None and numel * self.dtype.itemsize >= ALIGNMENT
+        return numel is not None and gets_a_file(numel * self.dtype.itemsize)
 
     def plan_host_tier(self, sub_groups: list[tuple[str, int]], states: int, gradients_on_file: bool) -> None:
         """Places sub-groups (key, elements) in the DRAM tier: every gradient file first (if gradients go to files in
