@@ -159,7 +159,7 @@ def run_side(
     return json.loads((workdir / "metrics.json").read_text())
 
 
-def summarize(runs: list[dict[str, Any]], tokens_per_step: int, steps: int) -> dict[str, Any]:
+def summarize(runs: list[dict[str, Any]], tokens_per_step: int) -> dict[str, Any]:
     """Medians over the rounds that succeeded; the step time's spread over them; the error of a failed round."""
     good = [run for run in runs if "error" not in run]
     if not good:
@@ -171,6 +171,11 @@ def summarize(runs: list[dict[str, Any]], tokens_per_step: int, steps: int) -> d
     def median(key: str, scale: float) -> float:
         return statistics.median(run[key] for run in good) / scale
 
+    def per_step(key: str) -> float:
+        """GiB per step as the step time is taken: each run's median after its first step (which has no optimizer
+        step behind it to overlap, and whose bytes would dilute the steady state), median over rounds."""
+        return statistics.median(statistics.median(run[key][1:] or run[key]) for run in good) / 2**30
+
     return {
         "step_s": step,
         "spread_s": max(step_times) - min(step_times),
@@ -178,8 +183,8 @@ def summarize(runs: list[dict[str, Any]], tokens_per_step: int, steps: int) -> d
         "peak_rss_gib": median("peak_rss_bytes", 2**30),
         "steps_rss_gib": median("steps_peak_rss_bytes", 2**30),
         "pinned_mib": median("pinned_peak_bytes", 2**20),
-        "ssd_read_gib_per_step": median("ssd_bytes_read", steps * 2**30),
-        "ssd_write_gib_per_step": median("ssd_bytes_written", steps * 2**30),
+        "ssd_read_gib_per_step": per_step("ssd_read_per_step_bytes"),
+        "ssd_write_gib_per_step": per_step("ssd_written_per_step_bytes"),
         **({"failed_rounds": f"{len(failed)} of {len(runs)} rounds failed: {failed[0]}"} if failed else {}),
     }
 
@@ -265,7 +270,7 @@ def main() -> int:
                     if args.trace and round_ == 0 and (workdir / "trace.json").exists():
                         picture = ROOT / "benchmarks" / f"trace-{layers}x{args.hidden}-{side}.png"
                         fuyou_cli(["trace", str(workdir / "trace.json"), "-o", str(picture), "--title", side])
-            results = {side: summarize(r, tokens_per_step, args.steps) for side, r in runs.items()}
+            results = {side: summarize(r, tokens_per_step) for side, r in runs.items()}
             for side, step in modelled.items():
                 results[side].update(model_s=step.seconds, bound_s=step.bound_seconds, bottleneck=step.bottleneck)
             rows += rows_for(f"{layers} / {params / 1e6:.0f}M", results)
