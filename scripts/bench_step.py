@@ -165,16 +165,21 @@ def summarize(runs: list[dict[str, Any]], tokens_per_step: int) -> dict[str, Any
     if not good:
         return {"error": runs[0]["error"]}
     failed = [run["error"] for run in runs if "error" in run]
-    step_times = [statistics.median(run["step_seconds"][1:] or run["step_seconds"]) for run in good]
+
+    def after_first_step(run: dict[str, Any], key: str) -> float:
+        """A run's median of a per-step series after its first step, which has no optimizer step behind it to
+        overlap and would dilute the steady state."""
+        return statistics.median(run[key][1:] or run[key])
+
+    step_times = [after_first_step(run, "step_seconds") for run in good]
     step = statistics.median(step_times)
 
     def median(key: str, scale: float) -> float:
         return statistics.median(run[key] for run in good) / scale
 
     def per_step(key: str) -> float:
-        """GiB per step as the step time is taken: each run's median after its first step (which has no optimizer
-        step behind it to overlap, and whose bytes would dilute the steady state), median over rounds."""
-        return statistics.median(statistics.median(run[key][1:] or run[key]) for run in good) / 2**30
+        """GiB per step, taken as the step time is: median over rounds of `after_first_step`."""
+        return statistics.median(after_first_step(run, key) for run in good) / 2**30
 
     return {
         "step_s": step,
