@@ -108,3 +108,33 @@ def test_bench_script_prints_without_recording_when_asked(tmp_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert "fuyou" in result.stdout
+
+
+class _ShortReads:
+    """An unbuffered file whose every read() returns at most `most` bytes, as Linux does past 2 GiB - 4 KiB."""
+
+    def __init__(self, data: bytes, most: int) -> None:
+        self.data, self.most, self.at = data, most, 0
+
+    def readinto(self, view: memoryview) -> int:
+        got = self.data[self.at : self.at + min(self.most, len(view))]
+        view[: len(got)] = got
+        self.at += len(got)
+        return len(got)
+
+
+def test_buffered_baseline_reads_a_file_whole_across_short_reads() -> None:
+    from deepspeed_fuyou.cli.bench_io import read_whole
+
+    data = bytes(range(256)) * 40
+    target = bytearray(len(data))
+    read_whole(_ShortReads(data, 1000), memoryview(target), "f")
+    assert bytes(target) == data
+
+
+def test_buffered_baseline_names_the_file_that_ends_early() -> None:
+    from deepspeed_fuyou.cli.bench_io import read_whole
+    from deepspeed_fuyou.errors import FuyouIOError
+
+    with pytest.raises(FuyouIOError, match=r"ended early: f \(offset 100, 28 bytes\)"):
+        read_whole(_ShortReads(b"x" * 100, 64), memoryview(bytearray(128)), "f")

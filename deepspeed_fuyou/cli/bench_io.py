@@ -20,10 +20,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import torch
 
 from deepspeed_fuyou.config.sizes import format_size, parse_size
+from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io import ALIGNMENT, DeviceTransfer, IOEngine, IOOptions, PinnedPool, SwapSpace
 
 GB = 1e9
@@ -128,7 +130,29 @@ class _Buffered:
             os.close(fd)
         for view, path in zip(self.views, self.paths, strict=True):
             with open(path, "rb", buffering=0) as f:
-                f.readinto(view)
+                read_whole(f, view, str(path))
+
+
+def read_whole(file: BinaryIO, view: memoryview, path: str) -> None:
+    """Fills `view` from an unbuffered file: one read() returns at most 2 GiB - 4 KiB on Linux, fewer on a signal."""
+    done = 0
+    while done < len(view):
+        got = file.readinto(view[done:])
+        if not got:
+            raise FuyouIOError(path, done, len(view) - done, None, "the file ended early")
+        done += got
+
+
+def _wrong_bytes(reader: str, space: SwapSpace) -> FuyouIOError:
+    """What a read that returned other bytes than were written says: the device, not the benchmark, is suspect."""
+    return FuyouIOError(
+        str(space.dirs[0]),
+        0,
+        0,
+        None,
+        f"{reader} read back other bytes than it wrote",
+        "check the device (dmesg, SMART)",
+    )
 
 
 def _deepspeed_handle(options: IOOptions) -> tuple[object | None, str | None]:
@@ -218,7 +242,7 @@ def _device_pipeline(
         for name, step in steps.items():
             samples[name].append(_throughput(step, size))
     if not torch.equal(target.cpu(), data):
-        raise AssertionError("the SSD -> device pipeline delivered wrong bytes")
+        raise _wrong_bytes("the SSD -> device pipeline", space)
     ssd, h2d, load = (statistics.median(samples[k]) for k in ("ssd_read", "h2d", "load"))
     return {
         "device": str(device),
@@ -276,7 +300,7 @@ def run(settings: BenchSettings) -> dict[str, object]:
                     buffer.zero_()
                 samples[bench.name].read.append(_throughput(bench.read, size))
                 if buffer is not None and not torch.equal(buffer, data):
-                    raise AssertionError(f"{bench.name} read back wrong bytes")
+                    raise _wrong_bytes(bench.name, space)
         for bench in benches:
             if isinstance(bench, _DeepSpeed):
                 bench.close()
