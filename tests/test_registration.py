@@ -198,3 +198,25 @@ def test_deepspeeds_op_cache_is_this_environments_own_unless_the_user_set_one() 
         [sys.executable, "-c", CACHE_PROBE], env={**environment, "FUYOU_DISABLE": "1"}, capture_output=True, text=True
     )
     assert off.stdout.strip() == "None"
+
+
+def test_cpu_accelerator_reads_the_numa_layout_once_when_the_launcher_did_not_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from deepspeed.utils import numa
+
+    from deepspeed_fuyou.integration.registration import read_numa_layout_once
+
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setattr(numa, "get_numa_cores", numa.get_numa_cores)  # restored after the test
+    calls = []
+    real = subprocess.check_output
+    monkeypatch.setattr(subprocess, "check_output", lambda *a, **k: calls.append(a) or real(*a, **k))
+    accelerator = CPU_Accelerator()
+    counts = {accelerator.device_count() for _ in range(3)}
+    assert len(calls) == 3  # stock: a `numactl` subprocess per call
+    read_numa_layout_once()
+    read_numa_layout_once()
+    counts |= {accelerator.device_count() for _ in range(3)}
+    assert len(calls) == 4 and len(counts) == 1  # then one, with the same answer

@@ -8,6 +8,7 @@ benchmarks/RESULTS.md (bench_step.py), not in a test: they depend on the machine
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -250,12 +251,34 @@ def test_compute_is_measured_under_zero_offload_per_layer_and_then_cached(
         **(json.loads((ROOT / "configs/models/llama-tiny/config.json").read_text()) | {"num_hidden_layers": 8})
     )
     shared_memory = set(shared_memory_buffers())
-    measured = compute_rates(config, 1, 32, torch.float32, "cpu")
+    zero = {"reduce_bucket_size": 65536, "stage3_max_live_parameters": 131072}
+    measured = compute_rates(config, 1, 32, torch.float32, "cpu", zero)
     assert set(shared_memory_buffers()) <= shared_memory  # the probe cleaned up
     assert measured.forward_per_layer > 0 and measured.backward_per_layer > 0 and measured.step_per_layer > 0
     assert measured.seconds("backward", 8) > measured.seconds("backward", 4)
     monkeypatch.setattr(rates_module, "_probe_compute", lambda *_: pytest.fail("measured twice"))
-    assert compute_rates(config, 1, 32, torch.float32, "cpu") == measured
+    assert compute_rates(config, 1, 32, torch.float32, "cpu", zero) == measured
+
+
+def test_compute_probe_trains_with_the_knobs_fuyou_sets_as_one_launched_rank(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**json.loads((ROOT / "configs/models/llama-tiny/config.json").read_text()))
+    requests = []
+
+    def child(command: list[str], env: dict[str, str], cwd: str, **_: object) -> subprocess.CompletedProcess[str]:
+        requests.append((json.loads(Path(command[-1]).read_text()), env))
+        (Path(cwd) / "answer.json").write_text(json.dumps({"forward": 1.0, "backward": 2.0, "step": 3.0}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(rates_module.subprocess, "run", child)
+    compute_rates(config, 1, 32, torch.float32, "cpu", {"reduce_bucket_size": 1000})
+    assert requests and all(request["zero"] == {"reduce_bucket_size": 1000} for request, _ in requests)
+    assert all(env["LOCAL_SIZE"] == "1" for _, env in requests)  # no `numactl` per gradient bucket
+    compute_rates(config, 1, 32, torch.float32, "cpu", {"reduce_bucket_size": 2000})  # other knobs: measured again
+    assert requests[-1][0]["zero"] == {"reduce_bucket_size": 2000}
 
 
 def test_estimate_with_time_prints_the_placement_and_the_modelled_step(

@@ -26,7 +26,7 @@ from deepspeed_fuyou.estimator.rates import MachineRates, compute_rates, ssd_rat
 from deepspeed_fuyou.estimator.step_time import StepShape, StepTime, model_step_time
 from deepspeed_fuyou.plan.layers import repeated_layers
 from deepspeed_fuyou.plan.preflight import machine_problems
-from deepspeed_fuyou.plan.sizing import layer_numel, stage3_overrides
+from deepspeed_fuyou.plan.sizing import layer_numel, stage3_overrides, window_as_zero_config
 from deepspeed_fuyou.plan.zero_layout import TrainingSetup, ZeroLayout
 
 RUNTIME_OVERHEAD_HOST = 400 << 20
@@ -200,22 +200,23 @@ def estimate(
             overlap=setup.overlap,
             accelerator_is_host=machine.accelerator_is_host,
         )
-        result.step_time = model_step_time(shape, rates(fake, setup))
+        result.step_time = model_step_time(shape, rates(fake, setup, window_as_zero_config(window)))
     return result
 
 
-RatesSource = Callable[[FakeModel, TrainingSetup], MachineRates]
-"""Gives the machine's rates for a model and setup (tests pass fixed ones; the CLI measures, `measured_rates`)."""
+RatesSource = Callable[[FakeModel, TrainingSetup, dict[str, int]], MachineRates]
+"""Gives the machine's rates for a model, setup and the stage-3 knobs fuyou sets (tests pass fixed ones; the CLI
+measures, `measured_rates`)."""
 
 
-def measured_rates(fake: FakeModel, setup: TrainingSetup) -> MachineRates:
-    """This machine's rates for the setup's SSD paths and I/O options and the model's shape, measured on first use
-    and cached (`estimator.rates`)."""
+def measured_rates(fake: FakeModel, setup: TrainingSetup, zero: dict[str, int]) -> MachineRates:
+    """This machine's rates for the setup's SSD paths and I/O options and the model's shape, trained with the
+    "zero_optimization" knobs `zero`, measured on first use and cached (`estimator.rates`)."""
     assert setup.fuyou is not None
     device = "cuda" if torch.cuda.is_available() and not setup.cpu_accelerator else "cpu"
     return MachineRates(
         ssd=ssd_rates([str(p) for p in setup.fuyou.nvme_paths], setup.fuyou.io),
-        compute=compute_rates(fake.module.config, setup.micro_batch, setup.seq_len, setup.dtype, device),
+        compute=compute_rates(fake.module.config, setup.micro_batch, setup.seq_len, setup.dtype, device, zero),
     )
 
 

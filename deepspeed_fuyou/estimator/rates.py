@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,25 +162,32 @@ def _probe_ssd(paths: Sequence[str], io: IOOptions) -> dict[str, float]:
     }
 
 
-def compute_rates(model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str) -> ComputeRates:
+def compute_rates(
+    model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str, zero: Mapping[str, int]
+) -> ComputeRates:
     """The model's forward, backward and step under DeepSpeed's ZeRO-Offload on `device`, cut to `PROBE_LAYERS`
     layers (random weights and tokens), so that a layer's cost and the rest's separate; measured per model shape.
 
     DeepSpeed itself, not the bare model, because stage 3's gathers, partitioning and gradient reduction cost as much
-    as the arithmetic on the CPU accelerator. It runs in a child process (`python -m
+    as the arithmetic on the CPU accelerator; with `zero` (the "zero_optimization" knobs fuyou trains with, its
+    gather window and reduce bucket) because stock's 5e8-element reduce bucket makes backward a different, slower
+    and noisier computation (RESULTS.md, 2026-12-02 08:45). It runs in a child process (`python -m
     deepspeed_fuyou.estimator.zero3_probe`): DeepSpeed's process group, accelerator choice and logs stay out of the
     caller.
     """
     text = json.dumps(model_config.to_diff_dict(), sort_keys=True, default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    key = f"compute {digest} {micro_batch}x{seq_len} {dtype} {device} {torch.get_num_threads()} threads"
-    return ComputeRates(**_cached(key, lambda: _probe_compute(model_config, micro_batch, seq_len, dtype, device)))
+    knobs = " ".join(f"{name}={value}" for name, value in sorted(zero.items()))
+    key = f"compute {digest} {micro_batch}x{seq_len} {dtype} {device} {torch.get_num_threads()} threads {knobs}"
+    return ComputeRates(**_cached(key, lambda: _probe_compute(model_config, micro_batch, seq_len, dtype, device, zero)))
 
 
-def _probe_compute(model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str) -> dict:
+def _probe_compute(
+    model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str, zero: Mapping[str, int]
+) -> dict:
     layers = model_config.num_hidden_layers
     depths = sorted({max(1, min(depth, layers)) for depth in PROBE_LAYERS})
-    measured = [_zero3_seconds(model_config, depth, micro_batch, seq_len, dtype, device) for depth in depths]
+    measured = [_zero3_seconds(model_config, depth, micro_batch, seq_len, dtype, device, zero) for depth in depths]
     rates = {}
     for phase in PHASES:
         low, high = measured[0][phase], measured[-1][phase]
@@ -191,7 +198,13 @@ def _probe_compute(model_config: Any, micro_batch: int, seq_len: int, dtype: tor
 
 
 def _zero3_seconds(
-    model_config: Any, layers: int, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str
+    model_config: Any,
+    layers: int,
+    micro_batch: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    device: str,
+    zero: Mapping[str, int],
 ) -> dict[str, float]:
     """Median seconds of each of `PHASES` of the model cut to `layers` layers, from the child process."""
     config = model_config.to_dict()
@@ -205,6 +218,7 @@ def _zero3_seconds(
                     "micro_batch": micro_batch,
                     "seq_len": seq_len,
                     "dtype": str(dtype).removeprefix("torch."),
+                    "zero": dict(zero),
                     "repeats": REPEATS,
                 }
             )
@@ -212,6 +226,10 @@ def _zero3_seconds(
         env = dict(os.environ)
         if not device.startswith("cuda"):
             env["DS_ACCELERATOR"] = "cpu"
+            # One local rank, as DeepSpeed's launcher says; unset, the CPU accelerator counts its devices by
+            # running `numactl` in a subprocess at every gradient bucket, and forking a process of this size
+            # costs more than the bucket's arithmetic.
+            env["LOCAL_SIZE"] = "1"
         command = [sys.executable, "-m", "deepspeed_fuyou.estimator.zero3_probe", str(request)]
         result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=scratch)
         if result.returncode != 0:

@@ -1,10 +1,11 @@
 """`python -m deepspeed_fuyou.estimator.zero3_probe REQUEST.json`: one model's step under ZeRO-Offload, timed.
 
 The child process of `rates.compute_rates`. It reads the request (a transformers model config, micro-batch,
-sequence length, dtype, repeats), builds the model random-initialised under `zero.Init` as training does, wraps it
-in a one-rank DeepSpeed engine with ZeRO-3, parameters and optimizer offloaded to host memory (DeepSpeed's CPU
-Adam), runs forward, backward and step `repeats + 1` times (the first warms up) and writes the shortest seconds of
-each to `answer.json` in its working directory: on a shared machine noise only ever adds time.
+sequence length, dtype, the stage-3 knobs training sets, repeats), builds the model random-initialised under
+`zero.Init` as training does, wraps it in a one-rank DeepSpeed engine with ZeRO-3, parameters and optimizer
+offloaded to host memory (DeepSpeed's CPU Adam), runs forward, backward and step `repeats + 1` times (the first
+warms up) and writes the shortest seconds of each to `answer.json` in its working directory: on a shared machine
+noise only ever adds time.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(request_path: str) -> None:
             "stage": 3,
             "offload_param": {"device": "cpu"},
             "offload_optimizer": {"device": "cpu"},
+            **request["zero"],
         },
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},

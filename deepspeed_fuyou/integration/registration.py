@@ -24,6 +24,7 @@ upgrade that moves them fails loudly.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Callable, Iterable
@@ -37,6 +38,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.superoffload import superoffload_stage3  # noqa: F401
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartitionedParameterSwapper
 from deepspeed.runtime.zero import partition_parameters, partitioned_param_coordinator, stage3
+from deepspeed.utils import numa
 from packaging.version import Version
 
 from deepspeed_fuyou import checkpoints
@@ -194,6 +196,18 @@ def _stage3_method_source(name: str) -> str:
     return "" if start < 0 else module[start : module.find("\n    def ", start + 1)]
 
 
+def read_numa_layout_once() -> None:
+    """Makes DeepSpeed's CPU accelerator read the machine's NUMA layout once per process instead of at every call.
+
+    Unless the launcher set `LOCAL_SIZE` (DeepSpeed's does; torchrun, accelerate and plain `python` do not), the CPU
+    accelerator's `device_count()` runs `numactl --hardware` in a subprocess, and stage 3 asks at every gradient
+    bucket: fuyou reduces one layer per bucket, and forking a training process of several GB costs more than the
+    bucket's arithmetic (RESULTS.md, 2026-12-02 08:45). The layout does not change while a process runs.
+    """
+    if not hasattr(numa.get_numa_cores, "cache_info"):
+        numa.get_numa_cores = functools.cache(numa.get_numa_cores)
+
+
 def check_deepspeed_internals() -> None:
     """Raises FuyouError naming the first DeepSpeed internal that no longer looks as this module expects."""
     expectations = {
@@ -234,6 +248,9 @@ def check_deepspeed_internals() -> None:
     )
     expectations["stage 3's _post_step gathers self.persistent_parameters"] = (
         "self.persistent_parameters[0].all_gather(" in _stage3_method_source("_post_step")
+    )
+    expectations["the CPU accelerator reads the NUMA layout through deepspeed.utils.numa.get_numa_cores"] = callable(
+        getattr(numa, "get_numa_cores", None)
     )
     coordinator = inspect.getsource(partitioned_param_coordinator.PartitionedParameterCoordinator)
     expectations["the parameter coordinator gathers through __all_gather_params"] = (

@@ -8,6 +8,8 @@ Only what differs is overridden (DeepSpeed's `SuperOffloadOptimizer_Stage3` is t
   keeps every gradient partition of the model in one fp32 host buffer, 4 bytes per parameter (pinned on a GPU
   machine), the host allocation that grew with the model once parameters and optimizer states had moved;
 - free heap is returned to the kernel after set-up and after each step (`host_heap`), so RSS stays near what is live;
+- DeepSpeed's CPU accelerator reads the NUMA layout once, not by a `numactl` subprocess at each gradient bucket
+  (`read_numa_layout_once`);
 - sub-groups are capped so that three of them (prefetch, step, write-back) fit in the pinned budget;
 - `fuyou.params.prefetch_layers` sets how many parameters stage 3 keeps gathered and prefetches, in layers of the
   model (see `plan.sizing`), unless the config sets DeepSpeed's own knobs explicitly;
@@ -54,7 +56,12 @@ from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 from deepspeed_fuyou.activations import ActivationOffloader
 from deepspeed_fuyou.config.fuyou import overlap_mode
 from deepspeed_fuyou.errors import FuyouConfigError, FuyouError
-from deepspeed_fuyou.integration.registration import STOCK_STAGE3, gate_parameter_fetches, track_pending_steps
+from deepspeed_fuyou.integration.registration import (
+    STOCK_STAGE3,
+    gate_parameter_fetches,
+    read_numa_layout_once,
+    track_pending_steps,
+)
 from deepspeed_fuyou.plan.layers import repeated_layers
 from deepspeed_fuyou.plan.preflight import load_fuyou_config, space_problems
 from deepspeed_fuyou.plan.sizing import stage3_overrides
@@ -86,6 +93,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         if self.fuyou_config.estimator.validate_at_start:
             self._check_swap_space(module, init_optimizer, overrides["sub_group_size"], kwargs.get("dp_process_group"))
         log.info("fuyou: stage 3 sized for the model and pinned budget: %s", overrides)
+        read_numa_layout_once()
         self._mode = overlap_mode(self.fuyou_config.optimizer, kwargs["ds_config"])
         self.fuyou_runtime.set_overlap_mode(self._mode)
         self._gradient_files = self._mode != "backward" or kwargs.get("gradient_accumulation_steps", 1) > 1

@@ -182,6 +182,11 @@ def prefetch_window(module: torch.nn.Module, prefetch_layers: int) -> dict[str, 
     }
 
 
+def window_as_zero_config(window: Mapping[str, int]) -> dict[str, int]:
+    """The window knobs of `window` (as `prefetch_window` names them) under their names in "zero_optimization"."""
+    return {keys[0]: window[name] for name, keys in _WINDOW_KEYS.items() if name in window}
+
+
 def explicit_window_settings(ds_config: Mapping[str, Any]) -> set[str]:
     """The window knobs the DeepSpeed config sets itself: those win over `prefetch_window`."""
     zero = ds_config.get("zero_optimization") or {}
