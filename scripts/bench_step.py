@@ -3,17 +3,17 @@
 Sides (`--sides`, default all): `no-offload` (ZeRO-3, everything on the device), `stock-cpu` (ZeRO-Offload),
 `stock-nvme` (ZeRO-Infinity with DeepSpeed's defaults, which keep parameters in host memory up to `max_in_cpu`),
 `stock-nvme-nocache` (the same with `max_in_cpu: 0`: parameters really on the SSD), `fuyou-ssd-off` and `fuyou-ssd`
-(`placement.host_memory: 0`, the optimizer stepped after backward or with the default overlap),
-`fuyou-ssd-read-ahead` (`fuyou-ssd` with `--read-ahead` more pinned memory, all of it `optimizer.read_ahead`),
-`fuyou-ssd-unverified` (`fuyou-ssd` with `io.verify: false`: what the swap checksums cost; not in the default set),
-and `fuyou` (default placement and overlap). For each depth (`--layers`, at fixed width) it writes a random-init
-Llama config and runs the main job (scripts/finetune.py, launched by `deepspeed`, no final checkpoint) once per side
-and round; rounds interleave the sides (`--rounds`), so a noisy machine slows all of them alike. Reported per side:
-step time (median over rounds of each run's median after its first step, with the rounds' spread), tokens/s, peak
-RSS of the whole process and of the training steps, pinned buffers, SSD bytes read/written per step (/proc/self/io)
-and the ratio of the step time to stock ZeRO-Infinity's. For fuyou's sides also `fuyou estimate`'s modelled step
-time and bound (from this machine's measured rates, `estimator.rates`) and the measured step's ratio to each. A side
-that fails is reported with its error, not dropped.
+(`placement.host_memory: 0`, the optimizer stepped after backward or with the default overlap), `fuyou-ssd-read-ahead`
+(`fuyou-ssd` with `--read-ahead` more pinned memory, all of it `optimizer.read_ahead`), `fuyou-ssd-unverified`
+(`fuyou-ssd` with `io.verify: false`: what the swap checksums cost; not in the default set), and `fuyou` (default
+overlap; placement `--host-memory`, else the default). For each depth (`--layers`, at fixed width) it writes a
+random-init Llama config and runs the main job (scripts/finetune.py, launched by `deepspeed`, no final checkpoint) once
+per side and round; rounds interleave the sides (`--rounds`), so a noisy machine slows all of them alike. Reported per
+side: step time (median over rounds of each run's median after its first step, with the rounds' spread), tokens/s, peak
+RSS of the whole process and of the training steps, pinned buffers, SSD bytes read/written per step (/proc/self/io) and
+the ratio of the step time to stock ZeRO-Infinity's. For fuyou's sides also `fuyou estimate`'s modelled step time and
+bound (from this machine's measured rates, `estimator.rates`) and the measured step's ratio to each. A side that fails
+is reported with its error, not dropped.
 
     python scripts/bench_step.py --layers 32 --hidden 1024 --seq-len 64 --micro-batch 1 --path /mnt/nvme0
 """
@@ -36,7 +36,7 @@ from benchlib import append_result, comparison_config, main_job_command, table
 
 from deepspeed_fuyou.cli.main import main as fuyou_cli
 from deepspeed_fuyou.config.fuyou import FuyouConfig
-from deepspeed_fuyou.config.sizes import parse_size
+from deepspeed_fuyou.config.sizes import format_size, parse_size
 from deepspeed_fuyou.distributed import free_port, shared_memory_buffers
 from deepspeed_fuyou.estimator.estimate import estimate, measured_rates
 from deepspeed_fuyou.estimator.step_time import StepTime
@@ -76,6 +76,11 @@ def parse_args() -> argparse.Namespace:
         default=3 << 30,
         help="the side fuyou-ssd-read-ahead's optimizer.read_ahead, added to the config's pinned budget",
     )
+    parser.add_argument(
+        "--host-memory",
+        type=lambda value: value if value == "auto" else parse_size(value, "--host-memory"),
+        help="the side fuyou's placement.host_memory (a size or auto; default: fuyou's default)",
+    )
     parser.add_argument("--config", type=Path, help="a fuyou config (default: configs/fuyou_gpu.json or _cpu.json)")
     parser.add_argument("--path", type=Path, default=Path(tempfile.gettempdir()), help="SSD directory to swap to")
     parser.add_argument(
@@ -105,12 +110,22 @@ def model_config(layers: int, hidden: int) -> dict[str, Any]:
     return config
 
 
-def side_config(base: dict[str, Any], side: str, swap: Path, largest_partition: int, read_ahead: int) -> dict[str, Any]:
-    """`base` (a fuyou config) as one side: the same model, data, optimizer, clipping and batch on every side."""
+def side_config(
+    base: dict[str, Any],
+    side: str,
+    swap: Path,
+    largest_partition: int,
+    read_ahead: int,
+    host_memory: int | str | None = None,
+) -> dict[str, Any]:
+    """`base` (a fuyou config) as one side: the same model, data, optimizer, clipping and batch on every side;
+    `host_memory` is the side `fuyou`'s budget (None: fuyou's default)."""
     if side.startswith("fuyou"):
         config = comparison_config(base, "fuyou", [swap])
         if side != "fuyou":
             config["fuyou"]["placement"] = {"host_memory": 0}
+        elif host_memory is not None:
+            config["fuyou"]["placement"] = {"host_memory": host_memory}
         else:
             config["fuyou"].pop("placement", None)  # the default
         if side == "fuyou-ssd-off":
@@ -267,7 +282,7 @@ def main() -> int:
                 for side in args.sides:
                     swap = Path(scratch) / f"{model_dir.name}-{side}-{round_}-swap"
                     swap.mkdir()
-                    ds_config = side_config(base, side, swap, largest, args.read_ahead)
+                    ds_config = side_config(base, side, swap, largest, args.read_ahead, args.host_memory)
                     if side.startswith("fuyou") and side not in modelled:
                         modelled[side] = model_side(model_dir, ds_config, args.seq_len)
                     workdir = Path(scratch) / f"{model_dir.name}-{side}-{round_}"
@@ -286,6 +301,9 @@ def main() -> int:
     )
     if args.offload_activations:
         settings += f", fuyou offloads activations to {args.offload_activations}"
+    if args.host_memory is not None and "fuyou" in args.sides:
+        budget = args.host_memory if args.host_memory == "auto" else format_size(args.host_memory)
+        settings += f", side fuyou with placement.host_memory {budget}"
     report = f"{settings}\n{table(header, rows)}"
     print(report)
     if not args.no_record:

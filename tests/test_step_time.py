@@ -349,3 +349,14 @@ def test_auto_with_rates_proposes_a_read_ahead_pool_when_the_dram_tier_cannot_ho
     carried = timed.estimate.fuyou.swapped
     assert carried["read_ahead_gradients"] > 0 and carried["read_ahead_states"] > 0
     assert timed.estimate.fits and timed.estimate.step_time.seconds < given.step_time.seconds
+
+
+def test_bench_step_runs_its_fuyou_side_at_the_host_memory_it_is_given_else_at_the_default(tmp_path: Path) -> None:
+    from bench_step import side_config  # scripts/, on pytest's pythonpath
+
+    base = json.loads((ROOT / "configs/fuyou_cpu.json").read_text())
+    base["fuyou"]["placement"] = {"host_memory": 0}
+    default = side_config(base, "fuyou", tmp_path, 1024, 0)
+    assert "placement" not in default["fuyou"]
+    assert side_config(base, "fuyou", tmp_path, 1024, 0, 8 << 30)["fuyou"]["placement"] == {"host_memory": 8 << 30}
+    assert side_config(base, "fuyou-ssd", tmp_path, 1024, 0, 8 << 30)["fuyou"]["placement"] == {"host_memory": 0}
