@@ -171,7 +171,7 @@ def compute_rates(
     DeepSpeed itself, not the bare model, because stage 3's gathers, partitioning and gradient reduction cost as much
     as the arithmetic on the CPU accelerator; with `zero` (the "zero_optimization" knobs fuyou trains with, its
     gather window and reduce bucket) because stock's 5e8-element reduce bucket makes backward a different, slower
-    and noisier computation (RESULTS.md, 2026-12-02 08:45). It runs in a child process (`python -m
+    and noisier computation (RESULTS.md, 2026-12-02 09:16). It runs in a child process (`python -m
     deepspeed_fuyou.estimator.zero3_probe`): DeepSpeed's process group, accelerator choice and logs stay out of the
     caller.
     """

@@ -202,7 +202,7 @@ def read_numa_layout_once() -> None:
     Unless the launcher set `LOCAL_SIZE` (DeepSpeed's does; torchrun, accelerate and plain `python` do not), the CPU
     accelerator's `device_count()` runs `numactl --hardware` in a subprocess, and stage 3 asks at every gradient
     bucket: fuyou reduces one layer per bucket, and forking a training process of several GB costs more than the
-    bucket's arithmetic (RESULTS.md, 2026-12-02 08:45). The layout does not change while a process runs.
+    bucket's arithmetic (RESULTS.md, 2026-12-02 09:16). The layout does not change while a process runs.
     """
     if not hasattr(numa.get_numa_cores, "cache_info"):
         numa.get_numa_cores = functools.cache(numa.get_numa_cores)
