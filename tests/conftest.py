@@ -66,6 +66,24 @@ def run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess[s
     )
 
 
+FAILURE_MARKS = ("Error", "error:", "terminate called", "Abort", "SIGABRT", "Fatal Python error", "corrupted", "free(")
+
+
+def launch_failure(result: subprocess.CompletedProcess[str], tail: int = 6000) -> str:
+    """What a failed launch said, for its assertion message: every line that names an error or an abort, first
+    (a rank that dies first is pushed out of the end of the output by the others' tracebacks), then the end."""
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if any(m in line for m in FAILURE_MARKS)]
+    return "\n".join(
+        [
+            "lines naming an error or abort:",
+            *lines[:60],
+            "end of the output:",
+            result.stdout[-tail:],
+            result.stderr[-tail:],
+        ]
+    )
+
+
 def run_deepspeed(
     program: Path, *args: str, cwd: Path, ranks: int = 1, launcher: str = "torchrun", **env: str
 ) -> subprocess.CompletedProcess[str]:

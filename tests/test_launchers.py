@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from deepspeed_fuyou.distributed import free_port
-from tests.conftest import run_deepspeed, run_launched
+from tests.conftest import launch_failure, run_deepspeed, run_launched
 
 pytestmark = pytest.mark.launches  # every test here starts processes (run_tests.sh --fast leaves them out)
 
@@ -53,7 +53,7 @@ def guarded(example: str, workdir: Path) -> dict[str, str]:
 
 def trained_through_fuyou(result: subprocess.CompletedProcess[str], workdir: Path) -> list[float]:
     """Checks that the run succeeded with fuyou doing the swapping (its one rank's report); the losses it printed."""
-    assert result.returncode == 0, f"{workdir.name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"{workdir.name} failed:\n{launch_failure(result)}"
     [report] = [json.loads(path.read_text()) for path in (workdir / "reports").glob("*.json")]  # one rank
     assert report["constructed"] == FUYOU_CLASSES
     assert report["bytes_read"] > 0 and report["bytes_written"] > 0

@@ -24,7 +24,7 @@ from deepspeed_fuyou.config.fuyou import ActivationOptions, host_memory_bytes
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.model import build_fake_model, load_model_config
 from deepspeed_fuyou.estimator.rates import ComputeRates, MachineRates, SsdRates
-from tests.conftest import run_deepspeed
+from tests.conftest import launch_failure, run_deepspeed
 
 pytestmark = pytest.mark.launches  # every test here starts processes (run_tests.sh --fast leaves them out)
 
@@ -72,7 +72,7 @@ def launch(
         launcher=launcher,
         FORBID=forbid,
     )
-    assert result.returncode == 0, f"{program.name} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, f"{program.name} failed:\n{launch_failure(result)}"
 
 
 def finetune(config: Config, workdir: Path, *args: str, ranks: int = 1, launcher: str = "torchrun") -> dict[str, Any]:
