@@ -306,6 +306,24 @@ def test_estimate_with_time_prints_the_placement_and_the_modelled_step(
     assert "fuyou places" in text and "modelled step (fuyou)" in text and "exposed optimizer" in text
 
 
+def test_the_modelled_step_is_measured_with_the_stage3_knobs_the_run_will_use_explicit_ones_included() -> None:
+    config = json.loads((ROOT / "configs/fuyou_cpu.json").read_text())
+    config["zero_optimization"] |= {"stage3_prefetch_bucket_size": 100_000, "stage3_max_reuse_distance": 7}
+    given = []
+
+    def rates(fake: Any, setup: Any, zero: dict[str, int]) -> MachineRates:
+        given.append(zero)
+        return machine_rates()
+
+    model = ROOT / "configs/models/llama-tiny"
+    assert estimate(model, config, seq_len=64, machine=Machine(None, 64 << 30), rates=rates).step_time
+    [zero] = given
+    assert zero["stage3_prefetch_bucket_size"] == 100_000 and zero["stage3_max_reuse_distance"] == 7  # the config's
+    plain = json.loads((ROOT / "configs/fuyou_cpu.json").read_text())
+    default = estimate(model, plain, seq_len=64, machine=Machine(None, 64 << 30), rates=rates)
+    assert default.step_time and given[-1]["reduce_bucket_size"] == zero["reduce_bucket_size"] < 500_000_000  # fuyou's
+
+
 def test_auto_with_rates_picks_the_placement_and_overlap_of_the_shortest_modelled_step(tmp_path: Path) -> None:
     config = json.loads((ROOT / "configs/fuyou_cpu.json").read_text())
     config["gradient_clipping"] = 0.0

@@ -78,8 +78,15 @@ class Plan:
 
 
 def stock_window(zero) -> dict[str, int]:
-    """Stage 3's gather and reduce limits as the DeepSpeed config sets them (fuyou replaces them, see plan.sizing)."""
-    return {"max_live_parameters": zero.max_live_parameters, "reduce_bucket_size": zero.reduce_bucket_size}
+    """Stage 3's gather, prefetch and reduce limits as the DeepSpeed config sets them (explicitly or by default),
+    under `plan.sizing.prefetch_window`'s names: fuyou replaces those the config leaves unset, so every knob has a
+    value either way."""
+    return {
+        "prefetch_bucket_size": zero.prefetch_bucket_size,
+        "max_live_parameters": zero.max_live_parameters,
+        "max_reuse_distance": zero.max_reuse_distance,
+        "reduce_bucket_size": zero.reduce_bucket_size,
+    }
 
 
 def gathered_numel(numels: Sequence[int], layer: int, max_live: int, persistence_threshold: int) -> int:
