@@ -155,6 +155,9 @@ def memory_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
         ),
         "fuyou_bytes_read": sum(runtime.counters.bytes_read for runtime in runtimes),
         "fuyou_bytes_written": sum(runtime.counters.bytes_written for runtime in runtimes),
+        # updated parameters the step handed over to the next forward: taken from memory, or pushed out unread
+        "hand_over_taken_bytes": sum(runtime.updates.taken_bytes for runtime in runtimes),
+        "hand_over_pushed_out_bytes": sum(runtime.updates.pushed_out_bytes for runtime in runtimes),
         "host_gradient_buffer_bytes": gradient_buffer_bytes(engine),
         **activation_report(engine),
     }

@@ -217,7 +217,10 @@ class FuyouParamSwapper:
         """Stock DeepSpeed allocates a dedicated write-back buffer here; ours are drawn from the pool per write."""
 
     def swap_out_partitioned_params(
-        self, dst_fp16_params: list[torch.nn.Parameter], src_fp32_params: list[torch.Tensor]
+        self,
+        dst_fp16_params: list[torch.nn.Parameter],
+        src_fp32_params: list[torch.Tensor],
+        in_read_ahead_memory: bool = False,
     ) -> None:
         """Starts writing updated master weights, in the parameter dtype, into the partitions' files.
 
@@ -228,7 +231,9 @@ class FuyouParamSwapper:
 
         Master weights of the parameter dtype (fp32 training) are written from the master's own buffer, which the
         writes keep alive; others are cast into one staging buffer for the whole sub-group, so that the step's pool
-        holds few, similar-sized buffers rather than one per parameter.
+        holds few, similar-sized buffers rather than one per parameter. A master read ahead during backward
+        (`in_read_ahead_memory`) is in memory nothing else needs before the next backward: handed over from there,
+        it is kept until the forward takes it (`PendingUpdates.hand_over`, `limited=False`).
         """
         on_file: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         for param, master in zip(dst_fp16_params, src_fp32_params, strict=True):
@@ -239,8 +244,10 @@ class FuyouParamSwapper:
                 on_file.append((param, source))
         if not on_file:
             return
+        limited = True
         if on_file[0][1].dtype == self.dtype:
             updated = [source for _, source in on_file]
+            limited = not in_read_ahead_memory
         else:
             staging = self.runtime.step_staging(sum(src.numel() for _, src in on_file) * self.dtype.itemsize)
             updated, offset = [], 0
@@ -248,12 +255,12 @@ class FuyouParamSwapper:
                 updated.append(staging.view(self.dtype).narrow(0, offset, source.numel()).copy_(source))
                 offset += source.numel()
         for (param, _), low in zip(on_file, updated, strict=True):
-            self.runtime.updates.discard(param.ds_id)
             if param.ds_id in self._apart:
                 self._stored_in[param.ds_id] = self._apart.pop(param.ds_id)
             if param.ds_id not in self._stored_in:
                 self.runtime.write(low, *self._location(param), keep=low)
-            self.runtime.updates.hand_over(param.ds_id, low)
+        handed = {param.ds_id: low for (param, _), low in zip(on_file, updated, strict=True)}
+        self.runtime.updates.hand_over(handed, limited)
 
     # -- internals ------------------------------------------------------------------------------------------------
 

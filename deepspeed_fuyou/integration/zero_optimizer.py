@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
 from deepspeed.runtime.utils import combine_grad_norm_groups, is_invalid_grad_norm
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
@@ -64,7 +65,7 @@ from deepspeed_fuyou.integration.registration import (
 )
 from deepspeed_fuyou.plan.layers import repeated_layers
 from deepspeed_fuyou.plan.preflight import load_fuyou_config, space_problems
-from deepspeed_fuyou.plan.sizing import stage3_overrides
+from deepspeed_fuyou.plan.sizing import HAND_OVER_SUB_GROUPS, stage3_overrides
 from deepspeed_fuyou.plan.zero_layout import OPTIMIZER_STATES, ZeroLayout
 from deepspeed_fuyou.swap.host_heap import release_free_heap
 from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
@@ -81,6 +82,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
     overlap = "off"  # until __init__ has chosen: the base constructor's own steps (state creation) run as stock
     _step_thread: StepThread | None = None
     _step_view: torch.optim.Optimizer | None = None
+    _read_ahead_masters: frozenset[int] | set[int] = frozenset()  # sub-groups stepped behind this forward, read ahead
 
     def __init__(self, module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> None:
         # Set before the base constructor: it calls the overridden methods below.
@@ -178,8 +180,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         if self.overlap == "backward":
             self.optimizer_swapper.holds_gradients = True
         else:
-            largest = max(self.fp16_partitioned_groups_flat_numel, default=0)
-            self.fuyou_runtime.updates.hand_over_limit = int(largest) * self.dtype.itemsize  # one sub-group
+            self.fuyou_runtime.updates.hand_over_sub_groups = HAND_OVER_SUB_GROUPS
             gate_parameter_fetches(self.parameter_offload.get_param_coordinator(), self._wait_for_updates)
 
     def steps_any(self, ds_ids: set[int]) -> bool:
@@ -195,8 +196,23 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
     def _wait_for_updates(self, params: Iterable[Any]) -> None:
         updates = self.fuyou_runtime.updates
         if updates.pending() or updates.error is not None:
+            params = list(params)
+            self._take_hand_overs(params)
             with TRACE.wait("parameter update"):
                 updates.wait(param.ds_id for param in params)
+
+    def _take_hand_overs(self, params: list[Any]) -> None:
+        """Takes the updates already handed over among `params` before waiting for the others: the step goes on
+        while the forward waits, and would push out those not yet taken where a layer's parameters span more
+        sub-groups than it keeps (`HAND_OVER_SUB_GROUPS`)."""
+        updates = self.fuyou_runtime.updates
+        ready = [
+            param
+            for param in params
+            if updates.has_hand_over(param.ds_id) and param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE
+        ]
+        if ready:
+            ready[0].nvme_swapper.swap_in(ready, async_op=True)
 
     def backward_prologue(self) -> None:
         """The gradients of this backward go where the previous step's reads may still be: finish those first."""
@@ -261,8 +277,14 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         updates = self.fuyou_runtime.updates
         for i in remaining:
             updates.expect(i, [param.ds_id for param in self.fp16_groups[i]])
+        masters = self.fp32_partitioned_groups_flat
+        swapper = self.optimizer_swapper if self.swap_optimizer else None
+        self._read_ahead_masters = {i for i in remaining if swapper is not None and swapper.is_read(masters[i])}
         for position, i in enumerate(remaining):
-            following = remaining[position + 1] if position + 1 < len(remaining) else None
+            # The first sub-group still to be read: those read ahead during backward may be stepped before the SSD has
+            # read the next one, so it is read meanwhile.
+            later = (j for j in remaining[position + 1 :] if j not in self._read_ahead_masters)
+            following = next(later, None)
             self._step_thread.submit(i, functools.partial(self._step_sub_group, i, scaled_global_grad_norm, following))
         # Persistent parameters are gathered by the next forward, once their sub-groups are stepped.
         persistent, self.persistent_parameters = self.persistent_parameters, []
@@ -280,6 +302,8 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             if following is not None and self._swappable_optimizer_subgroup(following):
                 ahead = self.fp32_partitioned_groups_flat[following]
             self.optimizer_swapper.swap_in_optimizer_state(master, async_parameter=ahead)
+        if self.overlap == "forward":  # its reads are started: step once the forward has taken the last update
+            self.fuyou_runtime.updates.wait_until_taken()
         if master.grad is not None:
             self.unscale_and_clip_grads(i, scaled_global_grad_norm)
             self._optimizer_step(i)
@@ -319,7 +343,9 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             else:
                 partition.data.copy_(source.data)
         if to_file:
-            to_file[0].nvme_swapper.swap_out_partitioned_params(dst_fp16_params=to_file, src_fp32_params=sources)
+            to_file[0].nvme_swapper.swap_out_partitioned_params(
+                dst_fp16_params=to_file, src_fp32_params=sources, in_read_ahead_memory=i in self._read_ahead_masters
+            )
 
     def _sub_group_completed(self, i: int) -> None:
         """Every parameter of sub-group `i` has its final gradient: step it now, behind the rest of backward."""

@@ -133,11 +133,17 @@ STEP_SLOTS = 15
 for Adam (master and two moments per sub-group), in the `optimizer.overlap` mode that holds the most, "forward": the
 sub-group read ahead (master, moments, gradient), the one stepped (the same), the one written back (master, moments),
 the new low-precision parameters of two sub-groups being written (a slot each unless they are fp32, written from the
-master's own slot) and the updated parameters kept for the next forward to take (`hand_over_limit`: one sub-group's,
-which may keep two slots alive). "off" holds two slots fewer; "backward" reads no gradient ahead but holds two in
-memory (the sub-group whose gradients backward is producing, one finished and waiting for the step thread). Every
-mode sizes sub-groups for the most, so that a mode never changes the sub-groups, nor the rounding of the global
-gradient norm that clipping uses, which sums per sub-group."""
+master's own slot) and the updated parameters kept for the next forward to take (`HAND_OVER_SUB_GROUPS`). "off"
+holds two slots fewer; "backward" reads no gradient ahead but holds two in memory (the sub-group whose gradients
+backward is producing, one finished and waiting for the step thread). Every mode sizes sub-groups for the most, so
+that a mode never changes the sub-groups, nor the rounding of the global gradient norm that clipping uses, which sums
+per sub-group."""
+
+HAND_OVER_SUB_GROUPS = 2
+"""Sub-groups whose updated low-precision parameters the step keeps for the next forward to take from memory
+(`optimizer.overlap` "forward"; `swap.updates.PendingUpdates`): a slot each (their buffer, or in fp32 their master's).
+Two, because stage 3's sub-groups do not follow layers: the forward may wait for the next sub-group while the rest of
+the last one's parameters are still to be taken, for its next layer."""
 
 # DeepSpeed's names (in "zero_optimization") for the knobs `prefetch_window` derives, with their aliases.
 _WINDOW_KEYS = {

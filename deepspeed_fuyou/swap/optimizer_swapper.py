@@ -304,6 +304,11 @@ class FuyouOptimizerSwapper:
         self._discover_states(group)
         group.prefetched = self._start_reads(group, self.runtime.read_ahead_staging, gradient=False)
 
+    def is_read(self, parameter: torch.Tensor) -> bool:
+        """Whether the sub-group's master and states are in memory or being read (read ahead during backward)."""
+        group = self.groups.get(parameter.ds_id)
+        return group is not None and group.prefetched is not None
+
     def holds_no_gradient(self, parameter: torch.Tensor) -> bool:
         group = self.groups.get(parameter.ds_id)
         return group is None or group.held_grad is None

@@ -4,6 +4,10 @@ One thread steps sub-groups in the order they are submitted, while the training 
 next forward. Its waits on the SSD (a sub-group's state read in, its update written out) then cost no compute time,
 and DeepSpeed's CPU Adam releases the GIL, so its arithmetic runs beside the training thread's too.
 
+Whatever waits for the thread (`drain`, `wait_backlog`, `close`) says so to `PendingUpdates.reader_waiting`, so a
+step held back until the forward takes its hand-over (`PendingUpdates.wait_until_taken`) goes on while it is waited
+for.
+
 A step that raises stops the thread's work: later submissions are not run, every waiter gets the error
 (`PendingUpdates.fail`), and so does every later `check()` or `drain()`, i.e. the next call into the engine. The
 error stays: the optimizer's state on the SSD is no longer one step's, so training must not go on from it.
@@ -57,7 +61,7 @@ class StepThread:
 
     def wait_backlog(self, at_most: int) -> None:
         """Blocks until at most `at_most` tasks wait to start (back-pressure on the submitting thread)."""
-        with self._cond:
+        with self._updates.reader_waiting(), self._cond:
             self._cond.wait_for(lambda: len(self._tasks) <= at_most or self.error is not None)
         self.check()
 
@@ -67,7 +71,7 @@ class StepThread:
 
     def drain(self) -> None:
         """Blocks until every submitted task has run; raises the error of one that failed."""
-        with self._cond:
+        with self._updates.reader_waiting(), self._cond:
             self._cond.wait_for(lambda: (not self._tasks and not self._busy) or self.error is not None)
         self.check()
 
@@ -82,7 +86,8 @@ class StepThread:
             self._cond.notify_all()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            with self._updates.reader_waiting():
+                thread.join()
 
     def _run(self) -> None:
         mark_background_thread()
