@@ -3,7 +3,8 @@
 Sides (`--sides`, default all): `no-offload` (ZeRO-3, everything on the device), `stock-cpu` (ZeRO-Offload),
 `stock-nvme` (ZeRO-Infinity with DeepSpeed's defaults, which keep parameters in host memory up to `max_in_cpu`),
 `stock-nvme-nocache` (the same with `max_in_cpu: 0`: parameters really on the SSD), `fuyou-ssd-off` and `fuyou-ssd`
-(`placement.host_memory: 0`, the optimizer stepped after backward or with the default overlap), `fuyou-ssd-read-ahead`
+(`placement.host_memory: 0`, the optimizer stepped after backward or with the default overlap; both with the default
+`optimizer.read_ahead`, what the parameter window leaves of its half of the pinned budget), `fuyou-ssd-read-ahead`
 (`fuyou-ssd` with `--read-ahead` more pinned memory, all of it `optimizer.read_ahead`), `fuyou-ssd-unverified`
 (`fuyou-ssd` with `io.verify: false`: what the swap checksums cost; not in the default set), and `fuyou` (default
 overlap; placement `--host-memory`, else the default). For each depth (`--layers`, at fixed width) it writes a

@@ -257,6 +257,8 @@ def test_the_estimate_counts_read_ahead_gradients_first_and_its_pool_in_pinned_m
     config = fuyou_config(tmp_path)
     config["gradient_clipping"] = 1.0  # "forward": gradients go to the SSD, so there is something to carry
     config["fuyou"]["placement"] = {"host_memory": 0}
+    auto = estimate(TINY_LLAMA, config, seq_len=64).fuyou  # "auto": the 32 MiB window share less what it needs
+    config["fuyou"]["optimizer"] = {"read_ahead": 0}
     without = estimate(TINY_LLAMA, config, seq_len=64).fuyou
     config["fuyou"]["optimizer"] = {"read_ahead": "20MiB"}
     carried = estimate(TINY_LLAMA, config, seq_len=64)
@@ -273,6 +275,8 @@ def test_the_estimate_counts_read_ahead_gradients_first_and_its_pool_in_pinned_m
     }
     carried_keys = ("read_ahead_gradients", "read_ahead_states", "written_behind_states")
     assert not any(without.swapped[key] for key in carried_keys)
+    assert 0 < auto.swapped["read_ahead_gradients"] < swapped["gradients"] and 0 < auto.read_ahead_pool < 32 * MiB
+    assert auto.pinned_host.buffers <= 64 * MiB
     config["gradient_clipping"] = 0.0  # "backward": nothing to carry, the budget goes to the step pool
     assert not estimate(TINY_LLAMA, config, seq_len=64).fuyou.swapped["read_ahead_gradients"]
 

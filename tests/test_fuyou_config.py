@@ -144,13 +144,36 @@ def test_read_ahead_comes_out_of_the_pinned_budget_and_joins_the_step_pool_when_
     """`optimizer.read_ahead` gets its own pool in the modes that carry sub-groups; with "backward" (nothing to carry)
     the step's pool gets it instead, so its sub-groups grow; 0 leaves the budget as it was."""
     config = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": "256MiB"}}))
-    without = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB"}))
+    without = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": 0}}))
     mib = 1 << 20
     assert pool_budgets(config, "forward") == pool_budgets(config, "off") == (384 * mib, 384 * mib, 256 * mib)
     assert pool_budgets(config, "backward") == (384 * mib, 640 * mib, 0)
     assert pool_budgets(without, "forward") == pool_budgets(without, "backward") == (512 * mib, 512 * mib, 0)
     caps = {mode: sub_group_cap(config, mode, largest_param=1000) for mode in ("forward", "backward")}
     assert caps["backward"] > sub_group_cap(without, "backward", largest_param=1000) > caps["forward"]
+
+
+def test_auto_read_ahead_is_what_the_parameter_window_leaves_of_its_share_and_the_step_pool_keeps_its_own(
+    swap: Path,
+) -> None:
+    """`read_ahead: "auto"`, the default: once the model is known, the forward/backward pool keeps what its window
+    needs (at least the smallest pool) and the rest of its share carries sub-groups; the step pool keeps its share,
+    so the sub-groups are those of `read_ahead: 0`. Nothing is carried before the model is known, in "backward", with
+    activation offload (whose staging takes the pool's room), or when the window needs the whole share."""
+    mib = 1 << 20
+    auto = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB"}))
+    none = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": 0}}))
+    offloading = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB", "activations": {"offload": "all"}}))
+    assert auto.optimizer.read_ahead is None
+    assert pool_budgets(auto, "forward", 100 * mib) == pool_budgets(auto, "off", 100 * mib)
+    assert pool_budgets(auto, "forward", 100 * mib) == (100 * mib, 512 * mib, 412 * mib)
+    assert pool_budgets(auto, "forward", 100 * mib + 1) == (101 * mib, 512 * mib, 411 * mib)  # whole MiB
+    assert pool_budgets(auto, "forward", 1000) == (16 * mib, 512 * mib, 496 * mib)
+    nothing = (512 * mib, 512 * mib, 0)
+    assert pool_budgets(none, "forward", 100 * mib) == pool_budgets(auto, "forward") == nothing
+    assert pool_budgets(auto, "backward", 100 * mib) == pool_budgets(auto, "forward", 600 * mib) == nothing
+    assert pool_budgets(offloading, "forward", 100 * mib) == nothing
+    assert sub_group_cap(auto, "forward", largest_param=1000) == sub_group_cap(none, "forward", largest_param=1000)
 
 
 def test_read_ahead_keeps_gradients_first_then_writes_behind_and_reads_ahead_states_with_what_is_left() -> None:

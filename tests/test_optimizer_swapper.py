@@ -51,14 +51,15 @@ def gradients(sizes: list[int], step: int) -> list[torch.Tensor]:
 
 
 def stage3_step(swapper: FuyouOptimizerSwapper, masters: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
-    """`DeepSpeedZeroOptimizer_Stage3.step` for swapped sub-groups: swap in (and read the next one ahead), step,
-    swap out behind the next sub-group, drop the gradient."""
+    """`FuyouZeroOptimizer.step` for swapped sub-groups: swap in (and read the next one ahead), step, swap out
+    behind the next sub-group, drop the gradient."""
     for index, master in enumerate(masters):
         following = masters[index + 1] if index + 1 < len(masters) else None
         swapper.swap_in_optimizer_state(master, async_parameter=following)
         optimizer.param_groups[0]["params"] = [master]
         optimizer.step()
         optimizer.param_groups[0]["params"] = []
+        swapper.gradient_applied(master)  # as FuyouZeroOptimizer._optimizer_step
         swapper.swap_out_optimizer_state(master, async_swap=following is not None)
         master.grad = None
 
@@ -269,5 +270,35 @@ def test_states_written_behind_reach_their_files_during_the_next_backward_before
         for restored, expected in zip(resident_state(swapper, masters), final, strict=True):
             assert restored.keys() == expected.keys() == {"master", "exp_avg", "exp_avg_sq", "step"}
             assert all(torch.equal(restored[name], expected[name]) for name in expected)
+    finally:
+        runtime.close()
+
+
+def test_a_swap_out_outside_a_step_keeps_the_gradient_kept_in_memory_for_the_step(tmp_path: Path) -> None:
+    """Stage 3 swaps a sub-group in and out to read or set its state (`safe_get_full_fp32_param`, ...) between
+    backward and the step, and after it. A final gradient read-ahead kept in memory has no file to come back from:
+    a swap-out before the step keeps it, the step's own swap-out drops it, and a state read after the step finds no
+    gradient rather than a file that was never written."""
+    config = FuyouConfig(nvme_paths=[tmp_path], pinned_memory=256 * MiB, optimizer={"read_ahead": "16MiB"})
+    runtime = SwapRuntime(config)
+    try:
+        (size,) = sub_group_sizes(1)
+        master = torch.empty(0, requires_grad=True)
+        master.ds_id = "0"
+        swapper = FuyouOptimizerSwapper(runtime, torch.optim.Adam([torch.empty(0, requires_grad=True)]), torch.float32)
+        swapper.plan_read_ahead([(master.ds_id, size)], 2, gradients_on_file=True)
+        swapper.initialize_parameters([master], [torch.randn(size)])
+        gradient = torch.randn(size)
+        assert swapper.keep_final_gradients(master, [0], [gradient])
+        for stepped in (False, True):  # a state read, then the step
+            swapper.swap_in_optimizer_state(master)
+            assert torch.equal(master.grad, gradient)
+            if stepped:
+                swapper.gradient_applied(master)  # as FuyouZeroOptimizer._optimizer_step
+            master.grad = None
+            swapper.swap_out_optimizer_state(master)
+        swapper.swap_in_optimizer_state(master)  # a state read after the step
+        assert master.grad is None and runtime.counters.read["gradients"] == 0
+        swapper.swap_out_optimizer_state(master)
     finally:
         runtime.close()

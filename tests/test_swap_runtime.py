@@ -130,3 +130,55 @@ def test_the_dram_tier_takes_parameters_then_gradients_then_whole_sub_groups_whi
             assert torch.equal(param.ds_tensor, torch.full((MiB // 4,), float(param.ds_id)))
     finally:
         runtime.close()
+
+
+def test_a_prefetch_reads_the_leading_partitions_up_to_one_not_yet_stepped_or_without_room(tmp_path: Path) -> None:
+    """Stage 3 gathers a partition ahead of its module only once it is off the SSD, and every rank must gather the
+    same ones: a prefetch starts the leading partitions only, up to the first whose sub-group is not stepped yet or
+    that the pool's free bytes cannot hold (the ranks then agree on the fewest), never one past it. The room it
+    offers the coordinator counts the partitions held, not what the step happens to have handed over."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from deepspeed_fuyou.integration.param_swapper import FuyouParamSwapper
+
+    config = FuyouConfig(
+        nvme_paths=[tmp_path], pinned_memory=64 * MiB, placement={"host_memory": 0}, optimizer={"read_ahead": 0}
+    )
+    runtime = SwapRuntime(config)  # a 32 MiB forward/backward pool: four of the 8 MiB partitions
+    try:
+        swapper = FuyouParamSwapper(runtime, torch.float32)
+        params = []
+        for ds_id in range(5):
+            param = torch.nn.Parameter(torch.empty(0))
+            param.ds_id, param.ds_tensor, param.ds_status = ds_id, torch.empty(0), ZeroParamStatus.AVAILABLE
+            swapper.get_buffer(param, 2 * MiB).fill_(ds_id)
+            swapper.swap_out_and_release([param])
+            params.append(param)
+        runtime.updates.hand_over_sub_groups = 1  # as with optimizer.overlap "forward"
+        runtime.updates.expect("sub-group", [1])
+        runtime.updates.hand_over({3: torch.full((2 * MiB,), 3.0)})
+        assert swapper.available_swap_in_buffers() == 4
+
+        def statuses() -> list[str]:
+            return [param.ds_tensor.status.name for param in params]
+
+        swapper.swap_in(params, async_op=True)
+        assert statuses() == ["INFLIGHT"] + ["NOT_AVAILABLE"] * 4  # partition 2 could be read, but 1 is not stepped
+        runtime.updates.done("sub-group")
+        swapper.swap_in(params[1:], async_op=True)  # 3 taken from memory; 4 has no room left
+        assert statuses() == ["INFLIGHT", "INFLIGHT", "INFLIGHT", "AVAILABLE", "NOT_AVAILABLE"]
+        assert swapper.available_swap_in_buffers() == 0
+        swapper.synchronize_reads()
+        assert statuses() == ["AVAILABLE"] * 4 + ["NOT_AVAILABLE"]
+        for param in params[:4]:
+            assert torch.equal(param.ds_tensor, torch.full((2 * MiB,), float(param.ds_id)))
+        swapper.remove_partition_and_release_buffers(params[:1])
+        runtime.try_staging = lambda nbytes: None  # the free bytes in pieces too small: read when needed instead
+        swapper.swap_in(params[4:], async_op=True)
+        read = runtime.counters.bytes_read
+        assert statuses()[4] == "INFLIGHT"
+        swapper.synchronize_reads()
+        assert statuses()[4] == "AVAILABLE" and runtime.counters.bytes_read == read + 8 * MiB
+        assert torch.equal(params[4].ds_tensor, torch.full((2 * MiB,), 4.0))
+    finally:
+        runtime.close()

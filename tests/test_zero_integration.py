@@ -136,6 +136,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, An
         "read-ahead-no-clipping": (READ_AHEAD | NO_CLIPPING, 1, loop),
         "read-ahead-accumulation": (READ_AHEAD | accumulation, 1, loop),
         "read-ahead-some-gradients": (read_ahead("6MiB"), 1, loop),
+        "no-read-ahead": ({"fuyou": {**FUYOU_CONFIG["fuyou"], "optimizer": {"read_ahead": 0}}}, 1, loop),
     }
 
     def run(kind: str, variant: str, overlap: str | None = None) -> dict[str, Any]:
@@ -487,6 +488,7 @@ def test_stepping_behind_the_forward_hands_the_updated_parameters_to_it_in_memor
         ("read-ahead", None, "base"),  # "forward"
         ("read-ahead", "off", "base"),
         ("read-ahead-accumulation", None, "accumulation"),
+        ("no-read-ahead", None, "base"),  # nothing carried: every gradient through its file
     ],
 )
 def test_sub_groups_carried_across_the_end_of_backward_train_exactly_like_stock(
@@ -519,6 +521,23 @@ def test_read_ahead_keeps_gradients_off_the_ssd_then_reads_states_during_backwar
         assert step["gradients_written"] == swapped["gradients"] - kept
     for step in run["swap_traffic_per_step"][1:]:
         assert step["gradients_read"] == swapped["gradients"] - kept
+
+
+def test_the_default_read_ahead_carries_what_the_parameter_window_leaves_of_its_half_of_the_pinned_budget(
+    runs: Callable[..., Any],
+) -> None:
+    """`optimizer.read_ahead: "auto"` (the shipped config leaves it so): once the model is known, the forward/backward
+    pool shrinks to what its window needs and the rest of its half of the 2 GiB carries every gradient of the tiny
+    model past the SSD, as the estimate says; with `read_ahead: 0` the same run writes them all, every step."""
+    auto, none = runs("fuyou", "base"), runs("fuyou", "no-read-ahead")
+    half = 1 << 30
+    assert auto["pinned_forward_backward_peak_bytes"] <= auto["pinned_forward_backward_budget_bytes"]
+    assert auto["pinned_forward_backward_budget_bytes"] + auto["pinned_read_ahead_budget_bytes"] == half
+    assert none["pinned_forward_backward_budget_bytes"] == half and none["pinned_read_ahead_budget_bytes"] == 0
+    swapped = timed_estimate(auto).fuyou.swapped
+    assert swapped["read_ahead_gradients"] == swapped["gradients"] > 0
+    assert all(step["gradients_written"] == 0 for step in auto["swap_traffic_per_step"])
+    assert all(step["gradients_written"] == swapped["gradients"] for step in none["swap_traffic_per_step"])
 
 
 def test_the_read_ahead_pool_holds_what_is_carried_and_the_estimate_counts_it(runs: Callable[..., Any]) -> None:

@@ -73,12 +73,13 @@ class OptimizerOptions(FuyouModel):
     takes the global norm and the overflow verdict and returns, and the sub-groups are stepped behind the next
     forward, which waits only for the sub-group holding a parameter it fetches and takes updated parameters from
     memory; `auto`: `backward` where it is valid, else `forward`."""
-    read_ahead: Size = Field(0, examples=["2GiB", 0])
+    read_ahead: SizeOrAuto = Field(None, examples=["auto", "2GiB", 0])
     """Size, part of `pinned_memory`, that carries work across the end of backward with `off` and `forward`: final
     gradients stay in it instead of going through their files (the sub-groups stepped first first); what is left
     first holds the last sub-groups' optimizer states from the step until the next backward writes them, then takes
     the first sub-groups' master weights and states, read during backward. `0`: nothing is carried. With `backward`
-    it enlarges the step's pool instead."""
+    it enlarges the step's pool instead. `auto`: what the parameter window leaves unused of its share of
+    `pinned_memory` (none with `backward` or activation offload), known once the model is."""
 
     def mode(self, gradient_clipping: float, fp16: bool) -> OverlapMode:
         """The mode `overlap` selects for a run with this clipping threshold (0: none) and precision."""

@@ -13,11 +13,12 @@ What is searched, and why in this order:
   when the host cannot hold it next to everything else;
 - with the machine's rates (`--auto --time`), then `fuyou.placement.host_memory`, `fuyou.optimizer.overlap` and
   `fuyou.optimizer.read_ahead`: the configured values against "auto" (the DRAM tier as large as the host allows; the
-  optimizer stepped behind compute where the config allows it) and against read-ahead pools of none, an eighth, a
-  quarter, half and all of what the step moves through the SSD (gradients, master and states), each added to the
-  pinned budget; the one with the shortest modelled step that still fits. The read-ahead is searched last because
-  its worth depends on what the placement leaves on the SSD and the overlap sends through it, and it competes with
-  the DRAM tier for the same host memory.
+  optimizer stepped behind compute where the config allows it; the read-ahead pool what the parameter window leaves
+  of its share of the pinned budget) and against read-ahead pools of none, an eighth, a quarter, half and all of
+  what the step moves through the SSD (gradients, master and states), each added to the pinned budget; the one with
+  the shortest modelled step that still fits. The read-ahead is searched last because its worth depends on what the
+  placement leaves on the SSD and the overlap sends through it, and it competes with the DRAM tier for the same host
+  memory.
 Offload placement stays as configured: fuyou needs parameters and optimizer states on NVMe.
 """
 
@@ -116,19 +117,19 @@ def _fastest(
 
 
 def _with_read_ahead_choices(config: dict[str, Any], result: Estimate) -> list[dict[str, Any]]:
-    """`config` with each share (`READ_AHEAD_SHARES`) of what its step moves through the SSD as
-    `optimizer.read_ahead`, on top of the pinned budget the rest of fuyou has now; those that differ from the
-    configured read-ahead."""
+    """`config` with `optimizer.read_ahead` "auto" (within the pinned budget) and with each share
+    (`READ_AHEAD_SHARES`) of what its step moves through the SSD, on top of the pinned budget the rest of fuyou has
+    now; those that differ from the configured read-ahead."""
     assert result.fuyou is not None
-    optimizer = config[BLOCK].get("optimizer", {})
-    given = parse_size(optimizer.get("read_ahead", 0), "fuyou.optimizer.read_ahead")
-    staging = parse_size(config[BLOCK]["pinned_memory"], "fuyou.pinned_memory") - given
+    given = config[BLOCK].get("optimizer", {}).get("read_ahead", "auto")
+    taken = 0 if given == "auto" else parse_size(given, "fuyou.optimizer.read_ahead")
+    staging = parse_size(config[BLOCK]["pinned_memory"], "fuyou.pinned_memory") - taken
     carried = result.fuyou.swapped.get("gradients", 0) + result.fuyou.swapped.get("optimizer_states", 0)
-    sizes = sorted({aligned(int(share * carried), PROPOSAL_GRANULE) for share in READ_AHEAD_SHARES} - {given})
+    sizes = {aligned(int(share * carried), PROPOSAL_GRANULE) for share in READ_AHEAD_SHARES}
     candidates = []
-    for size in sizes:
+    for size in [*(["auto"] if given != "auto" else []), *sorted(sizes - {taken if given != "auto" else None})]:
         candidate = copy.deepcopy(config)
-        candidate[BLOCK]["pinned_memory"] = staging + size
+        candidate[BLOCK]["pinned_memory"] = staging + (0 if size == "auto" else size)
         candidate[BLOCK].setdefault("optimizer", {})["read_ahead"] = size
         candidates.append(candidate)
     return candidates

@@ -17,7 +17,15 @@ from deepspeed_fuyou.config.fuyou import FuyouConfig
 from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.io.engine import checksum_table_bytes
 from deepspeed_fuyou.plan.host_tier import HostTier
-from deepspeed_fuyou.plan.sizing import aligned, pool_budgets, read_ahead_plan, step_slot
+from deepspeed_fuyou.plan.sizing import (
+    PoolBudgets,
+    ReadAheadPlan,
+    aligned,
+    forward_backward_need,
+    pool_budgets,
+    read_ahead_plan,
+    step_slot,
+)
 from deepspeed_fuyou.plan.zero_layout import FP32, TrainingSetup, ZeroLayout
 
 COMPONENTS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "temporaries", "overhead")
@@ -189,9 +197,13 @@ def fuyou_plan(
     if setup.overlap == "backward" and setup.gradient_accumulation_steps == 1:
         files["gradients"] = []  # kept in pinned memory from backward to their step, never written
     placed = place_in_host_tier(files, setup.optimizer_states, host_tier_budget)
-    carried, plan.read_ahead_pool = read_ahead(layout, setup, files, placed)
+    budgets = pool_budgets(setup.fuyou, setup.overlap, forward_backward_need(window, setup.itemsize))
+    carried, ahead = read_ahead(layout, setup, files, placed, budgets.read_ahead)
     plan.swapped.update(carried)
-    plan.pinned_host.buffers = pinned_pool_peak(layout, setup, facts, window) + plan.read_ahead_pool
+    plan.read_ahead_pool = ahead.pool_bytes
+    step_pool_sub_groups = len(layout.sub_group_numels) - len(ahead.read_states)
+    pools = pinned_pool_peak(layout, setup, facts, window, budgets, step_pool_sub_groups)
+    plan.pinned_host.buffers = pools + plan.read_ahead_pool
     plan.checkpoint_export = sum(files["optimizer_states"])
     for component, in_host in placed.items():
         for nbytes, here in zip(files[component], in_host, strict=True):
@@ -215,12 +227,12 @@ def fuyou_plan(
 
 
 def read_ahead(
-    layout: ZeroLayout, setup: TrainingSetup, files: dict[str, list[int]], placed: dict[str, list[bool]]
-) -> tuple[dict[str, int], int]:
-    """What `optimizer.read_ahead` carries, as training chooses it (`FuyouOptimizerSwapper.plan_read_ahead`): bytes
-    of gradients kept from their files ("read_ahead_gradients"), of master and states read during backward
-    ("read_ahead_states") and of states written during the next backward ("written_behind_states"); and the pool's
-    peak."""
+    layout: ZeroLayout, setup: TrainingSetup, files: dict[str, list[int]], placed: dict[str, list[bool]], budget: int
+) -> tuple[dict[str, int], ReadAheadPlan]:
+    """What `optimizer.read_ahead` (a pool of `budget` bytes) carries, as training chooses it
+    (`FuyouOptimizerSwapper.plan_read_ahead`): bytes of gradients kept from their files ("read_ahead_gradients"), of
+    master and states read during backward ("read_ahead_states") and of states written during the next backward
+    ("written_behind_states"); and the plan itself."""
     assert setup.fuyou is not None
     numels = layout.swapped_sub_group_numels
     gradient_files = [not here for here in placed["gradients"]] if files["gradients"] else [False] * len(numels)
@@ -230,14 +242,14 @@ def read_ahead(
         setup.optimizer_states,
         gradient_files,
         [not here for here in placed["optimizer_states"][: len(numels)]],
-        pool_budgets(setup.fuyou, setup.overlap).read_ahead,
+        budget,
     )
     carried = {
         "read_ahead_gradients": sum(numels[i] * FP32 for i in plan.kept_gradients),
         "read_ahead_states": sum(numels[i] * FP32 * (1 + plan.states) for i in plan.read_states),
         "written_behind_states": sum(numels[i] * FP32 * plan.states for i in plan.written_behind),
     }
-    return carried, plan.pool_bytes
+    return carried, plan
 
 
 def _parameters_in_masters(layout: ZeroLayout, placed: dict[str, list[bool]]) -> int:
@@ -289,37 +301,44 @@ def _activation_offload(plan: Plan, fuyou: FuyouConfig, facts: ModelFacts, nvme_
         _stripe(plan, "activations", moved, fuyou.io.block_size, nvme_paths)
 
 
-def pinned_pool_peak(layout: ZeroLayout, setup: TrainingSetup, facts: ModelFacts, window: dict) -> int:
-    """What our forward/backward and step pools (`SwapRuntime`) reserve at most: each its peak, never more than its
-    share of the budget (the read-ahead pool is `read_ahead`'s).
+def pinned_pool_peak(
+    layout: ZeroLayout,
+    setup: TrainingSetup,
+    facts: ModelFacts,
+    window: dict,
+    budgets: PoolBudgets,
+    step_pool_sub_groups: int,
+) -> int:
+    """What our forward/backward and step pools (`SwapRuntime`, of `budgets`) reserve at most: each its peak, never
+    more than its budget (the read-ahead pool is `read_ahead`'s).
 
-    Forward/backward pool: the partitions of the gathered window and those stage 3 reads from the SSD ahead of it
-    (its NVMe prefetch considers up to twice the elements of the gathers in flight, a prefetch bucket). Step pool,
+    Forward/backward pool: what the window needs (`sizing.forward_backward_need`). Step pool,
     in slots of the largest sub-group's fp32 tensor (`SwapRuntime.step_slot_bytes`), at its peak: sub-group i+1 read
     ahead and i stepped, each with master, states and gradient, i-1 written back (master and states), and the new
     low-precision parameters of i and i-1 being written (a slot each, none in fp32, where they are written from the
     master's slot). With `optimizer.overlap` "backward" no gradient is read ahead, but two are held in memory (the
     one backward is producing, one waiting for the step thread); with "forward" the updated parameters of a
-    sub-group wait for the next forward to take them, which may keep two more slots alive. In backward, when no step
-    runs, the step pool stages one layer's gradients on their way to the SSD instead (none with "backward", which
-    keeps them).
+    sub-group wait for the next forward to take them, which may keep two more slots alive. Only the
+    `step_pool_sub_groups` sub-groups that `optimizer.read_ahead` does not read ahead take these slots: the others
+    are stepped in read-ahead memory. In backward, when no step runs, the step pool stages one layer's gradients on
+    their way to the SSD instead (none with "backward", which keeps them), and before the first step the optimizer
+    writes each sub-group's initial master through it.
     """
-    forward_backward_budget, step_budget, _ = pool_budgets(setup.fuyou, setup.overlap)
     sub_groups = len(layout.sub_group_numels)
     slot = step_slot(layout.sub_group_numels, FP32)
     states = setup.optimizer_states
     backward = setup.overlap == "backward"
     roles = [2 + states, 1 + states + (0 if backward else 1), 1 + states]  # stepped, read ahead, written back
-    slots = sum(roles[:sub_groups])
+    slots = sum(roles[:step_pool_sub_groups])
     if setup.itemsize != FP32:
         slots += min(2, sub_groups)
     if setup.overlap != "off":  # held gradients ("backward") or updated parameters waiting to be taken ("forward")
         slots += min(2, sub_groups - 1)
-    forward_backward = (window["max_live_parameters"] + 2 * window["prefetch_bucket_size"]) * setup.itemsize
-    step = slots * slot
+    step = max(slots * slot, aligned(max(layout.sub_group_numels) * FP32))
     if not backward:  # in backward, with no step running, a layer's gradients on their way to the SSD
         step = max(step, facts.layer_numel * FP32)
-    return min(forward_backward_budget, forward_backward) + min(step_budget, step)
+    forward_backward = forward_backward_need(window, setup.itemsize)
+    return min(budgets.forward_backward, forward_backward) + min(budgets.step, step)
 
 
 def striped_member_bytes(nbytes: int, stripe: int, paths: int) -> list[int]:

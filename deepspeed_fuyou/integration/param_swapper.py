@@ -7,9 +7,11 @@ stage 3's optimizer), with three differences users feel:
 - files are striped over `fuyou.nvme_paths` inside our private swap directories (0600, removed at exit), so a second
   `zero.Init` never deletes the files of the first;
 - every short read or failed write is a FuyouIOError naming the file;
-- with the optimizer stepping behind the forward (`optimizer.overlap: "forward"`), a partition whose sub-group is
-  not yet stepped is not prefetched, a read of it waits for its update, and an update the step has just produced is
-  taken from memory instead of its file (`SwapRuntime.updates`);
+- with the optimizer stepping behind the forward (`optimizer.overlap: "forward"`), a prefetch stops at a partition
+  whose sub-group is not yet stepped, a read of it waits for its update, and an update the step has just produced
+  is taken from memory instead of its file (`SwapRuntime.updates`);
+- with several ranks, what a prefetch reads is agreed between them, since stage 3 gathers ahead only what is off
+  the SSD and every rank must run the same collectives (`swap_in`);
 - partitions placed in the DRAM tier (`fuyou.placement.host_memory`, `plan.host_tier`) live in a host tensor of
   their own, which stage 3 gathers from directly: no file, no read, no pinned buffer;
 - in fp32 training a partition on the SSD is the same bytes as its piece of its sub-group's master weights, so once
@@ -22,9 +24,11 @@ DeepSpeed's own `PartitionedParamStatus`; while a partition is on the SSD its da
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import deepspeed.comm as dist
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -97,59 +101,146 @@ class FuyouParamSwapper:
 
         The prefetch coordinator walks its trace, where a parameter used twice (tied weights) appears twice: a
         partition already being read is not read again.
+
+        A prefetch (`async_op`) is best effort: it starts the leading partitions whose sub-group is stepped and for
+        which the pool has room now. Stage 3's coordinator gathers a partition ahead of its module only if it is no
+        longer on the SSD, and every rank must gather the same ones in the same order: with several ranks, they
+        first agree on how many leading partitions all of them can start (`_agree`), so that what this rank's own
+        timing allows (a step finished, a write ended) never decides the collectives. A partition agreed on for
+        which the pool's free bytes are in pieces too small is read when it is needed (`synchronize_reads`).
         """
         self._release_deferred()
-        params = list(params)
+        params = list(dict.fromkeys(params))  # a tied weight is listed twice
         updates = self.runtime.updates
         if not async_op:
             with TRACE.wait("parameter update"):
                 updates.wait(param.ds_id for param in params)
-        handed_over: set[int] = set()
-        for param in params:
-            if param.ds_id in self._reads or param.ds_id in handed_over:
-                continue  # listed twice (a tied weight)
-            if async_op and updates.is_pending(param.ds_id):
-                continue  # not yet stepped: read once its update is written
-            status = param.ds_tensor.status
-            if status != PartitionedParamStatus.NOT_AVAILABLE:
-                raise RuntimeError(f"fuyou: swap_in of parameter {param.ds_id} whose partition is {status}")
-            if param.ds_id in self._resident:
-                param.ds_tensor.data = self._resident[param.ds_id]
-                param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
-                handed_over.add(param.ds_id)
-                continue
-            fresh = updates.take(param.ds_id)
-            if fresh is not None:  # copied out, so that the step's memory goes back to its pool at once
-                param.ds_tensor.data = self._hold(param, self._numel[param.ds_id]).copy_(fresh.view(self.dtype))
-                param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
-                handed_over.add(param.ds_id)
-                continue
-            if async_op:  # a prefetch: best effort, never a wait for memory only this thread's progress frees
-                buffer = self.runtime.try_staging(self._numel[param.ds_id] * self.dtype.itemsize)
-                if buffer is None:
-                    break
-                self._buffers[param.ds_id] = buffer
-            else:
-                self._hold(param, self._numel[param.ds_id])
-            future = self.runtime.read(self._view(param), *self._location(param), kind=PARAMETERS)
-            self._reads[param.ds_id] = (param, future)
-            param.ds_tensor.status = PartitionedParamStatus.INFLIGHT
-        if not async_op:
+            for param in params:
+                self._start_read(param, self._view_of_new_buffer)
             self.synchronize_reads()
+            return
+        wanted = self._agree(params, self._startable(params))
+        for param in params[:wanted]:
+            self._start_read(param, self._try_new_buffer)
+
+    def take_hand_overs(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Makes available, from memory, the partitions among `params` whose update the step has handed over.
+
+        Called just before stage 3 gathers `params`, which reads the others: taken or read, each is in memory when
+        the gather starts, on every rank, whichever way this rank got it."""
+        self._release_deferred()
+        updates = self.runtime.updates
+        for param in params:
+            if param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE and updates.has_hand_over(param.ds_id):
+                self._take(param)
+
+    def _startable(self, params: list[torch.nn.Parameter]) -> int:
+        """How many leading `params` a prefetch can start now: those in memory or being read already, and those taken
+        from a hand-over or read into the pool's free bytes, up to the first whose sub-group is not stepped yet or
+        that the free bytes cannot hold."""
+        updates = self.runtime.updates
+        free = self.runtime.pool.budget - self.runtime.pool.stats().in_use
+        for count, param in enumerate(params):
+            if self._needs_no_read(param):
+                continue
+            if updates.is_pending(param.ds_id) and not updates.has_hand_over(param.ds_id):
+                return count
+            free -= self._buffer_nbytes(param)  # a hand-over taken is copied into the pool too
+            if free < 0:
+                return count
+        return len(params)
+
+    @staticmethod
+    def _agree(params: list[torch.nn.Parameter], count: int) -> int:
+        """The fewest of `count` over the ranks that share `params` (`count` itself on one rank)."""
+        if not params or not dist.is_initialized():
+            return count
+        group = getattr(params[0], "ds_process_group", None)
+        if dist.get_world_size(group) == 1:
+            return count
+        agreed = torch.tensor([count], dtype=torch.int64, device=get_accelerator().current_device_name())
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+        return int(agreed.item())
+
+    def _needs_no_read(self, param: torch.nn.Parameter) -> bool:
+        """Whether `param` is in memory, being read, or a DRAM-tier partition (made available here at once)."""
+        if param.ds_id in self._reads or param.ds_tensor.status != PartitionedParamStatus.NOT_AVAILABLE:
+            return True
+        return param.ds_id in self._resident
+
+    def _start_read(
+        self, param: torch.nn.Parameter, buffer: Callable[[torch.nn.Parameter], torch.Tensor | None]
+    ) -> None:
+        """Makes `param`'s partition available or in flight: from the DRAM tier, from a hand-over, or by a read
+        into `buffer(param)` (None: read when needed, `synchronize_reads`)."""
+        if param.ds_id in self._reads:
+            return  # being read since an earlier prefetch
+        status = param.ds_tensor.status
+        if status != PartitionedParamStatus.NOT_AVAILABLE:
+            raise RuntimeError(f"fuyou: swap_in of parameter {param.ds_id} whose partition is {status}")
+        if param.ds_id in self._resident:
+            param.ds_tensor.data = self._resident[param.ds_id]
+            param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+            return
+        if self._take(param):
+            return
+        view = buffer(param)
+        future = None if view is None else self.runtime.read(view, *self._location(param), kind=PARAMETERS)
+        self._reads[param.ds_id] = (param, future)
+        param.ds_tensor.status = PartitionedParamStatus.INFLIGHT
+
+    def _take(self, param: torch.nn.Parameter) -> bool:
+        """Takes `param`'s handed-over update into a pooled buffer, if there is one; copied out, so that the step's
+        memory goes back to its pool at once."""
+        fresh = self.runtime.updates.take(param.ds_id)
+        if fresh is None:
+            return False
+        param.ds_tensor.data = self._hold(param, self._numel[param.ds_id]).copy_(fresh.view(self.dtype))
+        param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+        return True
+
+    def _view_of_new_buffer(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """A pooled buffer for `param` (waiting for room), as the partition's view of it."""
+        return self._hold(param, self._numel[param.ds_id])
+
+    def _try_new_buffer(self, param: torch.nn.Parameter) -> torch.Tensor | None:
+        """A pooled buffer for `param` if the pool has room for it in one piece now, else None."""
+        buffer = self.runtime.try_staging(self._numel[param.ds_id] * self.dtype.itemsize)
+        if buffer is None:
+            return None
+        self._buffers[param.ds_id] = buffer
+        return self._view(param)
+
+    def _buffer_nbytes(self, param: torch.nn.Parameter) -> int:
+        return aligned(max(self._numel[param.ds_id] * self.dtype.itemsize, 1))
 
     def synchronize_reads(self) -> None:
-        """Waits for every read in flight and makes those partitions available."""
+        """Waits for every read in flight, first reading those agreed on without room then, and makes those
+        partitions available."""
         reads, self._reads = self._reads, {}
         with TRACE.wait("parameters"):
+            for ds_id, (param, future) in reads.items():
+                if future is None:
+                    with TRACE.wait("parameter update"):
+                        self.runtime.updates.wait([ds_id])
+                    if not self._take(param):
+                        view = self._view_of_new_buffer(param)
+                        reads[ds_id] = (param, self.runtime.read(view, *self._location(param), kind=PARAMETERS))
             for _, future in reads.values():
-                future.wait()
-        for param, _ in reads.values():
-            param.ds_tensor.data = self._view(param)
-            param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+                if future is not None:
+                    future.wait()
+        for param, future in reads.values():
+            if future is not None:
+                param.ds_tensor.data = self._view(param)
+                param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
 
     def available_swap_in_buffers(self) -> int:
-        """How many more partitions the coordinator may prefetch: the forward/backward pool's room, in partitions."""
-        held = sum(b.numel() * b.element_size() for b in self._buffers.values()) + self.runtime.updates.hand_over_bytes
+        """How many more partitions the coordinator may prefetch: the forward/backward pool's room, in partitions.
+
+        It counts the partitions this swapper holds in memory or has agreed to read, which every rank holds alike, so
+        that all of them offer the coordinator the same prefetch (see `swap_in`)."""
+        held = sum(self._buffer_nbytes(param) for param, _ in self._reads.values() if param.ds_id not in self._buffers)
+        held += sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
         room = self.runtime.pool.budget - held
         return max(0, room // self._largest_nbytes)
 
@@ -174,9 +265,9 @@ class FuyouParamSwapper:
                 self._release(param)
 
     def _release(self, param: torch.nn.Parameter) -> None:
-        read = self._reads.pop(param.ds_id, None)
-        if read is not None:
-            read[1].wait()  # the engine may still write into the buffer: never hand it back before the end
+        _, future = self._reads.pop(param.ds_id, (None, None))
+        if future is not None:
+            future.wait()  # the engine may still write into the buffer: never hand it back before the end
         self._buffers.pop(param.ds_id, None)
         param.ds_tensor.data = self.placeholder
         param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE

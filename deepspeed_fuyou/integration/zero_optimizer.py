@@ -50,7 +50,6 @@ from typing import Any
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
-from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
 from deepspeed.runtime.utils import combine_grad_norm_groups, is_invalid_grad_norm
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
@@ -65,7 +64,7 @@ from deepspeed_fuyou.integration.registration import (
 )
 from deepspeed_fuyou.plan.layers import repeated_layers
 from deepspeed_fuyou.plan.preflight import load_fuyou_config, space_problems
-from deepspeed_fuyou.plan.sizing import HAND_OVER_SUB_GROUPS, stage3_overrides
+from deepspeed_fuyou.plan.sizing import HAND_OVER_SUB_GROUPS, forward_backward_need, stage3_overrides
 from deepspeed_fuyou.plan.zero_layout import OPTIMIZER_STATES, ZeroLayout
 from deepspeed_fuyou.swap.host_heap import release_free_heap
 from deepspeed_fuyou.swap.optimizer_swapper import FuyouOptimizerSwapper
@@ -97,7 +96,8 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         log.info("fuyou: stage 3 sized for the model and pinned budget: %s", overrides)
         read_numa_layout_once()
         self._mode = overlap_mode(self.fuyou_config.optimizer, kwargs["ds_config"])
-        self.fuyou_runtime.set_overlap_mode(self._mode)
+        itemsize = init_optimizer.param_groups[0]["params"][0].element_size()  # the model's, as stage 3 takes it
+        self.fuyou_runtime.size_pools(self._mode, forward_backward_need(kwargs, itemsize))
         self._gradient_files = self._mode != "backward" or kwargs.get("gradient_accumulation_steps", 1) > 1
         super().__init__(module, init_optimizer, param_names, *args, **kwargs)
         self._store_partitions_in_masters()
@@ -205,14 +205,9 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         """Takes the updates already handed over among `params` before waiting for the others: the step goes on
         while the forward waits, and would push out those not yet taken where a layer's parameters span more
         sub-groups than it keeps (`HAND_OVER_SUB_GROUPS`)."""
-        updates = self.fuyou_runtime.updates
-        ready = [
-            param
-            for param in params
-            if updates.has_hand_over(param.ds_id) and param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE
-        ]
-        if ready:
-            ready[0].nvme_swapper.swap_in(ready, async_op=True)
+        swappers = {id(param.nvme_swapper): param.nvme_swapper for param in params if param.nvme_swapper is not None}
+        for swapper in swappers.values():
+            swapper.take_hand_overs([param for param in params if param.nvme_swapper is swapper])
 
     def backward_prologue(self) -> None:
         """The gradients of this backward go where the previous step's reads may still be: finish those first."""
@@ -313,17 +308,22 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             master.grad = None
 
     def _optimizer_step(self, sub_group_id: int) -> None:
+        """Stock's Adam step of one sub-group (with this step's hyper-parameters, `_step_view`); the swapper learns
+        that its gradient is used up, which a swap-out outside a step (the full-state API) must keep."""
         with TRACE.span("adam", f"sub-group {sub_group_id}"):
             view = self._step_view
+            master = self.fp32_partitioned_groups_flat[sub_group_id]
             if view is None or not view.param_groups:
                 super()._optimizer_step(sub_group_id)
-                return
-            group = view.param_groups[self.sub_group_to_group_id[sub_group_id]]
-            group["params"] = [self.fp32_partitioned_groups_flat[sub_group_id]]
-            try:
-                view.step()
-            finally:
-                group["params"] = []
+            else:
+                group = view.param_groups[self.sub_group_to_group_id[sub_group_id]]
+                group["params"] = [master]
+                try:
+                    view.step()
+                finally:
+                    group["params"] = []
+            if self.swap_optimizer:
+                self.optimizer_swapper.gradient_applied(master)
 
     def _partitioned_params_swap_out(self, i: int) -> None:
         """Stock's, except that a partition kept on the SSD is always written to its file.

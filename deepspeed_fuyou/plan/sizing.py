@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from deepspeed_fuyou.config.fuyou import FuyouConfig, OverlapMode, overlap_mode
+from deepspeed_fuyou.config.fuyou import MIN_PINNED_MEMORY, FuyouConfig, OverlapMode, overlap_mode
 from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.errors import FuyouConfigError
 from deepspeed_fuyou.io.engine import ALIGNMENT
@@ -21,6 +21,9 @@ PREFETCH_SHARE = 0.5
 """Share of the pinned budget for what forward and backward hold (parameter reads in flight, activations); the rest
 is the optimizer step's (sub-groups and write-back staging), which may run at the same time (`optimizer.overlap`)."""
 
+AUTO_READ_AHEAD_GRANULE = 1 << 20
+"""`read_ahead: "auto"` sizes its pool in whole MiB, so that the size it logs reads as one."""
+
 
 class PoolBudgets(NamedTuple):
     """The pinned budget split into the pools of `SwapRuntime`."""
@@ -30,14 +33,44 @@ class PoolBudgets(NamedTuple):
     read_ahead: int  # sub-groups carried across the end of backward (`optimizer.read_ahead`)
 
 
-def pool_budgets(config: FuyouConfig, mode: OverlapMode) -> PoolBudgets:
-    """`optimizer.read_ahead` is taken out of the budget first, the rest shared by `PREFETCH_SHARE`. In the overlap
-    `mode` "backward" nothing is carried (gradients never go to the SSD, each sub-group is stepped during backward):
-    the read-ahead budget joins the step's pool, whose sub-groups grow with it (`sub_group_cap`)."""
+def pool_budgets(config: FuyouConfig, mode: OverlapMode, forward_backward_need: int | None = None) -> PoolBudgets:
+    """The pools of `config.pinned_memory` in the overlap `mode`.
+
+    A `read_ahead` size is taken out of the budget first, the rest shared by `PREFETCH_SHARE`. In the overlap `mode`
+    "backward" nothing is carried (gradients never go to the SSD, each sub-group is stepped during backward): the
+    read-ahead budget joins the step's pool, whose sub-groups grow with it (`sub_group_cap`).
+
+    `read_ahead: "auto"` leaves the step pool its share and gives the forward/backward pool what its window needs at
+    most (`forward_backward_need`, bytes; None while the model is not known yet); what its share has beyond that is
+    the read-ahead pool, so that the memory a small window leaves idle moves SSD traffic out of the step
+    (`auto_read_ahead`).
+    """
+    share = int(config.pinned_memory * PREFETCH_SHARE)
     read_ahead = config.optimizer.read_ahead
+    if read_ahead is None:
+        carried = auto_read_ahead(config, mode, forward_backward_need)
+        return PoolBudgets(share - carried, config.pinned_memory - share, carried)
     forward_backward = int((config.pinned_memory - read_ahead) * PREFETCH_SHARE)
     carried = 0 if mode == "backward" else read_ahead
     return PoolBudgets(forward_backward, config.pinned_memory - forward_backward - carried, carried)
+
+
+def auto_read_ahead(config: FuyouConfig, mode: OverlapMode, forward_backward_need: int | None) -> int:
+    """The read-ahead pool of `read_ahead: "auto"`: the forward/backward share beyond what the window needs
+    (`forward_backward_need`, at least `MIN_PINNED_MEMORY`), in whole `AUTO_READ_AHEAD_GRANULE`s; none while the
+    need is unknown, in "backward" (nothing is carried) and with activation offload, whose staging takes what the
+    pool has room for."""
+    if forward_backward_need is None or mode == "backward" or config.activations.offload != "off":
+        return 0
+    spare = int(config.pinned_memory * PREFETCH_SHARE) - max(forward_backward_need, MIN_PINNED_MEMORY)
+    return max(0, spare // AUTO_READ_AHEAD_GRANULE * AUTO_READ_AHEAD_GRANULE)
+
+
+def forward_backward_need(window: Mapping[str, int], itemsize: int) -> int:
+    """The most the forward/backward pool holds with stage 3's `window` (the knobs as `prefetch_window` names them)
+    for parameters of `itemsize` bytes: the partitions of the gathered window and those stage 3 reads from the SSD
+    ahead of it (its NVMe prefetch considers up to twice the elements of the gathers in flight, a prefetch bucket)."""
+    return (window["max_live_parameters"] + 2 * window["prefetch_bucket_size"]) * itemsize
 
 
 def pinned_budget_error(field: str, configured: int, share: float = 1.0, fewer_held: str = "") -> ShortBudget:

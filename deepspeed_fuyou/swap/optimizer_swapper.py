@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import IOFuture
 from deepspeed_fuyou.io.native import crc32c
@@ -78,10 +79,12 @@ class _SubGroup:
     numel: int
     layout: dict[str, tuple[int, torch.dtype]] = field(default_factory=dict)  # stored tensors: numel, dtype
     grad_pieces: dict[int, int] = field(default_factory=dict)  # element offset -> length in the gradient file
+    grad_in_file: bool = False  # the last gradient is in its file (not kept in memory by read-ahead)
     held_grad: torch.Tensor | None = None  # the gradient kept in memory for a step during backward
     prefetched: _Resident | None = None
     host: dict[str, torch.Tensor] | None = None  # master and states, if the DRAM tier holds them
     host_grad: torch.Tensor | None = None  # the gradient "file", if the DRAM tier holds it
+    stepped: bool = False  # its gradient was applied since it was swapped in: a held one is dropped at swap-out
 
     def file(self, name: str) -> str:
         return optimizer_file(self.key, name)
@@ -148,15 +151,16 @@ class FuyouOptimizerSwapper:
             states,
             [gradients_on_file and not gradient_in_host for gradient_in_host, _ in placed],
             [not state_in_host for _, state_in_host in placed],
-            self.runtime.config.optimizer.read_ahead,
+            self.runtime.read_ahead_budget,
         )
         self._kept_gradients = {keys[i] for i in plan.kept_gradients}
         self._read_ahead = [keys[i] for i in plan.read_states]
         self._write_behind = {keys[i] for i in plan.written_behind}
-        if self.runtime.config.optimizer.read_ahead:
+        if self.runtime.read_ahead_budget:
             log.info(
-                "fuyou: optimizer.read_ahead keeps the gradients of %d, reads the state of %d and writes the state of "
-                "%d behind, of %d sub-groups",
+                "fuyou: optimizer.read_ahead (%s) keeps the gradients of %d, reads the state of %d and writes the "
+                "state of %d behind, of %d sub-groups",
+                format_size(self.runtime.read_ahead_budget),
                 len(self._kept_gradients),
                 len(self._read_ahead),
                 len(self._write_behind),
@@ -209,14 +213,23 @@ class FuyouOptimizerSwapper:
                 self._discover_states(following)
                 following.prefetched = self._start_reads(following)
 
+    def gradient_applied(self, parameter: torch.Tensor) -> None:
+        """The optimizer has stepped `parameter`'s sub-group: a gradient held in memory for it is used up."""
+        group = self.groups.get(parameter.ds_id)
+        if group is not None:
+            group.stepped = True
+
     def swap_out_optimizer_state(self, parameter: torch.Tensor, async_swap: bool = False) -> None:
-        """Writes master and states back and frees their memory; the writes may finish behind the next sub-group."""
+        """Writes master and states back and frees their memory; the writes may finish behind the next sub-group. A
+        gradient held in memory is dropped only if the sub-group was stepped (`gradient_applied`): stage 3 also swaps
+        sub-groups in and out to read or set their state (`safe_get_full_fp32_param`, ...), before their step."""
         group = self.groups.get(parameter.ds_id)
         if group is None:
             return
         self._discover_states(group)
         self._write_state(group, behind=group.key in self._write_behind)
-        self._release(group, stepped=True)
+        self._release(group, stepped=group.stepped)
+        group.stepped = False
         if group.key in self._read_ahead:
             self._carried_written = self.runtime.writes_started
         self._written_by.append(self.runtime.writes_started)
@@ -240,6 +253,7 @@ class FuyouOptimizerSwapper:
                 group.host_grad.narrow(0, offset, tensor.numel()).copy_(tensor.reshape(-1))
             else:
                 self._write_cast(tensor.reshape(-1), group.grad_file, offset * self.dtype.itemsize)
+                group.grad_in_file = True
 
     def hold_gradients(
         self, parameter: torch.Tensor, gradient_offsets: list[int], gradient_tensors: list[torch.Tensor]
@@ -263,6 +277,7 @@ class FuyouOptimizerSwapper:
             return False
         if group.held_grad is None:
             group.held_grad = self._zeroed_gradient(group, self.runtime.read_ahead_staging)
+        group.grad_in_file = False
         for offset, tensor in zip(gradient_offsets, gradient_tensors, strict=True):
             group.grad_pieces[offset] = tensor.numel()
             group.held_grad.narrow(0, offset, tensor.numel()).copy_(tensor.reshape(-1))
@@ -363,6 +378,7 @@ class FuyouOptimizerSwapper:
                     group.host_grad.narrow(0, offset, length).copy_(piece)
                 else:
                     self.runtime.write(piece, group.grad_file, offset * self.dtype.itemsize, keep=piece)
+                    group.grad_in_file = True
         self.runtime.flush()
         self._release(group)
 
@@ -371,6 +387,7 @@ class FuyouOptimizerSwapper:
         for group in self.groups.values():
             group.layout = {MASTER: group.layout[MASTER]}
             group.grad_pieces.clear()
+            group.grad_in_file = False
             if group.host is not None:
                 group.host = {MASTER: group.host[MASTER]}
 
@@ -525,6 +542,8 @@ class FuyouOptimizerSwapper:
             return None
         if group.host_grad is not None:
             return group.host_grad
+        if not group.grad_in_file:  # kept in read-ahead memory and used up by its step: no file holds it
+            return None
         grad = self._zeroed_gradient(group)
         for offset, length in group.grad_pieces.items():
             reads.append(

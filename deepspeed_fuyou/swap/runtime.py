@@ -116,13 +116,10 @@ class SwapRuntime:
         start_from_environment(int(os.environ.get("RANK", 0)))
         if config.host_cache:
             install_host_cache()
-        budgets = pool_budgets(config, "forward")  # until the optimizer says its mode (`set_overlap_mode`)
+        budgets = pool_budgets(config, "forward")  # until the optimizer knows its mode and model (`size_pools`)
         self.pool = self._share_of_pinned_memory(budgets.forward_backward)
         self.step_pool = self._share_of_pinned_memory(budgets.step)
-        self.read_ahead_pool = None
-        if budgets.read_ahead:
-            short = pinned_budget_error("fuyou.optimizer.read_ahead", budgets.read_ahead)
-            self.read_ahead_pool = PinnedPool(budgets.read_ahead, short_budget=short)
+        self.read_ahead_pool = self._read_ahead_pool(budgets.read_ahead)
         self.step_slot_bytes = ALIGNMENT  # every step buffer is at least this (the optimizer swapper sets it)
         self.engine = IOEngine(config.io)
         self.space = SwapSpace([str(p) for p in config.nvme_paths], field="fuyou.nvme_paths")
@@ -190,14 +187,39 @@ class SwapRuntime:
         fewer = "lower params.prefetch_layers so fewer buffers are held at once"
         return PinnedPool(budget, short_budget=pinned_budget_error("fuyou.pinned_memory", total, budget / total, fewer))
 
-    def set_overlap_mode(self, mode: OverlapMode) -> None:
-        """Sizes the step's pools for the optimizer's overlap mode, before the optimizer takes anything from them:
-        in "backward" nothing is carried, and the read-ahead budget joins the step pool (`sizing.pool_budgets`)."""
-        budgets = pool_budgets(self.config, mode)
+    def size_pools(self, mode: OverlapMode, forward_backward_need: int) -> None:
+        """Sizes the pools for the optimizer's overlap `mode` and the model's parameter window (which needs
+        `forward_backward_need` bytes of the forward/backward pool at most), before the optimizer takes anything
+        from them: in "backward" nothing is carried and the read-ahead budget joins the step pool; with `read_ahead:
+        "auto"` the forward/backward pool gives what its window leaves unused to the read-ahead pool
+        (`sizing.pool_budgets`). The forward/backward pool is replaced once the writes of the parameters swapped out
+        while the model was built have ended, which frees all of it."""
+        budgets = pool_budgets(self.config, mode, forward_backward_need)
+        if budgets.forward_backward != self.pool.budget:
+            self.flush()
+            if self.pool.stats().in_use:  # partitions of an earlier model of this config: the pool stays as it is
+                log.info("fuyou: the parameter window's pool stays at %s", format_size(self.pool.budget))
+                spare = self.config.pinned_memory - self.pool.budget - budgets.step
+                budgets = budgets._replace(forward_backward=self.pool.budget, read_ahead=min(budgets.read_ahead, spare))
+            else:
+                self.pool.trim()
+                self.pool = self._share_of_pinned_memory(budgets.forward_backward)
         if budgets.step != self.step_pool.budget:
             assert self.step_pool.stats().reserved == 0, "the step pool is resized before its first use"
             self.step_pool = self._share_of_pinned_memory(budgets.step)
-            self.read_ahead_pool = None
+        if budgets.read_ahead != self.read_ahead_budget:
+            self.read_ahead_pool = self._read_ahead_pool(budgets.read_ahead)
+
+    @staticmethod
+    def _read_ahead_pool(budget: int) -> PinnedPool | None:
+        if not budget:
+            return None
+        return PinnedPool(budget, short_budget=pinned_budget_error("fuyou.optimizer.read_ahead", budget))
+
+    @property
+    def read_ahead_budget(self) -> int:
+        """Bytes `optimizer.read_ahead` may carry: its pool's budget, 0 without one."""
+        return self.read_ahead_pool.budget if self.read_ahead_pool is not None else 0
 
     def read_ahead_staging(self, nbytes: int) -> torch.Tensor:
         """A buffer of at least `nbytes` from `read_ahead_pool`, for a sub-group carried across the end of backward.
