@@ -136,7 +136,8 @@ def test_a_prefetch_reads_the_leading_partitions_up_to_one_not_yet_stepped_or_wi
     """Stage 3 gathers a partition ahead of its module only once it is off the SSD, and every rank must gather the
     same ones: a prefetch starts the leading partitions only, up to the first whose sub-group is not stepped yet or
     that the pool's free bytes cannot hold (the ranks then agree on the fewest), never one past it. The room it
-    offers the coordinator counts the partitions held, not what the step happens to have handed over."""
+    offers the coordinator counts the buffers of the partitions held, not what the step happens to have handed
+    over."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     from deepspeed_fuyou.integration.param_swapper import FuyouParamSwapper
@@ -173,12 +174,8 @@ def test_a_prefetch_reads_the_leading_partitions_up_to_one_not_yet_stepped_or_wi
         for param in params[:4]:
             assert torch.equal(param.ds_tensor, torch.full((2 * MiB,), float(param.ds_id)))
         swapper.remove_partition_and_release_buffers(params[:1])
-        runtime.try_staging = lambda nbytes: None  # the free bytes in pieces too small: read when needed instead
+        runtime.try_staging = lambda nbytes: None  # the free bytes in pieces too small for it: stop there
         swapper.swap_in(params[4:], async_op=True)
-        read = runtime.counters.bytes_read
-        assert statuses()[4] == "INFLIGHT"
-        swapper.synchronize_reads()
-        assert statuses()[4] == "AVAILABLE" and runtime.counters.bytes_read == read + 8 * MiB
-        assert torch.equal(params[4].ds_tensor, torch.full((2 * MiB,), 4.0))
+        assert statuses()[4] == "NOT_AVAILABLE"
     finally:
         runtime.close()

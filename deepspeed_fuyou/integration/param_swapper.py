@@ -24,7 +24,7 @@ DeepSpeed's own `PartitionedParamStatus`; while a partition is on the SSD its da
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import deepspeed.comm as dist
 import torch
@@ -39,6 +39,7 @@ from deepspeed_fuyou.swap.runtime import SwapRuntime, parameter_file, swap_file_
 from deepspeed_fuyou.trace import TRACE
 
 PARAMETERS = swap_file_kind(parameter_file(0))  # how the swap counters count a partition's bytes, wherever stored
+Buffer = torch.Tensor | None  # a pooled buffer a partition is read into, or None where it needs none
 
 
 class FuyouParamSwapper:
@@ -103,25 +104,24 @@ class FuyouParamSwapper:
         partition already being read is not read again.
 
         A prefetch (`async_op`) is best effort: it starts the leading partitions whose sub-group is stepped and for
-        which the pool has room now. Stage 3's coordinator gathers a partition ahead of its module only if it is no
-        longer on the SSD, and every rank must gather the same ones in the same order: with several ranks, they
-        first agree on how many leading partitions all of them can start (`_agree`), so that what this rank's own
-        timing allows (a step finished, a write ended) never decides the collectives. A partition agreed on for
-        which the pool's free bytes are in pieces too small is read when it is needed (`synchronize_reads`).
+        which the pool has a buffer now, and stops at the first other one. Stage 3's coordinator gathers a
+        partition ahead of its module only once it is off the SSD, and every rank must gather the same ones in the
+        same order: with several ranks they first take their buffers, then agree on how many leading partitions all
+        of them could start (`_agree`) and give back the rest, so that what one rank's timing allows (a step
+        finished, a write ended) never decides the collectives.
         """
         self._release_deferred()
         params = list(dict.fromkeys(params))  # a tied weight is listed twice
-        updates = self.runtime.updates
         if not async_op:
             with TRACE.wait("parameter update"):
-                updates.wait(param.ds_id for param in params)
+                self.runtime.updates.wait(param.ds_id for param in params)
             for param in params:
-                self._start_read(param, self._view_of_new_buffer)
+                self._start_read(param)
             self.synchronize_reads()
             return
-        wanted = self._agree(params, self._startable(params))
-        for param in params[:wanted]:
-            self._start_read(param, self._try_new_buffer)
+        startable = self._leading_buffers(params)
+        for param, buffer in startable[: self._agree(params, len(startable))]:
+            self._start_read(param, buffer)
 
     def take_hand_overs(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Makes available, from memory, the partitions among `params` whose update the step has handed over.
@@ -132,23 +132,27 @@ class FuyouParamSwapper:
         updates = self.runtime.updates
         for param in params:
             if param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE and updates.has_hand_over(param.ds_id):
-                self._take(param)
+                self._start_read(param)
 
-    def _startable(self, params: list[torch.nn.Parameter]) -> int:
-        """How many leading `params` a prefetch can start now: those in memory or being read already, and those taken
-        from a hand-over or read into the pool's free bytes, up to the first whose sub-group is not stepped yet or
-        that the free bytes cannot hold."""
+    def _leading_buffers(
+        self, params: list[torch.nn.Parameter]
+    ) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
+        """The leading `params` a prefetch can start now, each with the pooled buffer it takes (None: it needs none,
+        being in memory, read already or in the DRAM tier), up to the first whose sub-group is not stepped yet or
+        for which the pool has no buffer now."""
         updates = self.runtime.updates
-        free = self.runtime.pool.budget - self.runtime.pool.stats().in_use
-        for count, param in enumerate(params):
-            if self._needs_no_read(param):
+        startable: list[tuple[torch.nn.Parameter, Buffer]] = []
+        for param in params:
+            if param.ds_id in self._reads or param.ds_id in self._resident:
+                startable.append((param, None))
                 continue
             if updates.is_pending(param.ds_id) and not updates.has_hand_over(param.ds_id):
-                return count
-            free -= self._buffer_nbytes(param)  # a hand-over taken is copied into the pool too
-            if free < 0:
-                return count
-        return len(params)
+                break
+            buffer = self.runtime.try_staging(self._numel[param.ds_id] * self.dtype.itemsize)
+            if buffer is None:
+                break
+            startable.append((param, buffer))
+        return startable
 
     @staticmethod
     def _agree(params: list[torch.nn.Parameter], count: int) -> int:
@@ -162,17 +166,9 @@ class FuyouParamSwapper:
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
         return int(agreed.item())
 
-    def _needs_no_read(self, param: torch.nn.Parameter) -> bool:
-        """Whether `param` is in memory, being read, or a DRAM-tier partition (made available here at once)."""
-        if param.ds_id in self._reads or param.ds_tensor.status != PartitionedParamStatus.NOT_AVAILABLE:
-            return True
-        return param.ds_id in self._resident
-
-    def _start_read(
-        self, param: torch.nn.Parameter, buffer: Callable[[torch.nn.Parameter], torch.Tensor | None]
-    ) -> None:
-        """Makes `param`'s partition available or in flight: from the DRAM tier, from a hand-over, or by a read
-        into `buffer(param)` (None: read when needed, `synchronize_reads`)."""
+    def _start_read(self, param: torch.nn.Parameter, buffer: torch.Tensor | None = None) -> None:
+        """Makes `param`'s partition available or in flight: from the DRAM tier, from a hand-over copied into
+        `buffer`, or read into it; without `buffer`, one is taken from the pool, waiting for room."""
         if param.ds_id in self._reads:
             return  # being read since an earlier prefetch
         status = param.ds_tensor.status
@@ -182,67 +178,35 @@ class FuyouParamSwapper:
             param.ds_tensor.data = self._resident[param.ds_id]
             param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
             return
-        if self._take(param):
+        if buffer is None:
+            buffer = self.runtime.staging(self._numel[param.ds_id] * self.dtype.itemsize)
+        self._buffers[param.ds_id] = buffer
+        fresh = self.runtime.updates.take(param.ds_id)
+        if fresh is not None:  # copied out, so that the step's memory goes back to its pool at once
+            param.ds_tensor.data = self._view(param).copy_(fresh.view(self.dtype))
+            param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
             return
-        view = buffer(param)
-        future = None if view is None else self.runtime.read(view, *self._location(param), kind=PARAMETERS)
+        future = self.runtime.read(self._view(param), *self._location(param), kind=PARAMETERS)
         self._reads[param.ds_id] = (param, future)
         param.ds_tensor.status = PartitionedParamStatus.INFLIGHT
 
-    def _take(self, param: torch.nn.Parameter) -> bool:
-        """Takes `param`'s handed-over update into a pooled buffer, if there is one; copied out, so that the step's
-        memory goes back to its pool at once."""
-        fresh = self.runtime.updates.take(param.ds_id)
-        if fresh is None:
-            return False
-        param.ds_tensor.data = self._hold(param, self._numel[param.ds_id]).copy_(fresh.view(self.dtype))
-        param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
-        return True
-
-    def _view_of_new_buffer(self, param: torch.nn.Parameter) -> torch.Tensor:
-        """A pooled buffer for `param` (waiting for room), as the partition's view of it."""
-        return self._hold(param, self._numel[param.ds_id])
-
-    def _try_new_buffer(self, param: torch.nn.Parameter) -> torch.Tensor | None:
-        """A pooled buffer for `param` if the pool has room for it in one piece now, else None."""
-        buffer = self.runtime.try_staging(self._numel[param.ds_id] * self.dtype.itemsize)
-        if buffer is None:
-            return None
-        self._buffers[param.ds_id] = buffer
-        return self._view(param)
-
-    def _buffer_nbytes(self, param: torch.nn.Parameter) -> int:
-        return aligned(max(self._numel[param.ds_id] * self.dtype.itemsize, 1))
-
     def synchronize_reads(self) -> None:
-        """Waits for every read in flight, first reading those agreed on without room then, and makes those
-        partitions available."""
+        """Waits for every read in flight and makes those partitions available."""
         reads, self._reads = self._reads, {}
         with TRACE.wait("parameters"):
-            for ds_id, (param, future) in reads.items():
-                if future is None:
-                    with TRACE.wait("parameter update"):
-                        self.runtime.updates.wait([ds_id])
-                    if not self._take(param):
-                        view = self._view_of_new_buffer(param)
-                        reads[ds_id] = (param, self.runtime.read(view, *self._location(param), kind=PARAMETERS))
             for _, future in reads.values():
-                if future is not None:
-                    future.wait()
-        for param, future in reads.values():
-            if future is not None:
-                param.ds_tensor.data = self._view(param)
-                param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+                future.wait()
+        for param, _ in reads.values():
+            param.ds_tensor.data = self._view(param)
+            param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
 
     def available_swap_in_buffers(self) -> int:
         """How many more partitions the coordinator may prefetch: the forward/backward pool's room, in partitions.
 
-        It counts the partitions this swapper holds in memory or has agreed to read, which every rank holds alike, so
-        that all of them offer the coordinator the same prefetch (see `swap_in`)."""
-        held = sum(self._buffer_nbytes(param) for param, _ in self._reads.values() if param.ds_id not in self._buffers)
-        held += sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
-        room = self.runtime.pool.budget - held
-        return max(0, room // self._largest_nbytes)
+        It counts the buffers of the partitions this swapper holds or reads, which every rank holds alike, so that
+        all of them offer the coordinator the same prefetch (see `swap_in`)."""
+        held = sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
+        return max(0, (self.runtime.pool.budget - held) // self._largest_nbytes)
 
     def remove_partition_and_release_buffers(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Drops the in-memory copy (the file stays valid; nothing changed in forward or backward).
@@ -265,9 +229,9 @@ class FuyouParamSwapper:
                 self._release(param)
 
     def _release(self, param: torch.nn.Parameter) -> None:
-        _, future = self._reads.pop(param.ds_id, (None, None))
-        if future is not None:
-            future.wait()  # the engine may still write into the buffer: never hand it back before the end
+        read = self._reads.pop(param.ds_id, None)
+        if read is not None:
+            read[1].wait()  # the engine may still write into the buffer: never hand it back before the end
         self._buffers.pop(param.ds_id, None)
         param.ds_tensor.data = self.placeholder
         param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
