@@ -127,7 +127,7 @@ def _with_read_ahead_choices(config: dict[str, Any], result: Estimate) -> list[d
     carried = result.fuyou.swapped.get("gradients", 0) + result.fuyou.swapped.get("optimizer_states", 0)
     sizes = {aligned(int(share * carried), PROPOSAL_GRANULE) for share in READ_AHEAD_SHARES}
     candidates = []
-    for size in [*(["auto"] if given != "auto" else []), *sorted(sizes - {taken if given != "auto" else None})]:
+    for size in sorted(sizes) if given == "auto" else ["auto", *sorted(sizes - {taken})]:
         candidate = copy.deepcopy(config)
         candidate[BLOCK]["pinned_memory"] = staging + (0 if size == "auto" else size)
         candidate[BLOCK].setdefault("optimizer", {})["read_ahead"] = size

@@ -134,9 +134,7 @@ class FuyouParamSwapper:
             if param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE and updates.has_hand_over(param.ds_id):
                 self._start_read(param)
 
-    def _leading_buffers(
-        self, params: list[torch.nn.Parameter]
-    ) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
+    def _leading_buffers(self, params: list[torch.nn.Parameter]) -> list[tuple[torch.nn.Parameter, Buffer]]:
         """The leading `params` a prefetch can start now, each with the pooled buffer it takes (None: it needs none,
         being in memory, read already or in the DRAM tier), up to the first whose sub-group is not stepped yet or
         for which the pool has no buffer now."""
@@ -166,7 +164,7 @@ class FuyouParamSwapper:
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
         return int(agreed.item())
 
-    def _start_read(self, param: torch.nn.Parameter, buffer: torch.Tensor | None = None) -> None:
+    def _start_read(self, param: torch.nn.Parameter, buffer: Buffer = None) -> None:
         """Makes `param`'s partition available or in flight: from the DRAM tier, from a hand-over copied into
         `buffer`, or read into it; without `buffer`, one is taken from the pool, waiting for room."""
         if param.ds_id in self._reads:
@@ -179,8 +177,9 @@ class FuyouParamSwapper:
             param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
             return
         if buffer is None:
-            buffer = self.runtime.staging(self._numel[param.ds_id] * self.dtype.itemsize)
-        self._buffers[param.ds_id] = buffer
+            self._hold(param, self._numel[param.ds_id])
+        else:
+            self._buffers[param.ds_id] = buffer
         fresh = self.runtime.updates.take(param.ds_id)
         if fresh is not None:  # copied out, so that the step's memory goes back to its pool at once
             param.ds_tensor.data = self._view(param).copy_(fresh.view(self.dtype))

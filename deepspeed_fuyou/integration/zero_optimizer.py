@@ -205,9 +205,9 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         """Takes the updates already handed over among `params` before waiting for the others: the step goes on
         while the forward waits, and would push out those not yet taken where a layer's parameters span more
         sub-groups than it keeps (`HAND_OVER_SUB_GROUPS`)."""
-        swappers = {id(param.nvme_swapper): param.nvme_swapper for param in params if param.nvme_swapper is not None}
-        for swapper in swappers.values():
-            swapper.take_hand_overs([param for param in params if param.nvme_swapper is swapper])
+        swapper = next((param.nvme_swapper for param in params if param.nvme_swapper is not None), None)
+        if swapper is not None:  # one per gather, as stage 3's own swap-ins assume
+            swapper.take_hand_overs(params)
 
     def backward_prologue(self) -> None:
         """The gradients of this backward go where the previous step's reads may still be: finish those first."""

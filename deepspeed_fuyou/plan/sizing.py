@@ -48,21 +48,21 @@ def pool_budgets(config: FuyouConfig, mode: OverlapMode, forward_backward_need: 
     share = int(config.pinned_memory * PREFETCH_SHARE)
     read_ahead = config.optimizer.read_ahead
     if read_ahead is None:
-        carried = auto_read_ahead(config, mode, forward_backward_need)
+        carried = auto_read_ahead(config, mode, share, forward_backward_need)
         return PoolBudgets(share - carried, config.pinned_memory - share, carried)
     forward_backward = int((config.pinned_memory - read_ahead) * PREFETCH_SHARE)
     carried = 0 if mode == "backward" else read_ahead
     return PoolBudgets(forward_backward, config.pinned_memory - forward_backward - carried, carried)
 
 
-def auto_read_ahead(config: FuyouConfig, mode: OverlapMode, forward_backward_need: int | None) -> int:
-    """The read-ahead pool of `read_ahead: "auto"`: the forward/backward share beyond what the window needs
+def auto_read_ahead(config: FuyouConfig, mode: OverlapMode, share: int, forward_backward_need: int | None) -> int:
+    """The read-ahead pool of `read_ahead: "auto"`: the forward/backward `share` beyond what the window needs
     (`forward_backward_need`, at least `MIN_PINNED_MEMORY`), in whole `AUTO_READ_AHEAD_GRANULE`s; none while the
     need is unknown, in "backward" (nothing is carried) and with activation offload, whose staging takes what the
     pool has room for."""
     if forward_backward_need is None or mode == "backward" or config.activations.offload != "off":
         return 0
-    spare = int(config.pinned_memory * PREFETCH_SHARE) - max(forward_backward_need, MIN_PINNED_MEMORY)
+    spare = share - max(forward_backward_need, MIN_PINNED_MEMORY)
     return max(0, spare // AUTO_READ_AHEAD_GRANULE * AUTO_READ_AHEAD_GRANULE)
 
 
