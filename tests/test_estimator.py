@@ -271,14 +271,17 @@ def test_the_estimate_counts_read_ahead_gradients_first_and_its_pool_in_pinned_m
         "gradients": swapped["read_ahead_gradients"],
         "optimizer_states": swapped["read_ahead_states"],
         "written_behind": swapped["written_behind_states"],
+        "step_pool_early": swapped["early_read_states"],
         "pinned_pool": carried.fuyou.read_ahead_pool,
     }
+    assert swapped["early_read_states"] > 0 and without.swapped["early_read_states"] > 0  # the step pool's own
     carried_keys = ("read_ahead_gradients", "read_ahead_states", "written_behind_states")
     assert not any(without.swapped[key] for key in carried_keys)
     assert 0 < auto.swapped["read_ahead_gradients"] < swapped["gradients"] and 0 < auto.read_ahead_pool < 32 * MiB
     assert auto.pinned_host.buffers <= 64 * MiB
     config["gradient_clipping"] = 0.0  # "backward": nothing to carry, the budget goes to the step pool
-    assert not estimate(TINY_LLAMA, config, seq_len=64).fuyou.swapped["read_ahead_gradients"]
+    stepped_in_backward = estimate(TINY_LLAMA, config, seq_len=64).fuyou.swapped
+    assert not stepped_in_backward["read_ahead_gradients"] and not stepped_in_backward["early_read_states"]
 
 
 def test_auto_keeps_the_global_batch_and_picks_the_largest_micro_batch_that_fits(tmp_path: Path) -> None:

@@ -157,7 +157,8 @@ def test_auto_read_ahead_is_what_the_parameter_window_leaves_of_its_share_and_th
     swap: Path,
 ) -> None:
     """`read_ahead: "auto"`, the default: once the model is known, the forward/backward pool keeps what its window
-    needs (at least the smallest pool) and the rest of its share carries sub-groups; the step pool keeps its share,
+    needs and a quarter more against fragmentation (at least the smallest pool), and the rest of its share carries
+    sub-groups; the step pool keeps its share,
     so the sub-groups are those of `read_ahead: 0`. Nothing is carried before the model is known, in "backward", with
     activation offload (whose staging takes the pool's room), or when the window needs the whole share."""
     mib = 1 << 20
@@ -166,8 +167,8 @@ def test_auto_read_ahead_is_what_the_parameter_window_leaves_of_its_share_and_th
     offloading = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB", "activations": {"offload": "all"}}))
     assert auto.optimizer.read_ahead is None
     assert pool_budgets(auto, "forward", 100 * mib) == pool_budgets(auto, "off", 100 * mib)
-    assert pool_budgets(auto, "forward", 100 * mib) == (100 * mib, 512 * mib, 412 * mib)
-    assert pool_budgets(auto, "forward", 100 * mib + 1) == (101 * mib, 512 * mib, 411 * mib)  # whole MiB
+    assert pool_budgets(auto, "forward", 100 * mib) == (125 * mib, 512 * mib, 387 * mib)
+    assert pool_budgets(auto, "forward", 100 * mib + 1) == (126 * mib, 512 * mib, 386 * mib)  # whole MiB
     assert pool_budgets(auto, "forward", 1000) == (16 * mib, 512 * mib, 496 * mib)
     nothing = (512 * mib, 512 * mib, 0)
     assert pool_budgets(none, "forward", 100 * mib) == pool_budgets(auto, "forward") == nothing
@@ -198,6 +199,24 @@ def test_read_ahead_keeps_gradients_first_then_writes_behind_and_reads_ahead_sta
     assert plan(3, gradients=[False] * 3, states=[False, True, True]) == ([], [1], [2], 3)
     assert read_ahead_plan([slot // 4, 1, 1], 4, 2, everything, everything, 3 * slot).slot == slot  # the largest
     assert read_ahead_plan(three, 4, 0, everything, everything, 100 * slot).written_behind == []  # no states: SGD
+
+
+def test_the_step_pool_reads_the_first_two_sub_groups_left_to_it_during_backward() -> None:
+    """Of the sub-groups the read-ahead pool does not read, the first two with states on the SSD are read early into
+    the step pool; not one whose states are written behind (they would take read-ahead memory), nor one in the DRAM
+    tier (nothing to read)."""
+    slot = 4096
+    five = [slot // 4] * 5
+    everything = [True] * 5
+
+    def early(budget_slots: float, states: list[bool] = everything) -> list[int]:
+        return read_ahead_plan(five, 4, 2, everything, states, int(budget_slots * slot)).read_early
+
+    assert early(0) == [0, 1]
+    assert early(5) == [0, 1]  # every gradient kept: nothing read ahead, nothing written behind
+    assert early(8) == [1, 2]  # sub-group 0 read ahead, the last one written behind
+    assert early(0, states=[False, True, False, True, True]) == [1, 3]
+    assert early(1000) == []  # everything carried
 
 
 def test_a_read_ahead_that_leaves_no_staging_budget_is_refused(swap: Path) -> None:

@@ -302,3 +302,38 @@ def test_a_swap_out_outside_a_step_keeps_the_gradient_kept_in_memory_for_the_ste
         swapper.swap_out_optimizer_state(master)
     finally:
         runtime.close()
+
+
+def test_the_step_pool_reads_its_first_two_sub_groups_during_backward_and_the_step_finds_them_in_memory(
+    runtime: SwapRuntime,
+) -> None:
+    """Without a read-ahead pool, backward's calls (`read_ahead_next`) read the master and moments of the first two
+    sub-groups into the step pool, one sub-group a call, once the reads of the one before have ended; the step then
+    reads only the others' and every gradient, and the step pool holds no more than when nothing was read early.
+    The numbers stay Adam's in memory."""
+    initial = initial_weights(6)
+    swapper, masters = swapped_sub_groups(runtime, initial, plan_read_ahead=True)
+    optimizer = swapper.optimizer
+    nbytes = [4 * w.numel() for w in initial]
+    read = runtime.counters.read
+    peaks = []
+    for step in range(STEPS):
+        for master, grad in zip(masters, gradients([w.numel() for w in initial], step), strict=True):
+            swapper.swap_out_gradients(master, [0], [grad])
+        runtime.flush()
+        before = read["optimizer_states"]
+        masters_only = 1 if step == 0 else 3  # Adam creates its moments at the first step
+        swapper.read_ahead_next()
+        assert read["optimizer_states"] - before == masters_only * nbytes[0]
+        swapper.read_ahead_next()  # the first sub-group's reads may not have ended yet
+        swapper.finish_read_ahead()  # the end of backward: the rest is started
+        assert read["optimizer_states"] - before == masters_only * (nbytes[0] + nbytes[1])
+        assert not swapper.is_carried(masters[0]) and not swapper.is_carried(masters[1])
+        before_step, gradients_before = read["optimizer_states"], read["gradients"]
+        stage3_step(swapper, masters, optimizer)
+        assert read["optimizer_states"] - before_step == masters_only * sum(nbytes[2:])
+        assert read["gradients"] - gradients_before == sum(nbytes)
+        peaks.append(runtime.step_pool.stats().peak_reserved)
+    for swapped, expected in zip(resident_state(swapper, masters), train_in_memory(initial), strict=True):
+        assert torch.equal(swapped["master"], expected)
+    assert peaks[-1] <= 11 * 4 * MiB  # a 4 MiB slot each: stepped (4), read ahead (4), written back (3)

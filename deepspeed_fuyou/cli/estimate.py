@@ -117,6 +117,11 @@ def render(result: Estimate) -> str:
                 f"{format_size(swapped['read_ahead_states'])} of optimizer states during backward and writes "
                 f"{format_size(swapped['written_behind_states'])} of them during the next backward"
             )
+        if swapped["early_read_states"]:
+            lines.append(
+                f"  the step pool reads {format_size(swapped['early_read_states'])} of optimizer states during "
+                "backward, for the first sub-groups it steps"
+            )
     if result.step_time is not None:
         lines += ["", *render_step_time(result.step_time)]
     machine = result.machine

@@ -115,6 +115,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
             "gradients": plan.swapped.get("read_ahead_gradients", 0),
             "optimizer_states": plan.swapped.get("read_ahead_states", 0),
             "written_behind": plan.swapped.get("written_behind_states", 0),
+            "step_pool_early": plan.swapped.get("early_read_states", 0),
             "pinned_pool": plan.read_ahead_pool,
         },
         "breakdown": {device: asdict(plan.device(device)) for device in DEVICES},
@@ -191,7 +192,7 @@ def estimate(
             retained=plan.swapped.get("persistent_parameters", 0)
             + window["max_live_parameters"] * setup.itemsize // world_size,  # this rank's partitions of the window
             read_ahead_gradients=plan.swapped["read_ahead_gradients"],
-            read_ahead_states=plan.swapped["read_ahead_states"],
+            read_ahead_states=plan.swapped["read_ahead_states"] + plan.swapped["early_read_states"],
             written_behind_states=plan.swapped["written_behind_states"],
             activations=plan.ssd.activations,
             layers=len(repeated_layers(fake.module)),

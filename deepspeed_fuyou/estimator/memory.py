@@ -10,6 +10,7 @@ The stock plan follows DeepSpeed 0.19's allocations (module `stage3.py`, `partit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -18,6 +19,7 @@ from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.io.engine import checksum_table_bytes
 from deepspeed_fuyou.plan.host_tier import HostTier
 from deepspeed_fuyou.plan.sizing import (
+    AUTO_WINDOW_HEADROOM,
     PoolBudgets,
     ReadAheadPlan,
     aligned,
@@ -202,7 +204,8 @@ def fuyou_plan(
     plan.swapped.update(carried)
     plan.read_ahead_pool = ahead.pool_bytes
     step_pool_sub_groups = len(layout.sub_group_numels) - len(ahead.read_states)
-    pools = pinned_pool_peak(layout, setup, facts, window, budgets, step_pool_sub_groups)
+    early_reads = len(ahead.read_early) if setup.overlap != "backward" else 0
+    pools = pinned_pool_peak(layout, setup, facts, window, budgets, step_pool_sub_groups, early_reads)
     plan.pinned_host.buffers = pools + plan.read_ahead_pool
     plan.checkpoint_export = sum(files["optimizer_states"])
     for component, in_host in placed.items():
@@ -232,7 +235,8 @@ def read_ahead(
     """What `optimizer.read_ahead` (a pool of `budget` bytes) carries, as training chooses it
     (`FuyouOptimizerSwapper.plan_read_ahead`): bytes of gradients kept from their files ("read_ahead_gradients"), of
     master and states read during backward ("read_ahead_states") and of states written during the next backward
-    ("written_behind_states"); and the plan itself."""
+    ("written_behind_states"); of master and states the step pool reads during backward ("early_read_states",
+    none in the overlap mode "backward", whose steps run during backward); and the plan itself."""
     assert setup.fuyou is not None
     numels = layout.swapped_sub_group_numels
     gradient_files = [not here for here in placed["gradients"]] if files["gradients"] else [False] * len(numels)
@@ -248,6 +252,9 @@ def read_ahead(
         "read_ahead_gradients": sum(numels[i] * FP32 for i in plan.kept_gradients),
         "read_ahead_states": sum(numels[i] * FP32 * (1 + plan.states) for i in plan.read_states),
         "written_behind_states": sum(numels[i] * FP32 * plan.states for i in plan.written_behind),
+        "early_read_states": 0
+        if setup.overlap == "backward"
+        else sum(numels[i] * FP32 * (1 + plan.states) for i in plan.read_early),
     }
     return carried, plan
 
@@ -308,11 +315,14 @@ def pinned_pool_peak(
     window: dict,
     budgets: PoolBudgets,
     step_pool_sub_groups: int,
+    early_reads: int = 0,
 ) -> int:
     """What our forward/backward and step pools (`SwapRuntime`, of `budgets`) reserve at most: each its peak, never
     more than its budget (the read-ahead pool is `read_ahead`'s).
 
-    Forward/backward pool: what the window needs (`sizing.forward_backward_need`). Step pool,
+    Forward/backward pool: what the window needs (`sizing.forward_backward_need`) with the headroom
+    `sizing.AUTO_WINDOW_HEADROOM` (stage 3's NVMe prefetch counts the elements of its gathers in flight, not the
+    bytes the pool holds, and holds more than the need: the headroom is what "auto" leaves it). Step pool,
     in slots of the largest sub-group's fp32 tensor (`SwapRuntime.step_slot_bytes`), at its peak: sub-group i+1 read
     ahead and i stepped, each with master, states and gradient, i-1 written back (master and states), and the new
     low-precision parameters of i and i-1 being written (a slot each, none in fp32, where they are written from the
@@ -321,8 +331,9 @@ def pinned_pool_peak(
     sub-group wait for the next forward to take them, which may keep two more slots alive. Only the
     `step_pool_sub_groups` sub-groups that `optimizer.read_ahead` does not read ahead take these slots: the others
     are stepped in read-ahead memory. In backward, when no step runs, the step pool stages one layer's gradients on
-    their way to the SSD instead (none with "backward", which keeps them), and before the first step the optimizer
-    writes each sub-group's initial master through it.
+    their way to the SSD instead (none with "backward", which keeps them) beside the master and states of the
+    `early_reads` sub-groups it reads early (`sizing.STEP_POOL_EARLY_READS`), and before the first step the
+    optimizer writes each sub-group's initial master through it.
     """
     sub_groups = len(layout.sub_group_numels)
     slot = step_slot(layout.sub_group_numels, FP32)
@@ -336,8 +347,8 @@ def pinned_pool_peak(
         slots += min(2, sub_groups - 1)
     step = max(slots * slot, aligned(max(layout.sub_group_numels) * FP32))
     if not backward:  # in backward, with no step running, a layer's gradients on their way to the SSD
-        step = max(step, facts.layer_numel * FP32)
-    forward_backward = forward_backward_need(window, setup.itemsize)
+        step = max(step, facts.layer_numel * FP32 + early_reads * (1 + states) * slot)
+    forward_backward = math.ceil(forward_backward_need(window, setup.itemsize) * AUTO_WINDOW_HEADROOM)
     return min(budgets.forward_backward, forward_backward) + min(budgets.step, step)
 
 

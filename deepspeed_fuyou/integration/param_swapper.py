@@ -41,6 +41,13 @@ from deepspeed_fuyou.trace import TRACE
 PARAMETERS = swap_file_kind(parameter_file(0))  # how the swap counters count a partition's bytes, wherever stored
 Buffer = torch.Tensor | None  # a pooled buffer a partition is read into, or None where it needs none
 
+FETCH_RESERVE_PARTITIONS = 2
+"""Room, in the largest partitions, that stage 3's prefetch leaves in the forward/backward pool for the partitions
+it did not prefetch (its trace skipped them, or an update handed over from the step). Their fetch must have a buffer
+at once: the pool's other buffers hold partitions prefetched for modules after theirs, released only after them, so
+a fetch that found the pool full, or its free bytes only in pieces too small, would wait for the pool's timeout and
+fail."""
+
 
 class FuyouParamSwapper:
     """Swaps partitions of one dtype; one instance per `zero.Init`, all sharing the process's `SwapRuntime`."""
@@ -200,12 +207,13 @@ class FuyouParamSwapper:
             param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
 
     def available_swap_in_buffers(self) -> int:
-        """How many more partitions the coordinator may prefetch: the forward/backward pool's room, in partitions.
+        """How many more partitions the coordinator may prefetch: the forward/backward pool's room, in partitions,
+        less `FETCH_RESERVE_PARTITIONS`.
 
         It counts the buffers of the partitions this swapper holds or reads, which every rank holds alike, so that
         all of them offer the coordinator the same prefetch (see `swap_in`)."""
         held = sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
-        return max(0, (self.runtime.pool.budget - held) // self._largest_nbytes)
+        return max(0, (self.runtime.pool.budget - held) // self._largest_nbytes - FETCH_RESERVE_PARTITIONS)
 
     def remove_partition_and_release_buffers(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Drops the in-memory copy (the file stays valid; nothing changed in forward or backward).

@@ -81,7 +81,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
     overlap = "off"  # until __init__ has chosen: the base constructor's own steps (state creation) run as stock
     _step_thread: StepThread | None = None
     _step_view: torch.optim.Optimizer | None = None
-    _read_ahead_masters: frozenset[int] | set[int] = frozenset()  # sub-groups stepped behind this forward, read ahead
+    _read_ahead_masters: frozenset[int] | set[int] = frozenset()  # stepped behind this forward, in read-ahead memory
 
     def __init__(self, module: Any, init_optimizer: Any, param_names: Any, *args: Any, **kwargs: Any) -> None:
         # Set before the base constructor: it calls the overridden methods below.
@@ -274,10 +274,10 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
             updates.expect(i, [param.ds_id for param in self.fp16_groups[i]])
         masters = self.fp32_partitioned_groups_flat
         swapper = self.optimizer_swapper if self.swap_optimizer else None
-        self._read_ahead_masters = {i for i in remaining if swapper is not None and swapper.is_read(masters[i])}
+        self._read_ahead_masters = {i for i in remaining if swapper is not None and swapper.is_carried(masters[i])}
         for position, i in enumerate(remaining):
-            # The first sub-group still to be read: those read ahead during backward may be stepped before the SSD has
-            # read the next one, so it is read meanwhile.
+            # The first sub-group the step pool holds: those carried in read-ahead memory may be stepped before the
+            # SSD has read the next one, so it is read meanwhile (a no-op for one the step pool read early).
             later = (j for j in remaining[position + 1 :] if j not in self._read_ahead_masters)
             following = next(later, None)
             self._step_thread.submit(i, functools.partial(self._step_sub_group, i, scaled_global_grad_norm, following))

@@ -5,6 +5,7 @@ Nothing here imports DeepSpeed, so `fuyou estimate` can size a model on fake ten
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -24,6 +25,13 @@ is the optimizer step's (sub-groups and write-back staging), which may run at th
 AUTO_READ_AHEAD_GRANULE = 1 << 20
 """`read_ahead: "auto"` sizes its pool in whole MiB, so that the size it logs reads as one."""
 
+AUTO_WINDOW_HEADROOM = 1.25
+"""`read_ahead: "auto"` leaves the forward/backward pool this multiple of what its window holds at most. The pool
+carves buffers of several sizes (a layer's partitions differ) out of its memory: a pool that the window could fill
+exactly may have the bytes the next parameter needs free only in pieces too small, while every buffer is held by
+parameters read ahead of it, which are not released before it is used; the fetch then waits for the pool's timeout
+and fails. The headroom absorbs that fragmentation."""
+
 
 class PoolBudgets(NamedTuple):
     """The pinned budget split into the pools of `SwapRuntime`."""
@@ -41,9 +49,9 @@ def pool_budgets(config: FuyouConfig, mode: OverlapMode, forward_backward_need: 
     read-ahead budget joins the step's pool, whose sub-groups grow with it (`sub_group_cap`).
 
     `read_ahead: "auto"` leaves the step pool its share and gives the forward/backward pool what its window needs at
-    most (`forward_backward_need`, bytes; None while the model is not known yet); what its share has beyond that is
-    the read-ahead pool, so that the memory a small window leaves idle moves SSD traffic out of the step
-    (`auto_read_ahead`).
+    most (`forward_backward_need`, bytes; None while the model is not known yet) with some headroom; what its share
+    has beyond that is the read-ahead pool, so that the memory a small window leaves idle moves SSD traffic out of
+    the step (`auto_read_ahead`).
     """
     share = int(config.pinned_memory * PREFETCH_SHARE)
     read_ahead = config.optimizer.read_ahead
@@ -57,12 +65,12 @@ def pool_budgets(config: FuyouConfig, mode: OverlapMode, forward_backward_need: 
 
 def auto_read_ahead(config: FuyouConfig, mode: OverlapMode, share: int, forward_backward_need: int | None) -> int:
     """The read-ahead pool of `read_ahead: "auto"`: the forward/backward `share` beyond what the window needs
-    (`forward_backward_need`, at least `MIN_PINNED_MEMORY`), in whole `AUTO_READ_AHEAD_GRANULE`s; none while the
-    need is unknown, in "backward" (nothing is carried) and with activation offload, whose staging takes what the
-    pool has room for."""
+    (`forward_backward_need` with `AUTO_WINDOW_HEADROOM`, at least `MIN_PINNED_MEMORY`), in whole
+    `AUTO_READ_AHEAD_GRANULE`s; none while the need is unknown, in "backward" (nothing is carried) and with
+    activation offload, whose staging takes what the pool has room for."""
     if forward_backward_need is None or mode == "backward" or config.activations.offload != "off":
         return 0
-    spare = share - max(forward_backward_need, MIN_PINNED_MEMORY)
+    spare = share - max(math.ceil(forward_backward_need * AUTO_WINDOW_HEADROOM), MIN_PINNED_MEMORY)
     return max(0, spare // AUTO_READ_AHEAD_GRANULE * AUTO_READ_AHEAD_GRANULE)
 
 
@@ -87,14 +95,23 @@ def pinned_budget_error(field: str, configured: int, share: float = 1.0, fewer_h
     return error
 
 
+STEP_POOL_EARLY_READS = 2
+"""Sub-groups whose master and states the step pool reads during backward (modes "off" and "forward", where no step
+runs then): the first two the step reads into its own pool, the one it steps first and the one it reads meanwhile.
+Its pipeline holds two at its start anyway (`STEP_SLOTS`), so reading them early takes no memory the step would not
+take, and moves their reads from the step, where they are waited for, into backward, which leaves the SSD time."""
+
+
 class ReadAheadPlan(NamedTuple):
-    """What `optimizer.read_ahead` carries, by sub-group index in step order; every buffer is one `slot`."""
+    """What `optimizer.read_ahead` carries, by sub-group index in step order; every buffer is one `slot`. Also the
+    sub-groups read early into the step pool, which the read-ahead pool does not hold."""
 
     kept_gradients: list[int]  # final gradients kept in memory instead of their files
     read_states: list[int]  # master and states read during backward, for the step
     written_behind: list[int]  # optimizer states (not the master) written during the next backward
     slot: int  # bytes of each buffer: the largest sub-group's tensor, aligned
     states: int  # optimizer states per sub-group besides the master
+    read_early: list[int]  # master and states read during backward into the step pool (`STEP_POOL_EARLY_READS`)
 
     @property
     def pool_bytes(self) -> int:
@@ -117,6 +134,10 @@ def read_ahead_plan(
     master; a gradient that goes to no file, or states the DRAM tier holds, need nothing). The training run and the
     estimator both decide here.
 
+    The step pool reads the master and states of the first sub-groups that are left (`STEP_POOL_EARLY_READS`) during
+    backward too, except those whose states are written behind: their states take read-ahead memory, which the
+    plan has given to gradients and reads.
+
     First, the final gradients of the longest prefix of sub-groups that fits: a byte of gradient held saves two bytes
     of SSD traffic (its write in backward and its read in the step). What is left serves twice, one after the other:
     the optimizer states of the longest suffix that fits are written during the next backward instead of while the
@@ -131,12 +152,16 @@ def read_ahead_plan(
     read = _longest_prefix([slot * (1 + states) if on_ssd else 0 for on_ssd in states_on_ssd], left)
     behind = _longest_prefix([slot * states if on_ssd else 0 for on_ssd in reversed(states_on_ssd)], left)
     count = len(numels)
+    read_states = [i for i in range(read) if states_on_ssd[i]]
+    written_behind = [i for i in range(count - behind, count) if states_on_ssd[i] and states]
+    left_for_step = [i for i in range(read, count) if states_on_ssd[i] and i not in written_behind]
     return ReadAheadPlan(
         kept_gradients=[i for i in range(kept) if gradients_on_file[i]],
-        read_states=[i for i in range(read) if states_on_ssd[i]],
-        written_behind=[i for i in range(count - behind, count) if states_on_ssd[i] and states],
+        read_states=read_states,
+        written_behind=written_behind,
         slot=slot,
         states=states,
+        read_early=left_for_step[:STEP_POOL_EARLY_READS],
     )
 
 

@@ -20,7 +20,9 @@ the next backward (write-behind; their master is written at once, since the next
 parameters from it). Once those writes have ended, the master and states of the first sub-groups are read into it
 (`read_ahead_next`, one sub-group at a time, behind backward's own reads), so the step finds them in memory. The SSD
 moves fewer bytes, and moves some while backward leaves it time rather than while the step is waited for. A read of
-a sub-group's states (the next step, a checkpoint) first starts its writes still behind.
+a sub-group's states (the next step, a checkpoint) first starts its writes still behind. After the carried
+sub-groups, the first two that the step reads into its own pool are read during backward too
+(`STEP_POOL_EARLY_READS`), into the slots the step would read them into: the step starts with them in memory.
 
 Sub-groups and gradient files the DRAM tier takes (`plan_host_tier`, `fuyou.placement.host_memory`) are host tensors
 instead of files: the optimizer steps the sub-group's own master and states in place, and gradients are copied into
@@ -108,6 +110,7 @@ class FuyouOptimizerSwapper:
         self._host_plan: dict[str, tuple[bool, bool]] = {}  # sub-group key -> (gradient, master and states) in DRAM
         self._kept_gradients: set[str] = set()  # keys of the sub-groups whose final gradient stays in memory
         self._read_ahead: list[str] = []  # keys of the sub-groups whose state is read during backward, in step order
+        self._read_early: list[str] = []  # keys of the sub-groups read during backward into the step pool, in order
         self._reading: _SubGroup | None = None  # the carried sub-group whose reads were started last
         self._write_behind: set[str] = set()  # keys of the sub-groups whose states are written in the next backward
         self._deferred: dict[str, list[tuple[torch.Tensor, str]]] = {}  # key -> states (data, file) not yet written
@@ -141,8 +144,8 @@ class FuyouOptimizerSwapper:
     def plan_read_ahead(self, sub_groups: list[tuple[str, int]], states: int, gradients_on_file: bool) -> None:
         """Chooses what `optimizer.read_ahead` carries (`sizing.read_ahead_plan`) among the sub-groups (key,
         elements; in step order): whose final gradients stay in memory, whose master and states are read during
-        backward, whose states are written during the next backward. A gradient or state the DRAM tier holds needs
-        none of it."""
+        backward, whose states are written during the next backward; and which sub-groups the step pool reads during
+        backward. A gradient or state the DRAM tier holds needs none of it."""
         keys = [key for key, _ in sub_groups]
         placed = [self._host_plan.get(key, (False, False)) for key in keys]
         plan = read_ahead_plan(
@@ -155,6 +158,7 @@ class FuyouOptimizerSwapper:
         )
         self._kept_gradients = {keys[i] for i in plan.kept_gradients}
         self._read_ahead = [keys[i] for i in plan.read_states]
+        self._read_early = [keys[i] for i in plan.read_early]
         self._write_behind = {keys[i] for i in plan.written_behind}
         if self.runtime.read_ahead_budget:
             log.info(
@@ -298,7 +302,7 @@ class FuyouOptimizerSwapper:
         reading = self._reading.prefetched if self._reading is not None else None  # None once it was stepped
         if reading is not None and not all(future.done() for future in reading.reads):
             return
-        for key in self._read_ahead:
+        for key in self._read_ahead + self._read_early:
             group = self.groups[key]
             if group.prefetched is None:
                 self._read_ahead_state(group)
@@ -307,22 +311,26 @@ class FuyouOptimizerSwapper:
 
     def finish_read_ahead(self) -> None:
         """Backward is over: writes what is still behind and, once that has ended, starts reading every carried
-        sub-group not yet read, in step order, which is the order the step needs them in."""
+        sub-group not yet read, then those the step pool reads early, in step order, which is the order the step
+        needs them in."""
         self._write_deferred()
         self.runtime.wait_for_writes(self._behind_mark)
-        for key in self._read_ahead:
+        for key in self._read_ahead + self._read_early:
             if self.groups[key].prefetched is None:
                 self._read_ahead_state(self.groups[key])
 
     def _read_ahead_state(self, group: _SubGroup) -> None:
-        """Starts reading a carried sub-group's master and states into the read-ahead pool."""
+        """Starts reading a sub-group's master and states during backward: into the read-ahead pool if it is
+        carried, else into the step pool, whose slots the step then steps it in."""
         self._discover_states(group)
-        group.prefetched = self._start_reads(group, self.runtime.read_ahead_staging, gradient=False)
+        staging = self.runtime.read_ahead_staging if group.key in self._read_ahead else None
+        group.prefetched = self._start_reads(group, staging, gradient=False)
 
-    def is_read(self, parameter: torch.Tensor) -> bool:
-        """Whether the sub-group's master and states are in memory or being read (read ahead during backward)."""
+    def is_carried(self, parameter: torch.Tensor) -> bool:
+        """Whether the sub-group's master and states are in read-ahead memory or being read into it (read ahead
+        during backward); those read early into the step pool are not."""
         group = self.groups.get(parameter.ds_id)
-        return group is not None and group.prefetched is not None
+        return group is not None and group.prefetched is not None and group.key in self._read_ahead
 
     def holds_no_gradient(self, parameter: torch.Tensor) -> bool:
         group = self.groups.get(parameter.ds_id)
