@@ -134,16 +134,16 @@ def read_ahead_plan(
     master; a gradient that goes to no file, or states the DRAM tier holds, need nothing). The training run and the
     estimator both decide here.
 
-    The step pool reads the master and states of the first sub-groups that are left (`STEP_POOL_EARLY_READS`) during
-    backward too, except those whose states are written behind: their states take read-ahead memory, which the
-    plan has given to gradients and reads.
-
     First, the final gradients of the longest prefix of sub-groups that fits: a byte of gradient held saves two bytes
     of SSD traffic (its write in backward and its read in the step). What is left serves twice, one after the other:
     the optimizer states of the longest suffix that fits are written during the next backward instead of while the
     step is waited for (the master is written at once: the next forward or backward may read its parameters from
     it), and once those writes have ended, the master and states of the longest prefix that fits are read during
     backward, where the SSD has time to spare, instead of in the step.
+
+    Of the sub-groups left, the step pool reads the master and states of the first ones (`STEP_POOL_EARLY_READS`)
+    during backward too, except those whose states are written behind: their states take read-ahead memory, which
+    the plan has given to gradients and reads.
     """
     slot = step_slot(numels, itemsize)
     gradient_bytes = [slot if on_file else 0 for on_file in gradients_on_file]
