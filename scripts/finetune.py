@@ -149,7 +149,7 @@ def memory_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "pinned_peak_bytes": pinned_bytes(engine),
         "pinned_forward_backward_peak_bytes": sum(r.pool.stats().peak_reserved for r in runtimes),
-        # below its reserved peak by what fragmentation cost (`sizing.AUTO_WINDOW_HEADROOM`)
+        # below its reserved peak by the free pieces between buffers in use (fragmentation)
         "pinned_forward_backward_peak_in_use_bytes": sum(r.pool.stats().peak_in_use for r in runtimes),
         "pinned_step_peak_bytes": sum(r.step_pool.stats().peak_reserved for r in runtimes),
         "pinned_forward_backward_budget_bytes": sum(r.pool.budget for r in runtimes),

@@ -157,10 +157,10 @@ def test_auto_read_ahead_is_what_the_parameter_window_leaves_of_its_share_and_th
     swap: Path,
 ) -> None:
     """`read_ahead: "auto"`, the default: once the model is known, the forward/backward pool keeps what its window
-    needs and a quarter more against fragmentation (at least the smallest pool), and the rest of its share carries
-    sub-groups; the step pool keeps its share,
-    so the sub-groups are those of `read_ahead: 0`. Nothing is carried before the model is known, in "backward", with
-    activation offload (whose staging takes the pool's room), or when the window needs the whole share."""
+    needs and a quarter more (at least the smallest pool), and the rest of its share carries sub-groups; the step
+    pool keeps its share, so the sub-groups are those of `read_ahead: 0`. Nothing is carried before the model is
+    known, in "backward", with activation offload (whose staging takes the pool's room), or when the window needs the
+    whole share."""
     mib = 1 << 20
     auto = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB"}))
     none = load_fuyou_config(ds_config(swap, {"pinned_memory": "1GiB", "optimizer": {"read_ahead": 0}}))

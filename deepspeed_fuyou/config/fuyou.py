@@ -79,8 +79,8 @@ class OptimizerOptions(FuyouModel):
     first holds the last sub-groups' optimizer states from the step until the next backward writes them, then takes
     the first sub-groups' master weights and states, read during backward. `0`: nothing is carried. With `backward`
     it enlarges the step's pool instead. `auto`: what the parameter window leaves unused of its share of
-    `pinned_memory`, beyond a quarter more than it needs against fragmentation (none with `backward` or activation
-    offload), known once the model is."""
+    `pinned_memory`, beyond a quarter more than it needs (room for its prefetch and the fetches it misses; none with
+    `backward` or activation offload), known once the model is."""
 
     def mode(self, gradient_clipping: float, fp16: bool) -> OverlapMode:
         """The mode `overlap` selects for a run with this clipping threshold (0: none) and precision."""

@@ -204,8 +204,7 @@ def fuyou_plan(
     plan.swapped.update(carried)
     plan.read_ahead_pool = ahead.pool_bytes
     step_pool_sub_groups = len(layout.sub_group_numels) - len(ahead.read_states)
-    early_reads = len(ahead.read_early) if setup.overlap != "backward" else 0
-    pools = pinned_pool_peak(layout, setup, facts, window, budgets, step_pool_sub_groups, early_reads)
+    pools = pinned_pool_peak(layout, setup, facts, window, budgets, step_pool_sub_groups, len(ahead.read_early))
     plan.pinned_host.buffers = pools + plan.read_ahead_pool
     plan.checkpoint_export = sum(files["optimizer_states"])
     for component, in_host in placed.items():
@@ -248,13 +247,13 @@ def read_ahead(
         [not here for here in placed["optimizer_states"][: len(numels)]],
         budget,
     )
+    if setup.overlap == "backward":  # its steps run during backward, where the step pool reads nothing early
+        plan = plan._replace(read_early=[])
     carried = {
         "read_ahead_gradients": sum(numels[i] * FP32 for i in plan.kept_gradients),
         "read_ahead_states": sum(numels[i] * FP32 * (1 + plan.states) for i in plan.read_states),
         "written_behind_states": sum(numels[i] * FP32 * plan.states for i in plan.written_behind),
-        "early_read_states": 0
-        if setup.overlap == "backward"
-        else sum(numels[i] * FP32 * (1 + plan.states) for i in plan.read_early),
+        "early_read_states": sum(numels[i] * FP32 * (1 + plan.states) for i in plan.read_early),
     }
     return carried, plan
 
@@ -315,7 +314,7 @@ def pinned_pool_peak(
     window: dict,
     budgets: PoolBudgets,
     step_pool_sub_groups: int,
-    early_reads: int = 0,
+    early_reads: int,
 ) -> int:
     """What our forward/backward and step pools (`SwapRuntime`, of `budgets`) reserve at most: each its peak, never
     more than its budget (the read-ahead pool is `read_ahead`'s).

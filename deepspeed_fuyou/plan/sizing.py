@@ -26,11 +26,11 @@ AUTO_READ_AHEAD_GRANULE = 1 << 20
 """`read_ahead: "auto"` sizes its pool in whole MiB, so that the size it logs reads as one."""
 
 AUTO_WINDOW_HEADROOM = 1.25
-"""`read_ahead: "auto"` leaves the forward/backward pool this multiple of what its window holds at most. The pool
-carves buffers of several sizes (a layer's partitions differ) out of its memory: a pool that the window could fill
-exactly may have the bytes the next parameter needs free only in pieces too small, while every buffer is held by
-parameters read ahead of it, which are not released before it is used; the fetch then waits for the pool's timeout
-and fails. The headroom absorbs that fragmentation."""
+"""`read_ahead: "auto"` leaves the forward/backward pool this multiple of what its window needs. Stage 3's NVMe
+prefetch fills whatever room the pool reports, beyond what `forward_backward_need` counts, except the room kept for
+fetches it did not prefetch (`param_swapper.FETCH_RESERVE_PARTITIONS`), and the pool carves buffers of several sizes
+(a layer's partitions differ), whose free bytes may lie in pieces: the headroom gives back the reserved room and
+the pieces, so that the window still reads as far ahead as its need counts."""
 
 
 class PoolBudgets(NamedTuple):
