@@ -162,6 +162,8 @@ def memory_report(engine: deepspeed.DeepSpeedEngine) -> dict[str, int]:
         # updated parameters the step handed over to the next forward: taken from memory, or pushed out unread
         "hand_over_taken_bytes": sum(runtime.updates.taken_bytes for runtime in runtimes),
         "hand_over_pushed_out_bytes": sum(runtime.updates.pushed_out_bytes for runtime in runtimes),
+        # parameter partitions a fetch found kept in memory since their release, instead of reading them
+        "parameter_reads_saved_bytes": sum(runtime.counters.reads_saved for runtime in runtimes),
         "host_gradient_buffer_bytes": gradient_buffer_bytes(engine),
         **activation_report(engine),
     }

@@ -109,7 +109,8 @@ def test_parameters_stored_in_their_masters_are_written_once_with_the_master() -
 def test_gradient_accumulation_reads_back_the_gradients_it_adds_to() -> None:
     off = traffic(model_step_time(shape(micro_steps=2), machine_rates()))
     assert off["backward 1"] == (GB // 2, GB) and off["backward 2"] == (GB // 2 + GB, GB)
-    assert off["forward 2"] == (GB, 0)  # every micro-step's forward reads the parameters again
+    assert off["forward 1"] == (GB, 0)  # after a step every partition is new: all of them are read
+    assert off["forward 2"] == (GB // 2, 0)  # between micro-steps what backward left in memory is not
     backward = traffic(model_step_time(shape(micro_steps=2, overlap="backward"), machine_rates()))
     assert backward["backward 1"] == (GB // 2, GB)  # written once, for the last micro-step to add to
     assert backward["backward 2"][0] == GB // 2 + GB + 3 * 3 * GB // 4  # read back, kept, plus the step's reads
@@ -322,6 +323,28 @@ def test_the_modelled_step_is_measured_with_the_stage3_knobs_the_run_will_use_ex
     plain = json.loads((ROOT / "configs/fuyou_cpu.json").read_text())
     default = estimate(model, plain, seq_len=64, machine=Machine(None, 64 << 30), rates=rates)
     assert default.step_time and given[-1]["reduce_bucket_size"] == zero["reduce_bucket_size"] < 500_000_000  # fuyou's
+
+
+def test_the_next_pass_over_the_layers_reads_only_the_partitions_the_window_did_not_keep(tmp_path: Path) -> None:
+    """Released partitions stay in the window's pool up to its peak (`sizing.window_peak`): the backward after a
+    forward, and the forward of a micro-step after the first, read only the others."""
+    config = json.loads((ROOT / "configs/fuyou_cpu.json").read_text())
+    config["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path)
+    config["zero_optimization"]["offload_optimizer"]["nvme_path"] = str(tmp_path)
+    config["fuyou"]["nvme_paths"] = [str(tmp_path)]
+    config["gradient_accumulation_steps"] = 2  # with clipping: "forward"
+    model = ROOT / "configs/models/llama-tiny"
+    result = estimate(model, config, seq_len=64, machine=Machine(None, 64 << 30), rates=lambda *_: machine_rates())
+    swapped = result.fuyou.swapped
+    assert 0 < swapped["kept_parameters"] <= swapped["parameters"]
+    assert result.to_json()["plans"]["fuyou"]["kept_parameter_bytes"] == swapped["kept_parameters"]
+    reads = traffic(result.step_time)
+    not_kept = swapped["parameters"] - swapped["kept_parameters"] - swapped.get("persistent_parameters", 0)
+    assert reads["forward 1"][0] == 0  # the step's updates, handed over
+    assert reads["forward 2"][0] == max(0, not_kept)
+    config["fuyou"]["pinned_memory"] = "16MiB"  # a window too small to keep the model
+    small = estimate(model, config, seq_len=64, machine=Machine(None, 64 << 30), rates=lambda *_: machine_rates())
+    assert 0 < small.fuyou.swapped["kept_parameters"] < swapped["kept_parameters"]
 
 
 def test_auto_with_rates_picks_the_placement_and_overlap_of_the_shortest_modelled_step(tmp_path: Path) -> None:

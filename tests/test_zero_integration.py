@@ -389,13 +389,18 @@ def test_each_overlap_mode_steps_the_sub_groups_when_it_says(tmp_path: Path) -> 
 def test_a_swap_file_corrupted_mid_run_stops_training_at_its_next_read_in_every_overlap_mode(tmp_path: Path) -> None:
     """4 KiB of random bytes written over a master-weights file between steps (tests/programs/corruption_probe.py):
     the next read of it raises FuyouIOError naming that file and the checksums, and no step completes after it,
-    whichever thread (training or step thread) reads it first. Without checksums this trained on to NaN."""
+    whichever thread (training or step thread) reads it first. Without checksums this trained on to NaN.
+
+    "off" and "backward" read it in the next forward (the parameters are read from the master in fp32). "forward"
+    hands the updated parameters to the next forward in memory, and that iteration's backward finds them still in
+    memory (kept after their release), so its loss comes from intact values; the step behind the forward after it
+    reads the master and raises."""
     launch(CORRUPTION_PROBE, config_for("fuyou", tmp_path), tmp_path, "--out", str(tmp_path / "corruption.json"))
     result = json.loads((tmp_path / "corruption.json").read_text())
     assert [r["mode"] for r in result.values()] == ["off", "backward", "forward"]
     for record in result.values():
         assert all(math.isfinite(loss) for loss in record["losses_before"]) and len(record["losses_before"]) == 2
-        assert record["losses_after"] == [], record
+        assert len(record["losses_after"]) == (1 if record["mode"] == "forward" else 0), record
         error = record["error"]
         assert (error["type"], error["path"], error["offset"]) == ("FuyouIOError", record["corrupted"], 0), error
         assert "checksum mismatch" in error["message"]

@@ -117,6 +117,11 @@ def render(result: Estimate) -> str:
                 f"{format_size(swapped['read_ahead_states'])} of optimizer states during backward and writes "
                 f"{format_size(swapped['written_behind_states'])} of them during the next backward"
             )
+        if swapped["kept_parameters"]:
+            lines.append(
+                f"  the parameter window keeps up to {format_size(swapped['kept_parameters'])} of released partitions, "
+                "which the next pass over the layers finds in memory"
+            )
         if swapped["early_read_states"]:
             lines.append(
                 f"  the step pool reads {format_size(swapped['early_read_states'])} of optimizer states during "

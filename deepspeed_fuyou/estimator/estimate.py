@@ -110,6 +110,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "ssd_bytes": plan.ssd.total,
         "ssd_bytes_per_path": dict(plan.ssd_per_path),
         "checkpoint_export_bytes": plan.checkpoint_export,
+        "kept_parameter_bytes": plan.swapped.get("kept_parameters", 0),
         "placement": placement(plan),
         "read_ahead_bytes": {
             "gradients": plan.swapped.get("read_ahead_gradients", 0),
@@ -190,7 +191,9 @@ def estimate(
             gradients=plan.swapped.get("gradients", 0),
             optimizer_states=plan.swapped.get("optimizer_states", 0),
             retained=plan.swapped.get("persistent_parameters", 0)
-            + window["max_live_parameters"] * setup.itemsize // world_size,  # this rank's partitions of the window
+            + max(  # this rank's partitions of the gathered window, or those kept after their release
+                window["max_live_parameters"] * setup.itemsize // world_size, plan.swapped["kept_parameters"]
+            ),
             read_ahead_gradients=plan.swapped["read_ahead_gradients"],
             read_ahead_states=plan.swapped["read_ahead_states"] + plan.swapped["early_read_states"],
             written_behind_states=plan.swapped["written_behind_states"],

@@ -10,7 +10,6 @@ The stock plan follows DeepSpeed 0.19's allocations (module `stage3.py`, `partit
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -19,7 +18,6 @@ from deepspeed_fuyou.estimator.activations import SavedTensors
 from deepspeed_fuyou.io.engine import checksum_table_bytes
 from deepspeed_fuyou.plan.host_tier import HostTier
 from deepspeed_fuyou.plan.sizing import (
-    AUTO_WINDOW_HEADROOM,
     PoolBudgets,
     ReadAheadPlan,
     aligned,
@@ -27,6 +25,7 @@ from deepspeed_fuyou.plan.sizing import (
     pool_budgets,
     read_ahead_plan,
     step_slot,
+    window_peak,
 )
 from deepspeed_fuyou.plan.zero_layout import FP32, TrainingSetup, ZeroLayout
 
@@ -199,7 +198,8 @@ def fuyou_plan(
     if setup.overlap == "backward" and setup.gradient_accumulation_steps == 1:
         files["gradients"] = []  # kept in pinned memory from backward to their step, never written
     placed = place_in_host_tier(files, setup.optimizer_states, host_tier_budget)
-    budgets = pool_budgets(setup.fuyou, setup.overlap, forward_backward_need(window, setup.itemsize))
+    need = forward_backward_need(window, setup.itemsize)
+    budgets = pool_budgets(setup.fuyou, setup.overlap, need)
     carried, ahead = read_ahead(layout, setup, files, placed, budgets.read_ahead)
     plan.swapped.update(carried)
     plan.read_ahead_pool = ahead.pool_bytes
@@ -220,6 +220,10 @@ def fuyou_plan(
             plan.swapped["persistent_parameters"] = plan.swapped.get("persistent_parameters", 0) + nbytes
     if setup.itemsize == FP32:
         plan.swapped["parameters_in_masters"] = _parameters_in_masters(layout, placed)
+    # Released partitions stay in the window's pool up to its peak (`FuyouParamSwapper._keep`): the next pass over
+    # the layers, which runs the other way, finds its first ones in memory.
+    kept = window_peak(need, budgets.forward_backward)
+    plan.swapped["kept_parameters"] = min(plan.swapped.get("parameters", 0), kept)
     # Stage 3 builds each sub-group's fp32 master in a plain tensor before the swapper writes it out.
     plan.pageable_host.temporaries = max(layout.sub_group_numels) * FP32
     _activation_offload(plan, setup.fuyou, facts, nvme_paths)
@@ -319,9 +323,10 @@ def pinned_pool_peak(
     """What our forward/backward and step pools (`SwapRuntime`, of `budgets`) reserve at most: each its peak, never
     more than its budget (the read-ahead pool is `read_ahead`'s).
 
-    Forward/backward pool: what the window needs (`sizing.forward_backward_need`) with the headroom
-    `sizing.AUTO_WINDOW_HEADROOM` (stage 3's NVMe prefetch counts the elements of its gathers in flight, not the
-    bytes the pool holds, and holds more than the need: the headroom is what "auto" leaves it). Step pool,
+    Forward/backward pool: `sizing.window_peak`, what the window needs (`sizing.forward_backward_need`) with the
+    headroom `sizing.AUTO_WINDOW_HEADROOM` (stage 3's NVMe prefetch counts the elements of its gathers in flight, not
+    the bytes the pool holds, and holds more than the need: the headroom is what "auto" leaves it), which the
+    partitions the parameter swapper keeps after their release fill up to. Step pool,
     in slots of the largest sub-group's fp32 tensor (`SwapRuntime.step_slot_bytes`), at its peak: sub-group i+1 read
     ahead and i stepped, each with master, states and gradient, i-1 written back (master and states), and the new
     low-precision parameters of i and i-1 being written (a slot each, none in fp32, where they are written from the
@@ -347,8 +352,8 @@ def pinned_pool_peak(
     step = max(slots * slot, aligned(max(layout.sub_group_numels) * FP32))
     if not backward:  # in backward, with no step running, a layer's gradients on their way to the SSD
         step = max(step, facts.layer_numel * FP32 + early_reads * (1 + states) * slot)
-    forward_backward = math.ceil(forward_backward_need(window, setup.itemsize) * AUTO_WINDOW_HEADROOM)
-    return min(budgets.forward_backward, forward_backward) + min(budgets.step, step)
+    forward_backward = window_peak(forward_backward_need(window, setup.itemsize), budgets.forward_backward)
+    return forward_backward + min(budgets.step, step)
 
 
 def striped_member_bytes(nbytes: int, stripe: int, paths: int) -> list[int]:

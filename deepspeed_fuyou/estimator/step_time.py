@@ -3,9 +3,11 @@
 A step is a sequence of phases: per micro-step a forward and a backward, and the optimizer's work on every
 sub-group (`rates.ComputeRates`: CPU Adam and stage 3's bookkeeping around it, as ZeRO-Offload does it). Each phase
 also moves bytes between the SSD and host memory:
-- a forward reads the parameter partitions on the SSD; a backward reads them again, except the last layers'
-  (`max_live_parameters`), which stay gathered from the forward, and the persistent (small) parameters, which stage
-  3 keeps gathered between uses;
+- a forward reads the parameter partitions on the SSD; a backward reads them again, except the last layers', which
+  stay gathered from the forward (`max_live_parameters`) or kept in the window's pool after their release (up to
+  its peak, `sizing.window_peak`), and the persistent (small) parameters, which stage 3 keeps gathered between uses.
+  The same goes for the forward of a micro-step after the first, which starts where the backward before it ended;
+  after a step, the forward finds nothing kept, every partition being updated;
 - with `optimizer.overlap` "off" and "forward", every backward writes the gradients of the sub-groups on the SSD,
   and from the second micro-step on reads them first to accumulate; the step reads them once more. With
   "backward" the last micro-step's gradients stay in memory: its backward reads the accumulated ones (if any), and
@@ -88,7 +90,7 @@ class StepShape:
     parameters_in_masters: int  # those of them stored in their sub-group's master file, which the step writes anyway
     gradients: int  # fp32 gradient files
     optimizer_states: int  # master weights and optimizer states in swap files
-    retained: int  # parameter bytes a backward finds still gathered from its forward (persistent ones included)
+    retained: int  # parameter bytes a pass finds in memory from the one before (gathered, kept, or persistent)
     read_ahead_gradients: int  # of `gradients`: those the last backward keeps in memory for the step
     read_ahead_states: int  # of `optimizer_states`: those the last backward reads for the step
     written_behind_states: int  # of `optimizer_states`: those the step leaves for the next backward to write
@@ -119,9 +121,13 @@ def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
     k = shape.micro_steps
     for micro in range(1, k + 1):
         forward = Phase(f"forward {micro}", compute_s=forward_s, written_bytes=shape.activations)
-        forward.read_bytes = 0 if (micro == 1 and shape.overlap == "forward") else shape.parameters
+        not_retained = max(0, shape.parameters - shape.retained)
+        if micro == 1:
+            forward.read_bytes = 0 if shape.overlap == "forward" else shape.parameters
+        else:
+            forward.read_bytes = not_retained
         backward = Phase(f"backward {micro}", compute_s=backward_s)
-        backward.read_bytes = max(0, shape.parameters - shape.retained) + shape.activations
+        backward.read_bytes = not_retained + shape.activations
         keeps_gradient = shape.overlap == "backward" and micro == k
         backward.written_bytes = 0 if keeps_gradient else shape.gradients
         backward.read_bytes += shape.gradients if micro > 1 else 0

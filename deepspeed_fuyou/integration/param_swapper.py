@@ -16,7 +16,11 @@ stage 3's optimizer), with three differences users feel:
   their own, which stage 3 gathers from directly: no file, no read, no pinned buffer;
 - in fp32 training a partition on the SSD is the same bytes as its piece of its sub-group's master weights, so once
   the optimizer has written the masters it is read from there (`store_in`) and the step writes it only once, as
-  part of the master: stock writes every updated parameter a second time, into its own file.
+  part of the master: stock writes every updated parameter a second time, into its own file;
+- a released partition keeps its buffer while the window has room to spare (`_keep`, up to `sizing.window_peak`,
+  which the estimator counts): backward's first layers are forward's last, and gradient accumulation's next forward
+  starts with backward's last, so these are found in memory instead of read again. An update written since the
+  buffer was filled, or a checkpoint's files, make the copy stale; the pool takes the oldest back when it needs room.
 
 The state contract is DeepSpeed's: `ds_tensor` objects stay, only their `.data` moves; `ds_tensor.status` is
 DeepSpeed's own `PartitionedParamStatus`; while a partition is on the SSD its data is a 0-dim placeholder.
@@ -24,7 +28,9 @@ DeepSpeed's own `PartitionedParamStatus`; while a partition is on the SSD its da
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Set
 
 import deepspeed.comm as dist
 import torch
@@ -63,6 +69,10 @@ class FuyouParamSwapper:
         self._resident: dict[int, torch.Tensor] = {}  # ds_id -> the partition, for those kept in the DRAM tier
         self._stored_in: dict[int, tuple[str, int]] = {}  # ds_id -> (file, byte offset), if not its own file
         self._apart: dict[int, tuple[str, int]] = {}  # ds_id -> its master's place, until the next step writes it
+        self._kept: OrderedDict[int, tuple[torch.Tensor, int]] = OrderedDict()  # ds_id -> buffer, files_replaced
+        self._kept_bytes = 0
+        self._outdated: set[int] = set()  # held partitions an update was written for: never kept after release
+        self._keeping = threading.Lock()  # the step thread's updates against forward's and backward's releases
         self._largest_nbytes = ALIGNMENT
 
     # -- what zero.Init calls while it partitions a freshly built module -------------------------------------------
@@ -76,6 +86,7 @@ class FuyouParamSwapper:
         """A buffer for a partition about to be filled and then swapped out with `swap_out_and_release`: the
         partition's own host tensor if the DRAM tier takes it (parameters are placed first), else a pinned buffer."""
         self._numel[param.ds_id] = numel
+        self._forget_kept([param])  # it is filled anew
         if param.ds_id in self._resident or self.runtime.host.reserve(numel * self.dtype.itemsize):
             self._resident.setdefault(param.ds_id, torch.empty(numel, dtype=self.dtype))
             return self._resident[param.ds_id]
@@ -94,6 +105,8 @@ class FuyouParamSwapper:
         for param in params:
             if param.ds_id in self._resident:
                 continue  # the partition was filled in place
+            with self._keeping:
+                self._outdated.discard(param.ds_id)  # its buffer is what the file gets: kept after release
             self.runtime.updates.discard(param.ds_id)
             name, offset = self._location(param)
             self.runtime.write(self._view(param), name, offset, keep=self._buffers[param.ds_id], kind=PARAMETERS)
@@ -143,8 +156,8 @@ class FuyouParamSwapper:
 
     def _leading_buffers(self, params: list[torch.nn.Parameter]) -> list[tuple[torch.nn.Parameter, Buffer]]:
         """The leading `params` a prefetch can start now, each with the pooled buffer it takes (None: it needs none,
-        being in memory, read already or in the DRAM tier), up to the first whose sub-group is not stepped yet or
-        for which the pool has no buffer now."""
+        being in memory, kept, read already or in the DRAM tier), up to the first whose sub-group is not stepped yet
+        or for which the pool has no buffer now, even after giving back kept partitions other than those listed."""
         updates = self.runtime.updates
         startable: list[tuple[torch.nn.Parameter, Buffer]] = []
         for param in params:
@@ -153,7 +166,11 @@ class FuyouParamSwapper:
                 continue
             if updates.is_pending(param.ds_id) and not updates.has_hand_over(param.ds_id):
                 break
-            buffer = self.runtime.try_staging(self._numel[param.ds_id] * self.dtype.itemsize)
+            if param.ds_id in self._kept:
+                startable.append((param, None))
+                continue
+            spared = {p.ds_id for p, buffer in startable if buffer is None}
+            buffer = self._staging(self._numel[param.ds_id] * self.dtype.itemsize, spared)
             if buffer is None:
                 break
             startable.append((param, buffer))
@@ -172,8 +189,9 @@ class FuyouParamSwapper:
         return int(agreed.item())
 
     def _start_read(self, param: torch.nn.Parameter, buffer: Buffer = None) -> None:
-        """Makes `param`'s partition available or in flight: from the DRAM tier, from a hand-over copied into
-        `buffer`, or read into it; without `buffer`, one is taken from the pool, waiting for room."""
+        """Makes `param`'s partition available or in flight: from the DRAM tier, kept since its release, from a
+        hand-over copied into `buffer`, or read into it; without `buffer`, one is taken from the pool, waiting for
+        room."""
         if param.ds_id in self._reads:
             return  # being read since an earlier prefetch
         status = param.ds_tensor.status
@@ -182,6 +200,8 @@ class FuyouParamSwapper:
         if param.ds_id in self._resident:
             param.ds_tensor.data = self._resident[param.ds_id]
             param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+            return
+        if self._take_kept(param):
             return
         if buffer is None:
             self._hold(param, self._numel[param.ds_id])
@@ -216,7 +236,8 @@ class FuyouParamSwapper:
         return max(0, (self.runtime.pool.budget - held) // self._largest_nbytes - FETCH_RESERVE_PARTITIONS)
 
     def remove_partition_and_release_buffers(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Drops the in-memory copy (the file stays valid; nothing changed in forward or backward).
+        """Releases the in-memory copy (the file stays valid; nothing changed in forward or backward), which stays
+        kept while the window has room (`_keep`).
 
         DeepSpeed releases persistent parameters right after *starting* their all-gather. On the CPU accelerator
         that gather reads `ds_tensor` itself, not a device copy, so replacing its data now would feed the gather
@@ -239,14 +260,79 @@ class FuyouParamSwapper:
         read = self._reads.pop(param.ds_id, None)
         if read is not None:
             read[1].wait()  # the engine may still write into the buffer: never hand it back before the end
-        self._buffers.pop(param.ds_id, None)
+        self._keep(param.ds_id)
         param.ds_tensor.data = self.placeholder
         param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
+
+    # -- partitions kept after their release ------------------------------------------------------------------------
+
+    def _keep(self, ds_id: int) -> None:
+        """Takes back the buffer of a partition being released and keeps it, since it holds its file's bytes, unless
+        an update was written since it was filled; then gives back the oldest kept buffers until the window holds no
+        more than `window_peak`. One lock covers it all: an update on the step thread marks only held buffers."""
+        with self._keeping:
+            buffer = self._buffers.pop(ds_id, None)
+            if buffer is None:
+                return
+            if ds_id in self._outdated:
+                self._outdated.discard(ds_id)
+                return
+            self._kept[ds_id] = (buffer, self.runtime.files_replaced)
+            self._kept_bytes += buffer.numel()
+            held = sum(held.numel() for held in self._buffers.values())
+            while self._kept and held + self._kept_bytes > self.runtime.window_peak:
+                self._give_back_oldest()
+
+    def _take_kept(self, param: torch.nn.Parameter) -> bool:
+        """Makes `param`'s partition available from its kept buffer, if it has one that is not stale."""
+        with self._keeping:
+            kept = self._kept.pop(param.ds_id, None)
+            if kept is None:
+                return False
+            buffer, files_replaced = kept
+            self._kept_bytes -= buffer.numel()
+            if files_replaced != self.runtime.files_replaced:
+                return False
+            self._buffers[param.ds_id] = buffer
+        param.ds_tensor.data = self._view(param)
+        param.ds_tensor.status = PartitionedParamStatus.AVAILABLE
+        self.runtime.counters.reads_saved += self._numel[param.ds_id] * self.dtype.itemsize
+        return True
+
+    def _forget_kept(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """An update of `params` is being written: their kept copies are stale, and so are those held now."""
+        with self._keeping:
+            for param in params:
+                kept = self._kept.pop(param.ds_id, None)
+                if kept is not None:
+                    self._kept_bytes -= kept[0].numel()
+                if param.ds_id in self._buffers:
+                    self._outdated.add(param.ds_id)
+
+    def _give_back_oldest(self, spared: Set[int] = frozenset()) -> bool:
+        """Gives the oldest kept buffer not in `spared` back to the pool; False if there is none. The caller holds
+        `_keeping`."""
+        oldest = next((ds_id for ds_id in self._kept if ds_id not in spared), None)
+        if oldest is None:
+            return False
+        self._kept_bytes -= self._kept.pop(oldest)[0].numel()
+        return True
+
+    def _staging(self, nbytes: int, spared: Set[int] = frozenset()) -> Buffer:
+        """A pooled buffer if the pool has room now, after giving back kept buffers (not those in `spared`)."""
+        while True:
+            buffer = self.runtime.try_staging(nbytes)
+            if buffer is not None:
+                return buffer
+            with self._keeping:
+                if not self._give_back_oldest(spared):
+                    return None
 
     # -- stage 3's optimizer ----------------------------------------------------------------------------------------
 
     def swap_into_buffer(self, param: torch.nn.Parameter, dest_buffer: torch.Tensor) -> None:
         """Reads a partition straight into a caller's buffer (stage 3 moving it to CPU memory for good)."""
+        self._forget_kept([param])
         view = dest_buffer.narrow(0, 0, self._numel[param.ds_id])
         if param.ds_id in self._resident:
             view.copy_(self._resident[param.ds_id])
@@ -306,6 +392,7 @@ class FuyouParamSwapper:
                 on_file.append((param, source))
         if not on_file:
             return
+        self._forget_kept(param for param, _ in on_file)
         limited = True
         if on_file[0][1].dtype == self.dtype:
             updated = [source for _, source in on_file]
@@ -327,8 +414,11 @@ class FuyouParamSwapper:
     # -- internals ------------------------------------------------------------------------------------------------
 
     def _hold(self, param: torch.nn.Parameter, numel: int) -> torch.Tensor:
-        """Assigns `param` a pooled buffer for `numel` elements and returns the partition's view of it."""
-        self._buffers[param.ds_id] = self.runtime.staging(numel * self.dtype.itemsize)
+        """Assigns `param` a pooled buffer for `numel` elements, giving back kept ones or else waiting for room, and
+        returns the partition's view of it."""
+        nbytes = numel * self.dtype.itemsize
+        buffer = self._staging(nbytes)
+        self._buffers[param.ds_id] = self.runtime.staging(nbytes) if buffer is None else buffer
         return self._view(param)
 
     def _view(self, param: torch.nn.Parameter) -> torch.Tensor:

@@ -81,6 +81,13 @@ def forward_backward_need(window: Mapping[str, int], itemsize: int) -> int:
     return (window["max_live_parameters"] + 2 * window["prefetch_bucket_size"]) * itemsize
 
 
+def window_peak(forward_backward_need: int, budget: int) -> int:
+    """The most the forward/backward pool of `budget` bytes holds: what its window needs
+    (`forward_backward_need`) with `AUTO_WINDOW_HEADROOM`. The estimator counts this much, and the parameter
+    swapper keeps released partitions in memory only up to it, so that keeping them never pins more."""
+    return min(budget, math.ceil(forward_backward_need * AUTO_WINDOW_HEADROOM))
+
+
 def pinned_budget_error(field: str, configured: int, share: float = 1.0, fewer_held: str = "") -> ShortBudget:
     """The error of a pool holding `share` of the setting `field` (`configured` bytes) when a request does not fit:
     it names the setting and the value it needs, so that the pool's own share never shows. `fewer_held`: the other

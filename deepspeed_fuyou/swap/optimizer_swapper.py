@@ -446,6 +446,7 @@ class FuyouOptimizerSwapper:
         """Restores master, states and non-tensor optimizer state from a `swap_folder` filled from a checkpoint."""
         self.forget_step_buffers()
         self.runtime.flush()  # no write of the state it replaces may land after it
+        self.runtime.files_replaced += 1  # fp32 masters hold parameter partitions: copies kept in memory are stale
         folder = Path(self.swap_folder)
         manifest_path = folder / MANIFEST
         if not manifest_path.exists():

@@ -37,7 +37,7 @@ from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
 from deepspeed_fuyou.plan.host_tier import HostTier
-from deepspeed_fuyou.plan.sizing import aligned, pinned_budget_error, pool_budgets
+from deepspeed_fuyou.plan.sizing import aligned, pinned_budget_error, pool_budgets, window_peak
 from deepspeed_fuyou.swap.host_heap import install_host_cache
 from deepspeed_fuyou.swap.updates import PendingUpdates
 from deepspeed_fuyou.trace import start_from_environment
@@ -79,6 +79,7 @@ class SwapCounters:
     bytes_read: int = 0
     written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SWAP_FILE_KINDS, 0))
     read: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SWAP_FILE_KINDS, 0))
+    reads_saved: int = 0  # partition bytes a fetch found still in memory, kept since their release, and did not read
 
     def count(self, name: str, nbytes: int, write: bool, kind: str | None = None) -> None:
         """Counts a transfer of file `name`, as `kind` if given (a parameter partition stored in a master file)."""
@@ -126,6 +127,8 @@ class SwapRuntime:
         self.host = HostTier(config.placement.budget(config.pinned_memory))
         self.counters = SwapCounters()
         self.updates = PendingUpdates()
+        self.window_peak = 0  # the most the parameter window may hold, kept partitions included (`size_pools`)
+        self.files_replaced = 0  # times swap files got other bytes wholesale (a checkpoint): kept copies are stale
         self._writes: collections.deque[_Write] = collections.deque()
         self._lock = threading.Lock()
         self.writes_started = 0
@@ -193,7 +196,8 @@ class SwapRuntime:
         from them: in "backward" nothing is carried and the read-ahead budget joins the step pool; with `read_ahead:
         "auto"` the forward/backward pool gives what its window leaves unused to the read-ahead pool
         (`sizing.pool_budgets`). The forward/backward pool is replaced once the writes of the parameters swapped out
-        while the model was built have ended, which frees all of it."""
+        while the model was built have ended, which frees all of it. `window_peak` is then what the window may hold,
+        partitions kept after their release included (`sizing.window_peak`)."""
         budgets = pool_budgets(self.config, mode, forward_backward_need)
         if budgets.forward_backward != self.pool.budget:
             self.flush()
@@ -209,6 +213,7 @@ class SwapRuntime:
             self.step_pool = self._share_of_pinned_memory(budgets.step)
         if budgets.read_ahead != self.read_ahead_budget:
             self.read_ahead_pool = self._read_ahead_pool(budgets.read_ahead)
+        self.window_peak = window_peak(forward_backward_need, self.pool.budget)
 
     @staticmethod
     def _read_ahead_pool(budget: int) -> PinnedPool | None:
