@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -132,117 +133,113 @@ def test_the_dram_tier_takes_parameters_then_gradients_then_whole_sub_groups_whi
         runtime.close()
 
 
-def test_a_prefetch_reads_the_leading_partitions_up_to_one_not_yet_stepped_or_without_room(tmp_path: Path) -> None:
+@pytest.fixture
+def partitions(tmp_path: Path) -> Iterator[tuple[SwapRuntime, Any, list[torch.nn.Parameter]]]:
+    """A parameter swapper with five 8 MiB partitions on the SSD (partition i holds i), behind a 32 MiB
+    forward/backward pool: four of them fit."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from deepspeed_fuyou.integration.param_swapper import FuyouParamSwapper
+
+    config = FuyouConfig(
+        nvme_paths=[tmp_path], pinned_memory=64 * MiB, placement={"host_memory": 0}, optimizer={"read_ahead": 0}
+    )
+    runtime = SwapRuntime(config)
+    try:
+        swapper = FuyouParamSwapper(runtime, torch.float32)
+        params = []
+        for ds_id in range(5):
+            param = torch.nn.Parameter(torch.empty(0))
+            param.ds_id, param.ds_tensor, param.ds_status = ds_id, torch.empty(0), ZeroParamStatus.AVAILABLE
+            swapper.get_buffer(param, 2 * MiB).fill_(ds_id)
+            swapper.swap_out_and_release([param])
+            params.append(param)
+        yield runtime, swapper, params
+    finally:
+        runtime.close()
+
+
+def test_a_prefetch_reads_the_leading_partitions_up_to_one_not_yet_stepped_or_without_room(
+    partitions: tuple[SwapRuntime, Any, list[torch.nn.Parameter]],
+) -> None:
     """Stage 3 gathers a partition ahead of its module only once it is off the SSD, and every rank must gather the
     same ones: a prefetch starts the leading partitions only, up to the first whose sub-group is not stepped yet or
     that the pool's free bytes cannot hold (the ranks then agree on the fewest), never one past it. The room it
     offers the coordinator counts the buffers of the partitions held, not what the step happens to have handed
     over."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed_fuyou.integration.param_swapper import FETCH_RESERVE_PARTITIONS
 
-    from deepspeed_fuyou.integration.param_swapper import FETCH_RESERVE_PARTITIONS, FuyouParamSwapper
+    runtime, swapper, params = partitions
+    runtime.updates.hand_over_sub_groups = 1  # as with optimizer.overlap "forward"
+    runtime.updates.expect("sub-group", [1])
+    runtime.updates.hand_over({3: torch.full((2 * MiB,), 3.0)})
+    assert swapper.available_swap_in_buffers() == 4 - FETCH_RESERVE_PARTITIONS  # room left for a fetch
 
-    config = FuyouConfig(
-        nvme_paths=[tmp_path], pinned_memory=64 * MiB, placement={"host_memory": 0}, optimizer={"read_ahead": 0}
-    )
-    runtime = SwapRuntime(config)  # a 32 MiB forward/backward pool: four of the 8 MiB partitions
-    try:
-        swapper = FuyouParamSwapper(runtime, torch.float32)
-        params = []
-        for ds_id in range(5):
-            param = torch.nn.Parameter(torch.empty(0))
-            param.ds_id, param.ds_tensor, param.ds_status = ds_id, torch.empty(0), ZeroParamStatus.AVAILABLE
-            swapper.get_buffer(param, 2 * MiB).fill_(ds_id)
-            swapper.swap_out_and_release([param])
-            params.append(param)
-        runtime.updates.hand_over_sub_groups = 1  # as with optimizer.overlap "forward"
-        runtime.updates.expect("sub-group", [1])
-        runtime.updates.hand_over({3: torch.full((2 * MiB,), 3.0)})
-        assert swapper.available_swap_in_buffers() == 4 - FETCH_RESERVE_PARTITIONS  # room left for a fetch
+    def statuses() -> list[str]:
+        return [param.ds_tensor.status.name for param in params]
 
-        def statuses() -> list[str]:
-            return [param.ds_tensor.status.name for param in params]
-
-        swapper.swap_in(params, async_op=True)
-        assert statuses() == ["INFLIGHT"] + ["NOT_AVAILABLE"] * 4  # partition 2 could be read, but 1 is not stepped
-        runtime.updates.done("sub-group")
-        swapper.swap_in(params[1:], async_op=True)  # 3 taken from memory; 4 has no room left
-        assert statuses() == ["INFLIGHT", "INFLIGHT", "INFLIGHT", "AVAILABLE", "NOT_AVAILABLE"]
-        assert swapper.available_swap_in_buffers() == 0
-        swapper.synchronize_reads()
-        assert statuses() == ["AVAILABLE"] * 4 + ["NOT_AVAILABLE"]
-        for param in params[:4]:
-            assert torch.equal(param.ds_tensor, torch.full((2 * MiB,), float(param.ds_id)))
-        swapper.remove_partition_and_release_buffers(params[:1])
-        runtime.try_staging = lambda nbytes: None  # the free bytes in pieces too small for it: stop there
-        swapper.swap_in(params[4:], async_op=True)
-        assert statuses()[4] == "NOT_AVAILABLE"
-    finally:
-        runtime.close()
+    swapper.swap_in(params, async_op=True)
+    assert statuses() == ["INFLIGHT"] + ["NOT_AVAILABLE"] * 4  # partition 2 could be read, but 1 is not stepped
+    runtime.updates.done("sub-group")
+    swapper.swap_in(params[1:], async_op=True)  # 3 taken from memory; 4 has no room left
+    assert statuses() == ["INFLIGHT", "INFLIGHT", "INFLIGHT", "AVAILABLE", "NOT_AVAILABLE"]
+    assert swapper.available_swap_in_buffers() == 0
+    swapper.synchronize_reads()
+    assert statuses() == ["AVAILABLE"] * 4 + ["NOT_AVAILABLE"]
+    for param in params[:4]:
+        assert torch.equal(param.ds_tensor, torch.full((2 * MiB,), float(param.ds_id)))
+    swapper.remove_partition_and_release_buffers(params[:1])
+    runtime.try_staging = lambda nbytes: None  # the free bytes in pieces too small for it: stop there
+    swapper.swap_in(params[4:], async_op=True)
+    assert statuses()[4] == "NOT_AVAILABLE"
 
 
 def test_a_released_partition_stays_in_memory_while_the_window_has_room_until_an_update_makes_it_stale(
-    tmp_path: Path,
+    partitions: tuple[SwapRuntime, Any, list[torch.nn.Parameter]],
 ) -> None:
     """Backward starts with the layers forward ended with: a partition released keeps its buffer, up to what the
     window may hold (`window_peak`, oldest given back first), and a fetch takes it from there instead of reading
     it. An update written since its buffer was filled (held then, or kept), or a checkpoint's files, leave the
     file's bytes to be read; the pool takes kept buffers back when a fetch needs the room."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed_fuyou.integration.param_swapper import PARAMETERS
 
-    from deepspeed_fuyou.integration.param_swapper import PARAMETERS, FuyouParamSwapper
+    runtime, swapper, params = partitions
+    assert runtime.counters.reads_saved == 0  # nothing is kept before the window is sized
 
-    config = FuyouConfig(
-        nvme_paths=[tmp_path], pinned_memory=64 * MiB, placement={"host_memory": 0}, optimizer={"read_ahead": 0}
-    )
-    runtime = SwapRuntime(config)  # a 32 MiB forward/backward pool: four of the 8 MiB partitions
-    try:
-        swapper = FuyouParamSwapper(runtime, torch.float32)
-        params = []
-        for ds_id in range(5):
-            param = torch.nn.Parameter(torch.empty(0))
-            param.ds_id, param.ds_tensor, param.ds_status = ds_id, torch.empty(0), ZeroParamStatus.AVAILABLE
-            swapper.get_buffer(param, 2 * MiB).fill_(ds_id)
-            swapper.swap_out_and_release([param])
-            params.append(param)
-        assert runtime.counters.reads_saved == 0  # nothing is kept before the window is sized
+    def fetch(*ids: int) -> int:
+        """Gathers and releases `ids`; returns the partition bytes read from the SSD."""
+        before = runtime.counters.read[PARAMETERS]
+        chosen = [params[i] for i in ids]
+        swapper.swap_in(chosen, async_op=False)
+        values = [float(param.ds_tensor[0]) for param in chosen]
+        swapper.remove_partition_and_release_buffers(chosen)
+        fetch.values = values
+        return runtime.counters.read[PARAMETERS] - before
 
-        def fetch(*ids: int) -> int:
-            """Gathers and releases `ids`; returns the partition bytes read from the SSD."""
-            before = runtime.counters.read[PARAMETERS]
-            chosen = [params[i] for i in ids]
-            swapper.swap_in(chosen, async_op=False)
-            values = [float(param.ds_tensor[0]) for param in chosen]
-            swapper.remove_partition_and_release_buffers(chosen)
-            fetch.values = values
-            return runtime.counters.read[PARAMETERS] - before
+    runtime.window_peak = 24 * MiB  # three partitions
+    assert fetch(0, 1, 2) == 24 * MiB
+    assert fetch(2, 1, 0) == 0 and fetch.values == [2.0, 1.0, 0.0]
+    assert runtime.counters.reads_saved == 24 * MiB
+    assert fetch(3) == 8 * MiB  # released, it pushes out the one released longest ago: 2
+    assert fetch(0, 1, 3) == 0
+    assert fetch(2) == 8 * MiB
 
-        runtime.window_peak = 24 * MiB  # three partitions
-        assert fetch(0, 1, 2) == 24 * MiB
-        assert fetch(2, 1, 0) == 0 and fetch.values == [2.0, 1.0, 0.0]
-        assert runtime.counters.reads_saved == 24 * MiB
-        assert fetch(3) == 8 * MiB  # released, it pushes out the one released longest ago: 2
-        assert fetch(0, 1, 3) == 0
-        assert fetch(2) == 8 * MiB
+    swapper.swap_out_partitioned_params([params[1]], [torch.full((2 * MiB,), 7.0)])  # a kept one updated
+    swapper.swap_in([params[2]], async_op=False)
+    swapper.swap_out_partitioned_params([params[2]], [torch.full((2 * MiB,), 9.0)])  # a held one updated
+    swapper.remove_partition_and_release_buffers([params[2]])
+    assert fetch(1, 2) == 16 * MiB and fetch.values == [7.0, 9.0]
+    runtime.files_replaced += 1  # a checkpoint's files
+    assert fetch(1, 2) == 16 * MiB
 
-        swapper.swap_out_partitioned_params([params[1]], [torch.full((2 * MiB,), 7.0)])  # a kept one updated
-        swapper.swap_in([params[2]], async_op=False)
-        swapper.swap_out_partitioned_params([params[2]], [torch.full((2 * MiB,), 9.0)])  # a held one updated
-        swapper.remove_partition_and_release_buffers([params[2]])
-        assert fetch(1, 2) == 16 * MiB and fetch.values == [7.0, 9.0]
-        runtime.files_replaced += 1  # a checkpoint's files
-        assert fetch(1, 2) == 16 * MiB
-
-        runtime.window_peak = 32 * MiB  # the whole pool: kept buffers fill it
-        assert fetch(0, 1, 2, 3) == 16 * MiB
-        assert fetch(4) == 8 * MiB and fetch.values == [4.0]  # the pool gave a kept buffer back for it
-        assert fetch(4, 3, 2, 1) == 0 and fetch.values == [4.0, 3.0, 9.0, 7.0]
-        prefetched = [params[1], params[2], params[0]]  # room for 0 comes from 4, not from the kept ones before it
-        swapper.swap_in(prefetched, async_op=True)
-        assert [param.ds_tensor.status.name for param in prefetched] == ["AVAILABLE", "AVAILABLE", "INFLIGHT"]
-        swapper.synchronize_reads()
-        assert [float(param.ds_tensor[0]) for param in prefetched] == [7.0, 9.0, 0.0]
-        swapper.remove_partition_and_release_buffers(prefetched)
-        assert fetch(3) == 0 and fetch(4) == 8 * MiB
-    finally:
-        runtime.close()
+    runtime.window_peak = 32 * MiB  # the whole pool: kept buffers fill it
+    assert fetch(0, 1, 2, 3) == 16 * MiB
+    assert fetch(4) == 8 * MiB and fetch.values == [4.0]  # the pool gave a kept buffer back for it
+    assert fetch(4, 3, 2, 1) == 0 and fetch.values == [4.0, 3.0, 9.0, 7.0]
+    prefetched = [params[1], params[2], params[0]]  # room for 0 comes from 4, not from the kept ones before it
+    swapper.swap_in(prefetched, async_op=True)
+    assert [param.ds_tensor.status.name for param in prefetched] == ["AVAILABLE", "AVAILABLE", "INFLIGHT"]
+    swapper.synchronize_reads()
+    assert [float(param.ds_tensor[0]) for param in prefetched] == [7.0, 9.0, 0.0]
+    swapper.remove_partition_and_release_buffers(prefetched)
+    assert fetch(3) == 0 and fetch(4) == 8 * MiB
