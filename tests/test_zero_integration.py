@@ -422,9 +422,10 @@ stage 3 releases whole parameters, so it keeps up to one more."""
 
 def traffic_per_step(run: dict[str, Any], direction: str, kind: str = "") -> float:
     """Swap bytes the run moved in `direction` ("read", "written") per step, of one `kind` ("parameters", ...) or of
-    all, averaged over the steps after the first (whose backward reads every parameter again; in "forward" a step's
-    updates are written during the next one)."""
-    later = run["swap_traffic_per_step"][1:]
+    all, averaged over the steps after the first two: the first one's backward reads every parameter again, and the
+    first optimizer step reads no moments (Adam creates them there), which in "forward" falls in the second step,
+    since a step's work runs during the next one."""
+    later = run["swap_traffic_per_step"][2:]
     moved = (v for step in later for key, v in step.items() if key.startswith(kind) and key.endswith(f"_{direction}"))
     return sum(moved) / len(later)
 
