@@ -119,9 +119,9 @@ def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
     )
     result = []
     k = shape.micro_steps
+    not_retained = max(0, shape.parameters - shape.retained)
     for micro in range(1, k + 1):
         forward = Phase(f"forward {micro}", compute_s=forward_s, written_bytes=shape.activations)
-        not_retained = max(0, shape.parameters - shape.retained)
         if micro == 1:
             forward.read_bytes = 0 if shape.overlap == "forward" else shape.parameters
         else:

@@ -70,7 +70,6 @@ class FuyouParamSwapper:
         self._stored_in: dict[int, tuple[str, int]] = {}  # ds_id -> (file, byte offset), if not its own file
         self._apart: dict[int, tuple[str, int]] = {}  # ds_id -> its master's place, until the next step writes it
         self._kept: OrderedDict[int, tuple[torch.Tensor, int]] = OrderedDict()  # ds_id -> buffer, files_replaced
-        self._kept_bytes = 0
         self._outdated: set[int] = set()  # held partitions an update was written for: never kept after release
         self._keeping = threading.Lock()  # the step thread's updates against forward's and backward's releases
         self._largest_nbytes = ALIGNMENT
@@ -232,8 +231,9 @@ class FuyouParamSwapper:
 
         It counts the buffers of the partitions this swapper holds or reads, which every rank holds alike, so that
         all of them offer the coordinator the same prefetch (see `swap_in`)."""
-        held = sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
-        return max(0, (self.runtime.pool.budget - held) // self._largest_nbytes - FETCH_RESERVE_PARTITIONS)
+        return max(
+            0, (self.runtime.pool.budget - self._held_bytes()) // self._largest_nbytes - FETCH_RESERVE_PARTITIONS
+        )
 
     def remove_partition_and_release_buffers(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Releases the in-memory copy (the file stays valid; nothing changed in forward or backward), which stays
@@ -278,9 +278,8 @@ class FuyouParamSwapper:
                 self._outdated.discard(ds_id)
                 return
             self._kept[ds_id] = (buffer, self.runtime.files_replaced)
-            self._kept_bytes += buffer.numel()
-            held = sum(held.numel() for held in self._buffers.values())
-            while self._kept and held + self._kept_bytes > self.runtime.window_peak:
+            held = self._held_bytes()
+            while self._kept and held + sum(kept.numel() for kept, _ in self._kept.values()) > self.runtime.window_peak:
                 self._give_back_oldest()
 
     def _take_kept(self, param: torch.nn.Parameter) -> bool:
@@ -290,7 +289,6 @@ class FuyouParamSwapper:
             if kept is None:
                 return False
             buffer, files_replaced = kept
-            self._kept_bytes -= buffer.numel()
             if files_replaced != self.runtime.files_replaced:
                 return False
             self._buffers[param.ds_id] = buffer
@@ -303,9 +301,7 @@ class FuyouParamSwapper:
         """An update of `params` is being written: their kept copies are stale, and so are those held now."""
         with self._keeping:
             for param in params:
-                kept = self._kept.pop(param.ds_id, None)
-                if kept is not None:
-                    self._kept_bytes -= kept[0].numel()
+                self._kept.pop(param.ds_id, None)
                 if param.ds_id in self._buffers:
                     self._outdated.add(param.ds_id)
 
@@ -315,7 +311,7 @@ class FuyouParamSwapper:
         oldest = next((ds_id for ds_id in self._kept if ds_id not in spared), None)
         if oldest is None:
             return False
-        self._kept_bytes -= self._kept.pop(oldest)[0].numel()
+        del self._kept[oldest]
         return True
 
     def _staging(self, nbytes: int, spared: Set[int] = frozenset()) -> Buffer:
@@ -412,6 +408,10 @@ class FuyouParamSwapper:
         self.runtime.updates.hand_over(handed, limited)
 
     # -- internals ------------------------------------------------------------------------------------------------
+
+    def _held_bytes(self) -> int:
+        """Bytes of the pooled buffers of the partitions held (in memory or being read), kept ones not counted."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
 
     def _hold(self, param: torch.nn.Parameter, numel: int) -> torch.Tensor:
         """Assigns `param` a pooled buffer for `numel` elements, giving back kept ones or else waiting for room, and
