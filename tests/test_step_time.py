@@ -91,13 +91,21 @@ def test_backward_mode_keeps_the_gradients_and_steps_all_but_the_last_sub_group_
     assert step.read_bytes + step.written_bytes == 1.5 * GB + 7 * GB  # no gradient moves at all
 
 
-def test_forward_mode_steps_behind_the_next_forward_which_takes_its_parameters_from_memory() -> None:
+def test_forward_mode_steps_behind_the_next_forward_which_waits_for_the_first_sub_groups_update() -> None:
     step = model_step_time(shape(overlap="forward"), machine_rates())
-    forward, backward, exposed = step.phases
-    assert forward.read_bytes == 3 * 4 * GB // 4  # three sub-groups' states and gradients; no parameter read
-    assert forward.optimizer_s == pytest.approx(0.75 * 0.5)
+    forward, backward = step.phases
+    assert (forward.read_bytes, forward.written_bytes) == (4 * GB, 4 * GB)  # the step's bytes; no parameter read
+    assert forward.optimizer_s == pytest.approx(0.5)
+    assert forward.waits_s == pytest.approx(1.0 + 0.125)  # a quarter of the states and gradients read, its Adam
     assert (backward.read_bytes, backward.written_bytes) == (GB // 2, GB)
-    assert (exposed.name, exposed.read_bytes, exposed.written_bytes) == ("exposed optimizer", GB, GB)
+    fast_disk = model_step_time(shape(overlap="forward"), machine_rates(read=100, write=100, mixed=100))
+    assert fast_disk.phases[0].seconds == pytest.approx(0.01 + 0.125 + 1.0)  # the wait, then the compute
+    read_ahead = model_step_time(
+        shape(overlap="forward", read_ahead_states=3 * GB // 4, read_ahead_gradients=GB // 4), machine_rates()
+    )
+    assert read_ahead.phases[0].waits_s == pytest.approx(0.125)  # the first sub-group was read during backward
+    host = model_step_time(shape(overlap="forward", accelerator_is_host=True), machine_rates())
+    assert host.phases[0].waits_s == pytest.approx(1.0)  # its Adam runs on the cores the phase counts already
 
 
 def test_parameters_stored_in_their_masters_are_written_once_with_the_master() -> None:
@@ -301,10 +309,11 @@ def test_estimate_with_time_prints_the_placement_and_the_modelled_step(
     assert fuyou([*command, "--seq-len", "64", "--json", "--time"]) == 0
     step = json.loads(capsys.readouterr().out)["step_time"]
     assert step["seconds"] >= step["bound_seconds"] > 0 and step["bottleneck"] in ("SSD", "compute")
-    assert [phase["name"] for phase in step["phases"]] == ["forward 1", "backward 1", "exposed optimizer"]
+    assert [phase["name"] for phase in step["phases"]] == ["forward 1", "backward 1"]  # clipping: "forward"
+    assert step["phases"][0]["waits_s"] >= 0
     assert fuyou([*command, "--seq-len", "64", "--time"]) == 0
     text = capsys.readouterr().out
-    assert "fuyou places" in text and "modelled step (fuyou)" in text and "exposed optimizer" in text
+    assert "fuyou places" in text and "modelled step (fuyou)" in text and "waits s" in text
 
 
 def test_the_modelled_step_is_measured_with_the_stage3_knobs_the_run_will_use_explicit_ones_included() -> None:
@@ -389,7 +398,7 @@ def test_auto_with_rates_proposes_a_read_ahead_pool_when_the_dram_tier_cannot_ho
     assert read_ahead > 0 and timed.ds_config["fuyou"]["pinned_memory"] == (2 << 30) + read_ahead  # on top
     assert any(change.startswith("fuyou.optimizer.read_ahead: 0 -> ") for change in timed.changes)
     carried = timed.estimate.fuyou.swapped
-    assert carried["read_ahead_gradients"] > 0 and carried["read_ahead_states"] > 0
+    assert carried["read_ahead_gradients"] > 0  # SSD bytes saved; states read earlier save none on a disk this slow
     assert timed.estimate.fits and timed.estimate.step_time.seconds < given.step_time.seconds
 
 

@@ -181,11 +181,12 @@ def render_step_time(step: StepTime) -> list[str]:
     lines = [
         f"modelled step (fuyou): {step.seconds:.2f} s, bound {step.bound_seconds:.2f} s by the {step.bottleneck}; "
         f"SSD {format_size(step.read_bytes)} read, {format_size(step.written_bytes)} written per step",
-        f"  {'phase':22}{'seconds':>9}  {'bound by':10}{'compute s':>10}{'optimizer s':>12}{'read':>12}{'written':>12}",
+        f"  {'phase':22}{'seconds':>9}  {'bound by':10}{'waits s':>8}{'compute s':>10}{'optimizer s':>12}{'read':>12}"
+        f"{'written':>12}",
     ]
     for phase in step.phases:
         lines.append(
-            f"  {phase.name:22}{phase.seconds:>9.2f}  {phase.bound_by:10}{phase.compute_s:>10.2f}"
+            f"  {phase.name:22}{phase.seconds:>9.2f}  {phase.bound_by:10}{phase.waits_s:>8.2f}{phase.compute_s:>10.2f}"
             f"{phase.optimizer_s:>12.2f}{format_size(phase.read_bytes):>12}{format_size(phase.written_bytes):>12}"
         )
     if step.rates is not None:

@@ -20,8 +20,10 @@ also moves bytes between the SSD and host memory:
 - activations offloaded to the SSD are written by the forward and read by the backward.
 Where the optimizer's work goes is the overlap mode: a phase of its own after the last backward ("off"), inside
 that backward ("backward"), or inside the next forward, whose parameter reads it hands over in memory
-("forward"). When it shares a phase, one sub-group's share stays exposed (the last one, stepped once backward is
-over, or the first one, which the forward must wait for).
+("forward"). When it shares a phase, one sub-group's share stays exposed. With "backward" it is the last one,
+stepped once backward is over: a phase of its own. With "forward" it is the first one, whose update the forward's
+first layer waits for: its reads (unless `read_ahead` carried them) and, on a GPU, its Adam are time before the
+forward's compute can start, while its bytes move in the same stream as the rest of the forward's.
 
 A phase lasts as long as its busiest resource: the accelerator, the host CPU, or the SSD (reads at the read rate,
 writes at the write rate, both together at the mixed rate). The host CPU runs the optimizer and the engine's side
@@ -45,6 +47,7 @@ class Phase:
 
     name: str
     compute_s: float = 0.0  # forward or backward on the accelerator
+    waits_s: float = 0.0  # before the compute can start: the update of the first sub-group it needs
     optimizer_s: float = 0.0  # CPU Adam and stage 3's bookkeeping
     read_bytes: int = 0
     written_bytes: int = 0
@@ -119,6 +122,7 @@ def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
     )
     result = []
     k = shape.micro_steps
+    last_share = 1 - 1 / max(1, shape.sub_groups)  # of the optimizer's work, what "backward" does within backward
     not_retained = max(0, shape.parameters - shape.retained)
     for micro in range(1, k + 1):
         forward = Phase(f"forward {micro}", compute_s=forward_s, written_bytes=shape.activations)
@@ -136,23 +140,35 @@ def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
             backward.written_bytes -= shape.read_ahead_gradients
             backward.read_bytes += shape.read_ahead_states
         if micro == 1 and shape.overlap == "forward":
-            _merge(forward, optimizer, shape.sub_groups)
+            _merge(forward, optimizer, 1.0)
+            forward.waits_s = _first_update_s(shape, optimizer, rates)
         if keeps_gradient:
-            _merge(backward, optimizer, shape.sub_groups)
+            _merge(backward, optimizer, last_share)
         result += [forward, backward]
     if shape.overlap == "off":
         result.append(optimizer)
-    else:
-        result.append(_share(optimizer, 1 / max(1, shape.sub_groups), "exposed optimizer"))
+    elif shape.overlap == "backward":
+        result.append(_share(optimizer, 1 - last_share, "exposed optimizer"))
     return result
 
 
-def _merge(phase: Phase, optimizer: Phase, sub_groups: int) -> None:
-    """Puts all but one sub-group's share of the optimizer's work into `phase` (that one is exposed)."""
-    share = _share(optimizer, 1 - 1 / max(1, sub_groups), phase.name)
+def _merge(phase: Phase, optimizer: Phase, fraction: float) -> None:
+    """Puts `fraction` of the optimizer's work into `phase`."""
+    share = _share(optimizer, fraction, phase.name)
     phase.optimizer_s += share.optimizer_s
     phase.read_bytes += share.read_bytes
     phase.written_bytes += share.written_bytes
+
+
+def _first_update_s(shape: StepShape, optimizer: Phase, rates: MachineRates) -> float:
+    """How long the forward's first layer waits for its sub-group's update with "forward": the sub-group's reads
+    that `read_ahead` did not carry, and its Adam where the Adam does not run on the cores the forward needs anyway
+    (on the CPU accelerator it is part of the phase's CPU time already)."""
+    sub_groups = max(1, shape.sub_groups)
+    states = max(0, shape.optimizer_states // sub_groups - shape.read_ahead_states)  # it carries the first ones
+    gradients = max(0, shape.gradients // sub_groups - shape.read_ahead_gradients)
+    adam_s = 0.0 if shape.accelerator_is_host else optimizer.optimizer_s / sub_groups
+    return (states + gradients) / rates.ssd.read + adam_s
 
 
 def _share(phase: Phase, fraction: float, name: str) -> Phase:
@@ -188,8 +204,8 @@ def _busiest(phase: Phase, shape: StepShape, ssd: SsdRates) -> tuple[float, str]
     ssd_s = max(read / ssd.read, written / ssd.write, (read + written) / ssd.mixed)
     host_s = phase.optimizer_s + read * ssd.cpu_per_byte_read + written * ssd.cpu_per_byte_written
     if shape.accelerator_is_host:  # forward, backward, the optimizer and the engine share the same cores
-        candidates = {"compute": phase.compute_s + host_s, "SSD": ssd_s}
+        candidates = {"compute": phase.waits_s + phase.compute_s + host_s, "SSD": ssd_s}
     else:
-        candidates = {"compute": phase.compute_s, "CPU": host_s, "SSD": ssd_s}
+        candidates = {"compute": phase.waits_s + phase.compute_s, "CPU": host_s, "SSD": ssd_s}
     name = max(candidates, key=candidates.__getitem__)
     return candidates[name], name
