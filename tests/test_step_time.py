@@ -269,6 +269,28 @@ def test_compute_is_measured_under_zero_offload_per_layer_and_then_cached(
     assert compute_rates(config, 1, 32, torch.float32, "cpu", zero) == measured
 
 
+def test_compute_probe_runs_each_depth_twice_shallow_first_and_last_keeps_the_fastest_and_serves_every_depth(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoConfig
+
+    base = json.loads((ROOT / "configs/models/llama-tiny/config.json").read_text())
+    depths, backward = [], iter([1.0, 2.5, 2.0, 1.5])  # a slow spell over the second and last runs
+
+    def child(command: list[str], env: dict[str, str], cwd: str, **_: object) -> subprocess.CompletedProcess[str]:
+        depths.append(json.loads(Path(command[-1]).read_text())["model_config"]["num_hidden_layers"])
+        answer = {"forward": 1.0, "backward": next(backward), "step": 1.0}
+        (Path(cwd) / "answer.json").write_text(json.dumps(answer))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(rates_module.subprocess, "run", child)
+    eight = compute_rates(AutoConfig.for_model(**base | {"num_hidden_layers": 8}), 1, 32, torch.float32, "cpu", {})
+    assert depths == [4, 8, 8, 4]
+    assert eight.backward_per_layer == pytest.approx((2.0 - 1.0) / 4)  # each depth's fastest run
+    deeper = compute_rates(AutoConfig.for_model(**base | {"num_hidden_layers": 32}), 1, 32, torch.float32, "cpu", {})
+    assert deeper == eight and len(depths) == 4  # the same cut models: measured once for both depths
+
+
 def test_compute_probe_trains_with_the_knobs_fuyou_sets_as_one_launched_rank(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,10 +3,11 @@
 A step's time cannot be read off a config: it depends on how fast this machine's SSDs move bytes through our
 engine, and how fast it runs this model's forward, backward and optimizer step (DeepSpeed's CPU Adam with stage 3's
 bookkeeping). Each is measured with the code training runs: our `IOEngine` with the config's `io` options (a few
-seconds), and the model's own layers at the configured micro-batch under DeepSpeed (`compute_rates`, half a minute
-or so on 2 cores). Results are kept in a JSON cache (`$FUYOU_CACHE_DIR`, else `~/.cache/deepspeed-fuyou/rates.json`)
+seconds), and the model's own layers at the configured micro-batch under DeepSpeed (`compute_rates`, about a minute
+on 2 cores). Results are kept in a JSON cache (`$FUYOU_CACHE_DIR`, else `~/.cache/deepspeed-fuyou/rates.json`)
 under a key that changes when what was measured would: the file systems of the paths and the I/O options; the
-model's config, micro-batch, sequence length, dtype, device and threads. Delete the file to measure again.
+model's config (its depth aside: one measurement serves every depth), micro-batch, sequence length, dtype, device
+and threads. Delete the file to measure again.
 """
 
 from __future__ import annotations
@@ -45,7 +46,15 @@ PROBE_LAYERS = (4, 8)
 """Depths the model is cut to for the compute probe (fewer when it has fewer): a layer's cost is their difference.
 Shallower cuts are dominated by what every step costs once, and their difference by noise."""
 
-REPEATS = 3  # timed runs per probe (SSD: the median; compute: the fastest, after a warm-up run)
+PROBE_ORDER = (0, 1, 1, 0)
+"""The order the compute probe runs its depths in (indices into the depths), each run a child process. A layer's
+cost is a difference of two totals, so noise in either is amplified; on a shared machine the noise comes in spells
+longer than one run (RESULTS.md, 2026-12-07 12:00: three probes of one model minutes apart put a layer's backward at
+40 to 78 ms). Measuring each depth twice, the shallow one first and last, and keeping each depth's fastest run,
+lets a spell slow down at most one run of each depth, and a drift over the probe favours neither."""
+
+REPEATS = 3  # timed runs per SSD probe (the median)
+COMPUTE_REPEATS = 5  # timed steps per compute probe run (the fastest, after a warm-up step)
 
 
 @dataclass(frozen=True)
@@ -175,26 +184,36 @@ def compute_rates(
     deepspeed_fuyou.estimator.zero3_probe`): DeepSpeed's process group, accelerator choice and logs stay out of the
     caller.
     """
-    text = json.dumps(model_config.to_diff_dict(), sort_keys=True, default=str)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    shape = {name: value for name, value in model_config.to_diff_dict().items() if name != "num_hidden_layers"}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
     knobs = " ".join(f"{name}={value}" for name, value in sorted(zero.items()))
-    key = f"compute {digest} {micro_batch}x{seq_len} {dtype} {device} {torch.get_num_threads()} threads {knobs}"
+    depths = " ".join(str(depth) for depth in _probe_depths(model_config.num_hidden_layers))
+    key = (  # the depth is not part of it: the same cut models measure a model of any depth beyond the deepest
+        f"compute {digest} depths {depths} {micro_batch}x{seq_len} {dtype} {device} {torch.get_num_threads()} "
+        f"threads {knobs}"
+    )
     return ComputeRates(**_cached(key, lambda: _probe_compute(model_config, micro_batch, seq_len, dtype, device, zero)))
 
 
 def _probe_compute(
     model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str, zero: Mapping[str, int]
 ) -> dict:
-    layers = model_config.num_hidden_layers
-    depths = sorted({max(1, min(depth, layers)) for depth in PROBE_LAYERS})
-    measured = [_zero3_seconds(model_config, depth, micro_batch, seq_len, dtype, device, zero) for depth in depths]
+    depths = _probe_depths(model_config.num_hidden_layers)
+    fastest: list[dict[str, float]] = [{} for _ in depths]
+    for index in PROBE_ORDER if len(depths) > 1 else (0,):
+        run = _zero3_seconds(model_config, depths[index], micro_batch, seq_len, dtype, device, zero)
+        fastest[index] = {phase: min(run[phase], fastest[index].get(phase, run[phase])) for phase in PHASES}
     rates = {}
     for phase in PHASES:
-        low, high = measured[0][phase], measured[-1][phase]
+        low, high = fastest[0][phase], fastest[-1][phase]
         per_layer = max(0.0, (high - low) / (depths[-1] - depths[0])) if len(depths) > 1 else low / depths[0]
         rates[f"{phase}_per_layer"] = per_layer
         rates[f"{phase}_rest"] = max(0.0, low - depths[0] * per_layer)
     return rates
+
+
+def _probe_depths(layers: int) -> list[int]:
+    return sorted({max(1, min(depth, layers)) for depth in PROBE_LAYERS})
 
 
 def _zero3_seconds(
@@ -206,7 +225,7 @@ def _zero3_seconds(
     device: str,
     zero: Mapping[str, int],
 ) -> dict[str, float]:
-    """Median seconds of each of `PHASES` of the model cut to `layers` layers, from the child process."""
+    """The fastest seconds of each of `PHASES` of the model cut to `layers` layers, from the child process."""
     config = model_config.to_dict()
     config["num_hidden_layers"] = layers
     with tempfile.TemporaryDirectory(prefix="fuyou-compute-probe-") as scratch:
@@ -219,7 +238,7 @@ def _zero3_seconds(
                     "seq_len": seq_len,
                     "dtype": str(dtype).removeprefix("torch."),
                     "zero": dict(zero),
-                    "repeats": REPEATS,
+                    "repeats": COMPUTE_REPEATS,
                 }
             )
         )
