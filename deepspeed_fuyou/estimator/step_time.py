@@ -26,11 +26,12 @@ first layer waits for: its reads (unless `read_ahead` carried them) and, on a GP
 forward's compute can start, while its bytes move in the same stream as the rest of the forward's.
 
 A phase lasts as long as its busiest resource: the accelerator, the host CPU, or the SSD (reads at the read rate,
-writes at the write rate, both together at the mixed rate). The host CPU runs the optimizer and the engine's side
-of every byte moved (`SsdRates.cpu_per_byte_*`); on DeepSpeed's CPU accelerator it runs forward and backward too, so
-all of it adds up there, while on a GPU compute overlaps the host's work. The step's time is the sum of its
-phases; its bound is the busiest resource over the whole step, what perfect overlap would reach. The traffic is
-exact (it is what the swap runtime counts, `SwapCounters`); the times are as good as the rates.
+writes at the write rate, both together as the probe's mixed rate says, `ssd_seconds`). The host CPU runs the
+optimizer and the engine's side of every byte moved (`SsdRates.cpu_per_byte_*`); on DeepSpeed's CPU accelerator it
+runs forward and backward too, so all of it adds up there, while on a GPU compute overlaps the host's work. The
+step's time is the sum of its phases; its bound is the busiest resource over the whole step, what perfect overlap
+would reach. The traffic is exact (it is what the swap runtime counts, `SwapCounters`); the times are as good as
+the rates.
 """
 
 from __future__ import annotations
@@ -198,10 +199,23 @@ def model_step_time(shape: StepShape, rates: MachineRates) -> StepTime:
     return result
 
 
+def ssd_seconds(read: int, written: int, ssd: SsdRates) -> float:
+    """Seconds the SSD takes to read and write these bytes at once, in any proportion.
+
+    Each direction alone takes its own rate's time; together they take at least the longer of the two, and at most
+    their sum (a disk that serves one direction at a time). Where a disk lies between is what the probe's mixed rate
+    says for equal bytes each way: the share of the sum it saves, applied to this phase's sum. A fixed combined rate
+    would instead charge a write-heavy phase as much as an even one of the same bytes."""
+    alone = read / ssd.read + written / ssd.write
+    probe_alone = 1 / ssd.read + 1 / ssd.write  # seconds for one byte each way, one direction after the other
+    saved = min(1.0, max(0.0, 1 - (2 / ssd.mixed) / probe_alone))
+    return max(read / ssd.read, written / ssd.write, alone * (1 - saved))
+
+
 def _busiest(phase: Phase, shape: StepShape, ssd: SsdRates) -> tuple[float, str]:
     """Seconds of the busiest resource for `phase`'s work, and its name."""
     read, written = phase.read_bytes, phase.written_bytes
-    ssd_s = max(read / ssd.read, written / ssd.write, (read + written) / ssd.mixed)
+    ssd_s = ssd_seconds(read, written, ssd)
     host_s = phase.optimizer_s + read * ssd.cpu_per_byte_read + written * ssd.cpu_per_byte_written
     if shape.accelerator_is_host:  # forward, backward, the optimizer and the engine share the same cores
         candidates = {"compute": phase.waits_s + phase.compute_s + host_s, "SSD": ssd_s}
