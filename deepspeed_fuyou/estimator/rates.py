@@ -49,9 +49,10 @@ Shallower cuts are dominated by what every step costs once, and their difference
 PROBE_ORDER = (0, 1, 1, 0)
 """The order the compute probe runs its depths in (indices into the depths), each run a child process. A layer's
 cost is a difference of two totals, so noise in either is amplified; on a shared machine the noise comes in spells
-longer than one run (RESULTS.md, 2026-12-07 12:00: three probes of one model minutes apart put a layer's backward at
-40 to 78 ms). Measuring each depth twice, the shallow one first and last, and keeping each depth's fastest run,
-lets a spell slow down at most one run of each depth, and a drift over the probe favours neither."""
+longer than one run (RESULTS.md, 2026-12-07 12:10: probes of one model minutes apart disagreed on a layer's
+backward by up to a factor of two). Measuring each depth twice, the shallow one first and last, and keeping each
+depth's fastest run, lets a spell slow down at most one run of each depth, and a drift over the probe favours
+neither."""
 
 REPEATS = 3  # timed runs per SSD probe (the median)
 COMPUTE_REPEATS = 5  # timed steps per compute probe run (the fastest, after a warm-up step)

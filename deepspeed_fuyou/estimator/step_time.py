@@ -123,7 +123,7 @@ def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
     )
     result = []
     k = shape.micro_steps
-    last_share = 1 - 1 / max(1, shape.sub_groups)  # of the optimizer's work, what "backward" does within backward
+    within_backward = 1 - 1 / max(1, shape.sub_groups)  # of the optimizer's work, all but the last sub-group's
     not_retained = max(0, shape.parameters - shape.retained)
     for micro in range(1, k + 1):
         forward = Phase(f"forward {micro}", compute_s=forward_s, written_bytes=shape.activations)
@@ -144,12 +144,12 @@ def phases(shape: StepShape, rates: MachineRates) -> list[Phase]:
             _merge(forward, optimizer, 1.0)
             forward.waits_s = _first_update_s(shape, optimizer, rates)
         if keeps_gradient:
-            _merge(backward, optimizer, last_share)
+            _merge(backward, optimizer, within_backward)
         result += [forward, backward]
     if shape.overlap == "off":
         result.append(optimizer)
     elif shape.overlap == "backward":
-        result.append(_share(optimizer, 1 - last_share, "exposed optimizer"))
+        result.append(_share(optimizer, 1 - within_backward, "exposed optimizer"))
     return result
 
 
