@@ -52,7 +52,8 @@ py::dict stats_dict(const fuyou::PinnedPool& pool) {
   fuyou::PoolStats s = pool.stats();
   return py::dict("budget"_a = s.budget, "reserved"_a = s.reserved, "in_use"_a = s.in_use,
                   "peak_reserved"_a = s.peak_reserved, "peak_in_use"_a = s.peak_in_use, "locked"_a = s.locked,
-                  "allocations"_a = s.allocations, "evictions"_a = s.evictions, "waits"_a = s.waits,
+                  "allocations"_a = s.allocations, "evictions"_a = s.evictions,
+                  "pieces_unmapped"_a = s.pieces_unmapped, "waits"_a = s.waits,
                   "lock_mode"_a = s.lock_mode);
 }
 
@@ -122,5 +123,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, const std::string&>(), "budget"_a, "lock_mode"_a = "auto")
       .def("acquire", &acquire, "nbytes"_a, "timeout_s"_a)
       .def("trim", &fuyou::PinnedPool::trim)
+      .def("room_for", &fuyou::PinnedPool::room_for, "nbytes"_a)
       .def("stats", &stats_dict);
 }

@@ -97,15 +97,37 @@ def test_the_owner_of_a_pool_names_the_setting_its_budget_came_from() -> None:
     assert err.value.fix == "raise fuyou.pinned_memory to at least 10.00 MiB"
 
 
-def test_free_bytes_split_between_buffers_in_use_are_named_as_such_when_a_request_times_out() -> None:
+def test_free_bytes_between_buffers_in_use_are_unmapped_so_that_a_larger_buffer_fits_at_once() -> None:
+    """A layer's partitions differ in size: carved one after another out of freed ones, they leave free pieces
+    between buffers still held. A buffer the budget has room for never waits on them."""
     pool = PinnedPool(4 * MiB)
     pool.acquire(4 * MiB)  # one slab, the whole budget, free again
     pieces = [pool.acquire(MiB) for _ in range(4)]
     del pieces[1], pieces[2]  # 2 MiB free, as two 1 MiB holes between the buffers still held
-    with pytest.raises(FuyouError) as err:
-        pool.acquire(2 * MiB, timeout=0.2)
-    assert "2.00 MiB free in pieces too small" in str(err.value)
-    assert "at least 6.00 MiB" in str(err.value)  # the slab it holds plus a new one of the size asked
+    assert pool.room_for(2 * MiB) == 1 and pool.room_for(MiB) == 2
+    larger = pool.acquire(2 * MiB, timeout=0)
+    stats = pool.stats()
+    assert stats.pieces_unmapped == 2 and stats.allocations == 2 and stats.waits == 0
+    assert stats.in_use == stats.reserved == 4 * MiB
+    held = [*pieces, larger]
+    for value, buffer in enumerate(held):  # the slab around the holes stays usable
+        buffer.fill_(value)
+    assert [int(buffer[-1]) for buffer in held] == [0, 1, 2]
+    del pieces, larger, held, buffer
+    assert pool.acquire(4 * MiB, timeout=0).numel() == 4 * MiB  # the remaining slabs unmapped in turn
+    assert pool.stats().reserved == 4 * MiB
+
+
+def test_room_for_counts_buffers_that_free_ranges_and_the_unmapped_budget_give_without_waiting() -> None:
+    pool = PinnedPool(8 * MiB)
+    pool.acquire(4 * MiB)  # one 4 MiB slab, free again; 4 MiB of the budget unmapped
+    pieces = [pool.acquire(MiB) for _ in range(4)]
+    del pieces[1], pieces[2]  # two 1 MiB holes between the buffers still held
+    assert pool.room_for(MiB) == 2 + 4
+    assert pool.room_for(3 * MiB) == 2  # the holes unmapped, their bytes with the budget's unmapped 4 MiB
+    taken = [pool.try_acquire(3 * MiB) for _ in range(3)]
+    assert [buffer is not None for buffer in taken] == [True, True, False]
+    assert pool.room_for(MiB) == 0
 
 
 def test_a_buffer_larger_than_the_whole_budget_fails_at_once() -> None:
@@ -181,6 +203,21 @@ def test_invalid_pool_settings_are_rejected() -> None:
         PinnedPool(0)
     with pytest.raises(ValueError, match="lock"):
         PinnedPool(MiB, lock="sometimes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_free_bytes_between_cuda_registered_buffers_are_named_as_such_when_a_request_times_out() -> None:
+    """A registration is undone only whole: the pieces of a registered slab stay, and only whole fits count."""
+    pool = PinnedPool(4 * MiB, lock="cuda")
+    pool.acquire(4 * MiB)  # one slab, the whole budget, free again
+    pieces = [pool.acquire(MiB) for _ in range(4)]
+    del pieces[1], pieces[2]  # 2 MiB free, as two 1 MiB holes between the buffers still held
+    assert pool.room_for(2 * MiB) == 0 and pool.room_for(MiB) == 2
+    with pytest.raises(FuyouError) as err:
+        pool.acquire(2 * MiB, timeout=0.2)
+    assert "2.00 MiB free in pieces too small" in str(err.value)
+    assert "at least 6.00 MiB" in str(err.value)  # the slab it holds plus a new one of the size asked
 
 
 @pytest.mark.gpu

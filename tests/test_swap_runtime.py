@@ -133,47 +133,56 @@ def test_the_dram_tier_takes_parameters_then_gradients_then_whole_sub_groups_whi
         runtime.close()
 
 
-@pytest.fixture
-def partitions(tmp_path: Path) -> Iterator[tuple[SwapRuntime, Any, list[torch.nn.Parameter]]]:
-    """A parameter swapper with five 8 MiB partitions on the SSD (partition i holds i), behind a 32 MiB
-    forward/backward pool: four of them fit."""
+def _swapper(tmp_path: Path, partition_bytes: list[int], pinned_memory: int) -> tuple[SwapRuntime, Any, list[Any]]:
+    """A parameter swapper with one fp32 partition on the SSD per entry of `partition_bytes` (partition i holds i),
+    behind a forward/backward pool of half `pinned_memory`."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     from deepspeed_fuyou.integration.param_swapper import FuyouParamSwapper
 
     config = FuyouConfig(
-        nvme_paths=[tmp_path], pinned_memory=64 * MiB, placement={"host_memory": 0}, optimizer={"read_ahead": 0}
+        nvme_paths=[tmp_path], pinned_memory=pinned_memory, placement={"host_memory": 0}, optimizer={"read_ahead": 0}
     )
     runtime = SwapRuntime(config)
+    swapper = FuyouParamSwapper(runtime, torch.float32)
+    params = []
+    for ds_id, nbytes in enumerate(partition_bytes):
+        param = torch.nn.Parameter(torch.empty(0))
+        param.ds_id, param.ds_tensor, param.ds_status = ds_id, torch.empty(0), ZeroParamStatus.AVAILABLE
+        swapper.get_buffer(param, nbytes // 4).fill_(ds_id)
+        swapper.swap_out_and_release([param])
+        params.append(param)
+    return runtime, swapper, params
+
+
+@pytest.fixture
+def partitions(tmp_path: Path) -> Iterator[tuple[SwapRuntime, Any, list[torch.nn.Parameter]]]:
+    """A parameter swapper with five 8 MiB partitions on the SSD (partition i holds i), behind a 32 MiB
+    forward/backward pool: four of them fit."""
+    runtime, swapper, params = _swapper(tmp_path, [8 * MiB] * 5, pinned_memory=64 * MiB)
     try:
-        swapper = FuyouParamSwapper(runtime, torch.float32)
-        params = []
-        for ds_id in range(5):
-            param = torch.nn.Parameter(torch.empty(0))
-            param.ds_id, param.ds_tensor, param.ds_status = ds_id, torch.empty(0), ZeroParamStatus.AVAILABLE
-            swapper.get_buffer(param, 2 * MiB).fill_(ds_id)
-            swapper.swap_out_and_release([param])
-            params.append(param)
         yield runtime, swapper, params
     finally:
         runtime.close()
 
 
-def test_a_prefetch_reads_the_leading_partitions_up_to_one_not_yet_stepped_or_without_room(
+def test_a_prefetch_reads_the_leading_partitions_up_to_one_not_yet_stepped_or_that_would_take_the_fetch_reserve(
     partitions: tuple[SwapRuntime, Any, list[torch.nn.Parameter]],
 ) -> None:
     """Stage 3 gathers a partition ahead of its module only once it is off the SSD, and every rank must gather the
     same ones: a prefetch starts the leading partitions only, up to the first whose sub-group is not stepped yet or
-    that the pool's free bytes cannot hold (the ranks then agree on the fewest), never one past it. The room it
+    whose buffer would leave the pool without room for `FETCH_RESERVE_PARTITIONS` fetches (the ranks then agree on
+    the fewest), never one past it. A partition the step has handed over takes a buffer like one read. The room it
     offers the coordinator counts the buffers of the partitions held, not what the step happens to have handed
     over."""
     from deepspeed_fuyou.integration.param_swapper import FETCH_RESERVE_PARTITIONS
 
     runtime, swapper, params = partitions
+    assert FETCH_RESERVE_PARTITIONS == 2  # of the pool's four buffers, a prefetch may take two
     runtime.updates.hand_over_sub_groups = 1  # as with optimizer.overlap "forward"
     runtime.updates.expect("sub-group", [1])
     runtime.updates.hand_over({3: torch.full((2 * MiB,), 3.0)})
-    assert swapper.available_swap_in_buffers() == 4 - FETCH_RESERVE_PARTITIONS  # room left for a fetch
+    assert swapper.available_swap_in_buffers() == 2
 
     def statuses() -> list[str]:
         return [param.ds_tensor.status.name for param in params]
@@ -181,17 +190,47 @@ def test_a_prefetch_reads_the_leading_partitions_up_to_one_not_yet_stepped_or_wi
     swapper.swap_in(params, async_op=True)
     assert statuses() == ["INFLIGHT"] + ["NOT_AVAILABLE"] * 4  # partition 2 could be read, but 1 is not stepped
     runtime.updates.done("sub-group")
-    swapper.swap_in(params[1:], async_op=True)  # 3 taken from memory; 4 has no room left
-    assert statuses() == ["INFLIGHT", "INFLIGHT", "INFLIGHT", "AVAILABLE", "NOT_AVAILABLE"]
+    swapper.swap_in([params[3], params[1], params[2]], async_op=True)  # 3 from memory; 1 would take the reserve
+    assert statuses() == ["INFLIGHT", "NOT_AVAILABLE", "NOT_AVAILABLE", "AVAILABLE", "NOT_AVAILABLE"]
     assert swapper.available_swap_in_buffers() == 0
     swapper.synchronize_reads()
+    swapper.swap_in(params[1:3], async_op=False)  # a fetch finds the reserve
     assert statuses() == ["AVAILABLE"] * 4 + ["NOT_AVAILABLE"]
     for param in params[:4]:
         assert torch.equal(param.ds_tensor, torch.full((2 * MiB,), float(param.ds_id)))
-    swapper.remove_partition_and_release_buffers(params[:1])
-    runtime.try_staging = lambda nbytes: None  # the free bytes in pieces too small for it: stop there
-    swapper.swap_in(params[4:], async_op=True)
-    assert statuses()[4] == "NOT_AVAILABLE"
+
+
+def test_a_fetch_the_prefetch_left_out_gets_its_buffer_at_once_though_the_free_bytes_lie_in_pieces(
+    tmp_path: Path,
+) -> None:
+    """Stage 3 fetches a partition its prefetch did not read while the pool holds those of the modules ahead, released
+    only after it: its buffer must come at once. A layer's partitions differ in size (attention's and the MLP's
+    matrices), so the free bytes between the buffers held lie in pieces: before the pool unmapped pieces for a
+    larger buffer, this walk found no room for a 2.75 MiB partition in the backward, 18.75 MiB in use of 27.25.
+    Here the coordinator prefetches as many partitions ahead as the swapper offers, and keeps the last ten
+    gathered."""
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+
+    layer = [MiB] * 4 + [2816 << 10] * 3
+    runtime, swapper, params = _swapper(tmp_path, layer * 5, pinned_memory=109 * MiB // 2)
+    runtime.pool.timeout = 0.1  # a fetch that waits fails at once rather than after a minute
+    try:
+        for walk in (params, params[::-1]):  # forward, backward
+            gathered: list[Any] = []
+            for position, param in enumerate(walk):
+                if param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE:
+                    swapper.swap_in([param], async_op=False)
+                swapper.synchronize_reads()
+                assert torch.equal(param.ds_tensor, torch.full_like(param.ds_tensor, float(param.ds_id)))
+                gathered.append(param)
+                ahead = [p for p in walk[position + 1 :] if p.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE]
+                swapper.swap_in(ahead[: swapper.available_swap_in_buffers()], async_op=True)
+                if len(gathered) > 10:
+                    swapper.remove_partition_and_release_buffers([gathered.pop(0)])
+            swapper.synchronize_reads()
+            swapper.remove_partition_and_release_buffers(gathered)
+    finally:
+        runtime.close()
 
 
 def test_a_released_partition_stays_in_memory_while_the_window_has_room_until_an_update_makes_it_stale(
@@ -236,10 +275,10 @@ def test_a_released_partition_stays_in_memory_while_the_window_has_room_until_an
     assert fetch(0, 1, 2, 3) == 16 * MiB
     assert fetch(4) == 8 * MiB and fetch.values == [4.0]  # the pool gave a kept buffer back for it
     assert fetch(4, 3, 2, 1) == 0 and fetch.values == [4.0, 3.0, 9.0, 7.0]
-    prefetched = [params[1], params[2], params[0]]  # room for 0 comes from 4, not from the kept ones before it
+    prefetched = [params[1], params[0]]  # room for 0 and the fetch reserve comes from 4, 3, 2: not from 1
     swapper.swap_in(prefetched, async_op=True)
-    assert [param.ds_tensor.status.name for param in prefetched] == ["AVAILABLE", "AVAILABLE", "INFLIGHT"]
+    assert [param.ds_tensor.status.name for param in prefetched] == ["AVAILABLE", "INFLIGHT"]
     swapper.synchronize_reads()
-    assert [float(param.ds_tensor[0]) for param in prefetched] == [7.0, 9.0, 0.0]
+    assert [float(param.ds_tensor[0]) for param in prefetched] == [7.0, 0.0]
     swapper.remove_partition_and_release_buffers(prefetched)
-    assert fetch(3) == 0 and fetch(4) == 8 * MiB
+    assert fetch(1, 0) == 0 and fetch(2) == 8 * MiB

@@ -71,10 +71,11 @@ void* PinnedPool::acquire(int64_t nbytes, double timeout_s) {
       // A new slab is needed. Wholly free slabs are all smaller than `size` (else carve had found one): unmap them
       // while the pool would otherwise hold more than the most it ever had in use at once, or than the budget.
       evict_free_slabs(std::max(stats_.peak_in_use, stats_.in_use + size) - size);
+      if (stats_.reserved + size > budget_ && stats_.in_use + size <= budget_) unmap_free_pieces(budget_ - size);
       if (stats_.reserved + size <= budget_) {
         stats_.reserved += size;  // claim the bytes before unlocking: pinning a large slab takes a while
         lock.unlock();
-        Slab slab{size, false};
+        Slab slab{size, false, false};
         void* mapped = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (mapped == MAP_FAILED) {
           lock.lock();
@@ -84,7 +85,10 @@ void* PinnedPool::acquire(int64_t nbytes, double timeout_s) {
         }
         p = static_cast<char*>(mapped);
 #ifdef FUYOU_WITH_CUDA
-        if (lock_mode_ == "cuda") slab.locked = cudaHostRegister(p, size, cudaHostRegisterDefault) == cudaSuccess;
+        if (lock_mode_ == "cuda") {
+          slab.registered = cudaHostRegister(p, size, cudaHostRegisterDefault) == cudaSuccess;
+          slab.locked = slab.registered;
+        }
 #endif
         // mlock fails without CAP_IPC_LOCK beyond RLIMIT_MEMLOCK: the slab then stays pageable, and stats say so.
         if (!slab.locked && lock_mode_ != "none") slab.locked = ::mlock(p, size) == 0;
@@ -209,12 +213,49 @@ void PinnedPool::unmap(SlabMap::iterator slab) {
     stats_.locked -= s.size;
     bool still_locked = true;
 #ifdef FUYOU_WITH_CUDA
-    if (lock_mode_ == "cuda" && cudaHostUnregister(base) == cudaSuccess) still_locked = false;
+    if (s.registered && cudaHostUnregister(base) == cudaSuccess) still_locked = false;
 #endif
     if (still_locked) ::munlock(base, s.size);
   }
   ::munmap(base, s.size);
   stats_.reserved -= s.size;
+}
+
+void PinnedPool::unmap_free_pieces(int64_t keep) {
+  std::vector<std::pair<int64_t, char*>> pieces;  // length, start
+  for (const auto& [start, length] : free_by_address_) {
+    if (!slab_of(start)->second.registered) pieces.emplace_back(length, start);
+  }
+  std::sort(pieces.begin(), pieces.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (const auto& [length, start] : pieces) {
+    if (stats_.reserved <= keep) break;
+    unmap_piece(start, length);
+    stats_.pieces_unmapped += 1;
+  }
+}
+
+void PinnedPool::unmap_piece(char* p, int64_t length) {
+  auto slab = slab_of(p);
+  char* const base = slab->first;
+  const Slab whole = slab->second;
+  if (p == base && length == whole.size) {
+    unmap(slab);
+    return;
+  }
+  remove_free(p);
+  char* const end = p + length;
+  if (end < base + whole.size) slabs_.emplace(end, Slab{base + whole.size - end, whole.locked, false});
+  if (p > base) {
+    slab->second.size = p - base;
+  } else {
+    slabs_.erase(slab);
+  }
+  if (whole.locked) {
+    stats_.locked -= length;
+    ::munlock(p, length);
+  }
+  ::munmap(p, length);
+  stats_.reserved -= length;
 }
 
 void PinnedPool::trim() {
@@ -223,6 +264,21 @@ void PinnedPool::trim() {
     auto slab = it++;
     if (wholly_free(slab)) unmap(slab);
   }
+}
+
+int64_t PinnedPool::room_for(int64_t nbytes) {
+  const int64_t size = align_up(std::max<int64_t>(nbytes, 1));
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t mappable = budget_ - stats_.reserved;  // bytes new slabs may take, once the free ones are unmapped
+  int64_t in_registered_ranges = 0;
+  for (const auto& [start, length] : free_by_address_) {
+    if (slab_of(start)->second.registered) {
+      in_registered_ranges += length / size;
+    } else {
+      mappable += length;
+    }
+  }
+  return in_registered_ranges + mappable / size;
 }
 
 PoolStats PinnedPool::stats() const {

@@ -9,6 +9,11 @@
 // fits first unmaps slabs that are wholly free while the pool would otherwise hold more than it ever had in use
 // at once, and never maps past the budget: it waits for a release instead. Host memory stays bounded by
 // construction, never an OOM kill.
+//
+// Carving buffers of different sizes leaves free pieces between buffers still in use, too small for a larger
+// request (a layer's partitions differ in size). A request the budget has room for but no free range fits then
+// unmaps such pieces and maps a slab of its own: a buffer waits only for bytes in use, never for free bytes in the
+// wrong place. A CUDA registration can only be undone whole, so pieces of registered slabs stay (`room_for`).
 #pragma once
 
 #include <condition_variable>
@@ -30,6 +35,7 @@ struct PoolStats {
   int64_t locked = 0;         // bytes actually page-locked (CUDA-registered or mlocked)
   int64_t allocations = 0;    // slabs mapped (requests no free range could serve)
   int64_t evictions = 0;      // wholly free slabs unmapped to make room or to stay near the peak in use
+  int64_t pieces_unmapped = 0;  // free ranges of partly used slabs unmapped so that a larger buffer fits
   int64_t waits = 0;          // acquires that had to wait for a release
   std::string lock_mode;      // "cuda", "mlock" or "none": how new slabs are locked
 };
@@ -47,18 +53,25 @@ class PinnedPool : public std::enable_shared_from_this<PinnedPool> {
   void* acquire(int64_t nbytes, double timeout_s);
   void release(void* ptr);
   void trim();  // unmaps every wholly free slab (e.g. before the budget is handed to something else)
+  // How many buffers of `nbytes` (rounded up to 4 KiB) could be handed out now, one after another, without waiting:
+  // every free byte that can be unmapped counts, as does the budget not mapped; of CUDA-registered slabs, only free
+  // ranges that hold a whole buffer. This is what a caller that must not wait can rely on.
+  int64_t room_for(int64_t nbytes);
   PoolStats stats() const;
 
  private:
   struct Slab {
     int64_t size = 0;
     bool locked = false;
+    bool registered = false;  // locked by CUDA host registration, which can only be undone for the whole slab
   };
   using SlabMap = std::map<char*, Slab>;  // by base address, to find the slab a buffer lies in
 
   char* carve(int64_t size);  // best fit among the free ranges, splitting it; nullptr when none is large enough
   void evict_free_slabs(int64_t keep);  // smallest first, while reserved > keep
   void unmap(SlabMap::iterator slab);
+  void unmap_free_pieces(int64_t keep);  // free ranges of unregistered slabs, largest first, while reserved > keep
+  void unmap_piece(char* p, int64_t length);  // one free range, splitting its slab around it
   SlabMap::iterator slab_of(char* p);
   bool wholly_free(SlabMap::const_iterator slab) const;
   void add_free(char* p, int64_t size);     // a released range, merged with its free neighbours

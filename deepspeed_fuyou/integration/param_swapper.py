@@ -48,11 +48,13 @@ PARAMETERS = swap_file_kind(parameter_file(0))  # how the swap counters count a 
 Buffer = torch.Tensor | None  # a pooled buffer a partition is read into, or None where it needs none
 
 FETCH_RESERVE_PARTITIONS = 2
-"""Room, in the largest partitions, that stage 3's prefetch leaves in the forward/backward pool for the partitions
-it did not prefetch (its trace skipped them, or an update handed over from the step). Their fetch must have a buffer
-at once: the pool's other buffers hold partitions prefetched for modules after theirs, released only after them, so
-a fetch that found the pool full, or its free bytes only in pieces too small, would wait for the pool's timeout and
-fail."""
+"""Room, in buffers of the largest partition, that stage 3's prefetch leaves in the forward/backward pool for the
+partitions it did not prefetch (its trace skipped them, or an update handed over from the step). Their fetch must
+have a buffer at once: the pool's other buffers hold partitions prefetched for modules after theirs, released only
+after them, so a fetch that found the pool full would wait for the pool's timeout and fail. The prefetch keeps the
+room itself, as buffers the pool gives without waiting (`PinnedPool.room_for`): the coordinator's count
+(`available_swap_in_buffers`) knows only this swapper's buffers, and on a GPU the free bytes between registered
+buffers of different sizes lie in pieces that a fetch cannot use."""
 
 
 class FuyouParamSwapper:
@@ -123,11 +125,11 @@ class FuyouParamSwapper:
         partition already being read is not read again.
 
         A prefetch (`async_op`) is best effort: it starts the leading partitions whose sub-group is stepped and for
-        which the pool has a buffer now, and stops at the first other one. Stage 3's coordinator gathers a
-        partition ahead of its module only once it is off the SSD, and every rank must gather the same ones in the
-        same order: with several ranks they first take their buffers, then agree on how many leading partitions all
-        of them could start (`_agree`) and give back the rest, so that what one rank's timing allows (a step
-        finished, a write ended) never decides the collectives.
+        which the pool has a buffer now that leaves `FETCH_RESERVE_PARTITIONS`, and stops at the first other one.
+        Stage 3's coordinator gathers a partition ahead of its module only once it is off the SSD, and every rank
+        must gather the same ones in the same order: with several ranks they first take their buffers, then agree on
+        how many leading partitions all of them could start (`_agree`) and give back the rest, so that what one
+        rank's timing allows (a step finished, a write ended) never decides the collectives.
         """
         self._release_deferred()
         params = list(dict.fromkeys(params))  # a tied weight is listed twice
@@ -156,7 +158,8 @@ class FuyouParamSwapper:
     def _leading_buffers(self, params: list[torch.nn.Parameter]) -> list[tuple[torch.nn.Parameter, Buffer]]:
         """The leading `params` a prefetch can start now, each with the pooled buffer it takes (None: it needs none,
         being in memory, kept, read already or in the DRAM tier), up to the first whose sub-group is not stepped yet
-        or for which the pool has no buffer now, even after giving back kept partitions other than those listed."""
+        or for which the pool has no buffer now that leaves the fetch reserve (`_fetch_reserve_left`), even after
+        giving back kept partitions other than those listed."""
         updates = self.runtime.updates
         startable: list[tuple[torch.nn.Parameter, Buffer]] = []
         for param in params:
@@ -170,10 +173,19 @@ class FuyouParamSwapper:
                 continue
             spared = {p.ds_id for p, buffer in startable if buffer is None}
             buffer = self._staging(self._numel[param.ds_id] * self.dtype.itemsize, spared)
-            if buffer is None:
-                break
+            if buffer is None or not self._fetch_reserve_left(spared):
+                break  # a buffer taken goes back to the pool with its last reference
             startable.append((param, buffer))
         return startable
+
+    def _fetch_reserve_left(self, spared: Set[int]) -> bool:
+        """Whether the pool still has `FETCH_RESERVE_PARTITIONS` whole buffers of the largest partition, after giving
+        back kept buffers (not those in `spared`) if it must."""
+        while self.runtime.pool.room_for(self._largest_nbytes) < FETCH_RESERVE_PARTITIONS:
+            with self._keeping:
+                if not self._give_back_oldest(spared):
+                    return False
+        return True
 
     @staticmethod
     def _agree(params: list[torch.nn.Parameter], count: int) -> int:

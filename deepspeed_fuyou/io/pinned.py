@@ -43,6 +43,7 @@ class PoolStats:
     locked: int  # of `reserved`, how much is page-locked
     allocations: int  # slabs mapped
     evictions: int  # wholly free slabs unmapped to make room
+    pieces_unmapped: int  # free ranges between buffers in use unmapped so that a larger buffer fits
     waits: int
     lock_mode: str
 
@@ -93,6 +94,12 @@ class PinnedPool:
         if nbytes > self.budget:
             return None
         return self._pool.acquire(nbytes, 0.0)
+
+    def room_for(self, nbytes: int) -> int:
+        """How many buffers of `nbytes` `try_acquire` would give now, one after another. Free bytes between buffers
+        in use count where the pool can unmap them and map a buffer anew; of CUDA-registered slabs, which can only be
+        unregistered whole, only ranges that hold a whole buffer count."""
+        return self._pool.room_for(nbytes)
 
     def acquire_tensor(
         self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, timeout: float | None = None
