@@ -235,13 +235,11 @@ void PinnedPool::unmap_free_pieces(int64_t keep) {
 }
 
 void PinnedPool::unmap_piece(char* p, int64_t length) {
+  // `acquire` evicts the wholly free slabs first, so a buffer in use lies beside every piece in its slab: the slab
+  // keeps a head, a tail or both.
   auto slab = slab_of(p);
   char* const base = slab->first;
   const Slab whole = slab->second;
-  if (p == base && length == whole.size) {
-    unmap(slab);
-    return;
-  }
   remove_free(p);
   char* const end = p + length;
   if (end < base + whole.size) slabs_.emplace(end, Slab{base + whole.size - end, whole.locked, false});

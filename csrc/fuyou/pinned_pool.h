@@ -71,7 +71,7 @@ class PinnedPool : public std::enable_shared_from_this<PinnedPool> {
   void evict_free_slabs(int64_t keep);  // smallest first, while reserved > keep
   void unmap(SlabMap::iterator slab);
   void unmap_free_pieces(int64_t keep);  // free ranges of unregistered slabs, largest first, while reserved > keep
-  void unmap_piece(char* p, int64_t length);  // one free range, splitting its slab around it
+  void unmap_piece(char* p, int64_t length);  // one free range of a partly used slab, splitting the slab around it
   SlabMap::iterator slab_of(char* p);
   bool wholly_free(SlabMap::const_iterator slab) const;
   void add_free(char* p, int64_t size);     // a released range, merged with its free neighbours
