@@ -23,6 +23,7 @@ from deepspeed_fuyou.estimator.auto import auto_configure
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.rates import ComputeRates, MachineRates, SsdRates, compute_rates, ssd_rates
 from deepspeed_fuyou.estimator.step_time import StepShape, model_step_time, ssd_seconds
+from deepspeed_fuyou.estimator.zero3_probe import split_step
 from deepspeed_fuyou.io import IOEngine, IOOptions
 
 GB = 10**9
@@ -277,26 +278,46 @@ def test_compute_is_measured_under_zero_offload_per_layer_and_then_cached(
     assert compute_rates(config, 1, 32, torch.float32, "cpu", zero) == measured
 
 
-def test_compute_probe_runs_each_depth_twice_shallow_first_and_last_keeps_the_fastest_and_serves_every_depth(
+def test_compute_probe_averages_two_runs_of_the_model_cut_to_eight_layers_which_serve_every_depth(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from transformers import AutoConfig
 
     base = json.loads((ROOT / "configs/models/llama-tiny/config.json").read_text())
-    depths, backward = [], iter([1.0, 2.5, 2.0, 1.5])  # a slow spell over the second and last runs
+    depths, backward = [], iter([0.1, 0.2, 0.3, 0.3])  # a layer's backward per run
 
     def child(command: list[str], env: dict[str, str], cwd: str, **_: object) -> subprocess.CompletedProcess[str]:
         depths.append(json.loads(Path(command[-1]).read_text())["model_config"]["num_hidden_layers"])
-        answer = {"forward": 1.0, "backward": next(backward), "step": 1.0}
-        (Path(cwd) / "answer.json").write_text(json.dumps(answer))
+        answer = {f"{phase}_{part}": 1.0 for phase in ("forward", "backward", "step") for part in ("per_layer", "rest")}
+        (Path(cwd) / "answer.json").write_text(json.dumps(answer | {"backward_per_layer": next(backward)}))
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(rates_module.subprocess, "run", child)
+    config = AutoConfig.for_model(**base | {"num_hidden_layers": 32})
+    thirty_two = compute_rates(config, 1, 32, torch.float32, "cpu", {})
+    assert depths == [8, 8]
+    assert thirty_two.backward_per_layer == pytest.approx(0.15) and thirty_two.forward_rest == 1.0
     eight = compute_rates(AutoConfig.for_model(**base | {"num_hidden_layers": 8}), 1, 32, torch.float32, "cpu", {})
-    assert depths == [4, 8, 8, 4]
-    assert eight.backward_per_layer == pytest.approx((2.0 - 1.0) / 4)  # each depth's fastest run
-    deeper = compute_rates(AutoConfig.for_model(**base | {"num_hidden_layers": 32}), 1, 32, torch.float32, "cpu", {})
-    assert deeper == eight and len(depths) == 4  # the same cut models: measured once for both depths
+    assert eight == thirty_two and len(depths) == 2  # the same cut model: measured once for both depths
+    compute_rates(AutoConfig.for_model(**base | {"num_hidden_layers": 4}), 1, 32, torch.float32, "cpu", {})
+    assert depths[2:] == [4, 4]  # a shallower model is probed whole
+
+
+def test_a_probed_step_splits_each_phase_into_its_layers_part_and_the_rest() -> None:
+    seconds = {"forward": 1.0, "backward": 2.0, "step": 0.5}
+    rates = split_step(seconds, forward_layers_s=0.8, backward_layers_s=1.6, layers=8, layer_param_share=0.9)
+    assert rates == pytest.approx(
+        {
+            "forward_per_layer": 0.1,
+            "forward_rest": 0.2,
+            "backward_per_layer": 0.2,
+            "backward_rest": 0.4,
+            "step_per_layer": 0.5 * 0.9 / 8,
+            "step_rest": 0.05,
+        }
+    )
+    noisy = split_step(seconds, forward_layers_s=1.2, backward_layers_s=1.6, layers=8, layer_param_share=0.9)
+    assert noisy["forward_per_layer"] == pytest.approx(0.15) and noisy["forward_rest"] == 0.0
 
 
 def test_compute_probe_trains_with_the_knobs_fuyou_sets_as_one_launched_rank(
@@ -309,7 +330,8 @@ def test_compute_probe_trains_with_the_knobs_fuyou_sets_as_one_launched_rank(
 
     def child(command: list[str], env: dict[str, str], cwd: str, **_: object) -> subprocess.CompletedProcess[str]:
         requests.append((json.loads(Path(command[-1]).read_text()), env))
-        (Path(cwd) / "answer.json").write_text(json.dumps({"forward": 1.0, "backward": 2.0, "step": 3.0}))
+        answer = {f"{phase}_{part}": 1.0 for phase in ("forward", "backward", "step") for part in ("per_layer", "rest")}
+        (Path(cwd) / "answer.json").write_text(json.dumps(answer))
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(rates_module.subprocess, "run", child)

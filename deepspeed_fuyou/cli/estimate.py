@@ -10,8 +10,8 @@ the resulting config.
 
 With a `"fuyou"` block it also prints where fuyou places each kind of model state (DRAM tier or SSD), and with
 `--time` its modelled step time: the SSD traffic of each phase priced with this machine's rates, measured on first
-use and cached (`estimator.rates`: a few seconds of SSD probe on the configured paths, and the model cut to a few
-layers run under ZeRO-Offload, about a minute), so that the estimate itself stays instant.
+use and cached (`estimator.rates`: a few seconds of SSD probe on the configured paths, and the model cut to 8
+layers run under ZeRO-Offload, half a minute on 2 cores), so that the estimate itself stays instant.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A step's time cannot be read off a config: it depends on how fast this machine's SSDs move bytes through our
 engine, and how fast it runs this model's forward, backward and optimizer step (DeepSpeed's CPU Adam with stage 3's
 bookkeeping). Each is measured with the code training runs: our `IOEngine` with the config's `io` options (a few
-seconds), and the model's own layers at the configured micro-batch under DeepSpeed (`compute_rates`, about a minute
+seconds), and the model's own layers at the configured micro-batch under DeepSpeed (`compute_rates`, half a minute
 on 2 cores). Results are kept in a JSON cache (`$FUYOU_CACHE_DIR`, else `~/.cache/deepspeed-fuyou/rates.json`)
 under a key that changes when what was measured would: the file systems of the paths and the I/O options; the
 model's config (its depth aside: one measurement serves every depth), micro-batch, sequence length, dtype, device
@@ -42,20 +42,17 @@ than they sustain (cloud volumes spend a burst allowance, SSDs fill a write cach
 GB per step for hours: timed on a fresh burst, the rates would promise the run a speed it never gets
 (RESULTS.md, 2026-12-01 09:57: one such disk measured half its first probe's rates on the next)."""
 
-PROBE_LAYERS = (4, 8)
-"""Depths the model is cut to for the compute probe (fewer when it has fewer): a layer's cost is their difference.
-Shallower cuts are dominated by what every step costs once, and their difference by noise."""
+PROBE_LAYERS = 8
+"""Depth the model is cut to for the compute probe (its own, when it has fewer): enough layers that their time
+dominates the step's and a layer's cost is measured over several, few enough that a large model's cut fits in host
+memory beside ZeRO-Offload's fp32 copies."""
 
-PROBE_ORDER = (0, 1, 1, 0)
-"""The order the compute probe runs its depths in (indices into the depths), each run a child process. A layer's
-cost is a difference of two totals, so noise in either is amplified; on a shared machine the noise comes in spells
-longer than one run (RESULTS.md, 2026-12-07 12:10: probes of one model minutes apart disagreed on a layer's
-backward by up to a factor of two). Measuring each depth twice, the shallow one first and last, and keeping each
-depth's fastest run, lets a spell slow down at most one run of each depth, and a drift over the probe favours
-neither."""
+PROBE_RUNS = 2
+"""Child processes the compute probe runs, their results averaged: on a shared machine noise comes in spells longer
+than one run (RESULTS.md, 2026-12-07 12:10), and two runs halve what one spell adds."""
 
 REPEATS = 3  # timed runs per SSD probe (the median)
-COMPUTE_REPEATS = 5  # timed steps per compute probe run (the fastest, after a warm-up step)
+COMPUTE_REPEATS = 5  # timed steps per compute probe run (the median, after a warm-up step)
 
 
 @dataclass(frozen=True)
@@ -72,9 +69,6 @@ class SsdRates:
     mixed: float
     cpu_per_byte_read: float
     cpu_per_byte_written: float
-
-
-PHASES = ("forward", "backward", "step")
 
 
 @dataclass(frozen=True)
@@ -176,45 +170,37 @@ def compute_rates(
     model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str, zero: Mapping[str, int]
 ) -> ComputeRates:
     """The model's forward, backward and step under DeepSpeed's ZeRO-Offload on `device`, cut to `PROBE_LAYERS`
-    layers (random weights and tokens), so that a layer's cost and the rest's separate; measured per model shape.
+    layers (random weights and tokens), each phase timed as its layers' part and the rest's
+    (`zero3_probe.split_step`); measured per model shape.
 
     DeepSpeed itself, not the bare model, because stage 3's gathers, partitioning and gradient reduction cost as much
     as the arithmetic on the CPU accelerator; with `zero` (the "zero_optimization" knobs fuyou trains with, its
     gather window and reduce bucket) because stock's 5e8-element reduce bucket makes backward a different, slower
-    and noisier computation (RESULTS.md, 2026-12-02 09:16). It runs in a child process (`python -m
+    and noisier computation (RESULTS.md, 2026-12-02 09:16). It runs in child processes (`python -m
     deepspeed_fuyou.estimator.zero3_probe`): DeepSpeed's process group, accelerator choice and logs stay out of the
     caller.
     """
     shape = {name: value for name, value in model_config.to_diff_dict().items() if name != "num_hidden_layers"}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
     knobs = " ".join(f"{name}={value}" for name, value in sorted(zero.items()))
-    depths = " ".join(str(depth) for depth in _probe_depths(model_config.num_hidden_layers))
-    key = (  # the depth is not part of it: the same cut models measure a model of any depth beyond the deepest
-        f"compute {digest} depths {depths} {micro_batch}x{seq_len} {dtype} {device} {torch.get_num_threads()} "
-        f"threads {knobs}"
+    depth = _probe_depth(model_config.num_hidden_layers)
+    key = (  # not the model's depth: the same cut model measures a model of any depth beyond it
+        f"compute {digest} cut to {depth} layers {micro_batch}x{seq_len} {dtype} {device} "
+        f"{torch.get_num_threads()} threads {knobs}"
     )
     return ComputeRates(**_cached(key, lambda: _probe_compute(model_config, micro_batch, seq_len, dtype, device, zero)))
 
 
 def _probe_compute(
     model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype, device: str, zero: Mapping[str, int]
-) -> dict:
-    depths = _probe_depths(model_config.num_hidden_layers)
-    fastest: list[dict[str, float]] = [{} for _ in depths]
-    for index in PROBE_ORDER if len(depths) > 1 else (0,):
-        run = _zero3_seconds(model_config, depths[index], micro_batch, seq_len, dtype, device, zero)
-        fastest[index] = {phase: min(run[phase], fastest[index].get(phase, run[phase])) for phase in PHASES}
-    rates = {}
-    for phase in PHASES:
-        low, high = fastest[0][phase], fastest[-1][phase]
-        per_layer = max(0.0, (high - low) / (depths[-1] - depths[0])) if len(depths) > 1 else low / depths[0]
-        rates[f"{phase}_per_layer"] = per_layer
-        rates[f"{phase}_rest"] = max(0.0, low - depths[0] * per_layer)
-    return rates
+) -> dict[str, float]:
+    depth = _probe_depth(model_config.num_hidden_layers)
+    runs = [_zero3_seconds(model_config, depth, micro_batch, seq_len, dtype, device, zero) for _ in range(PROBE_RUNS)]
+    return {field: statistics.fmean(run[field] for run in runs) for field in runs[0]}
 
 
-def _probe_depths(layers: int) -> list[int]:
-    return sorted({max(1, min(depth, layers)) for depth in PROBE_LAYERS})
+def _probe_depth(layers: int) -> int:
+    return max(1, min(PROBE_LAYERS, layers))
 
 
 def _zero3_seconds(
@@ -226,7 +212,7 @@ def _zero3_seconds(
     device: str,
     zero: Mapping[str, int],
 ) -> dict[str, float]:
-    """The fastest seconds of each of `PHASES` of the model cut to `layers` layers, from the child process."""
+    """`ComputeRates`'s fields for the model cut to `layers` layers, from one child process."""
     config = model_config.to_dict()
     config["num_hidden_layers"] = layers
     with tempfile.TemporaryDirectory(prefix="fuyou-compute-probe-") as scratch:
