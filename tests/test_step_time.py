@@ -22,7 +22,7 @@ from deepspeed_fuyou.estimator import rates as rates_module
 from deepspeed_fuyou.estimator.auto import auto_configure
 from deepspeed_fuyou.estimator.estimate import Machine, estimate
 from deepspeed_fuyou.estimator.rates import ComputeRates, MachineRates, SsdRates, compute_rates, ssd_rates
-from deepspeed_fuyou.estimator.step_time import StepShape, model_step_time, ssd_seconds
+from deepspeed_fuyou.estimator.step_time import WRITES_QUEUED, StepShape, model_step_time, ssd_seconds
 from deepspeed_fuyou.estimator.zero3_probe import split_step
 from deepspeed_fuyou.io import IOEngine, IOOptions
 
@@ -67,7 +67,7 @@ def shape(**changes: object) -> StepShape:
 
 
 def traffic(step) -> dict[str, tuple[int, int]]:
-    return {phase.name: (phase.read_bytes, phase.written_bytes) for phase in step.phases}
+    return {phase.name: (phase.read_bytes, phase.written_bytes) for phase in step.phases if phase.name != WRITES_QUEUED}
 
 
 def test_off_steps_after_backward_and_sends_the_gradients_through_the_ssd() -> None:
@@ -77,9 +77,11 @@ def test_off_steps_after_backward_and_sends_the_gradients_through_the_ssd() -> N
         "backward 1": (GB // 2, GB),  # the parameters not retained; the gradients written
         "optimizer": (4 * GB, 4 * GB),  # states and gradients in; states and updated parameters out
     }
-    assert [phase.bound_by for phase in step.phases[1:]] == ["compute", "SSD"]  # 2 s against 1.5 GB at 1 GB/s
-    assert step.seconds == pytest.approx(1.0 + 2.0 + 8.0)
+    # backward: 2 s of compute against 0.5 GB of reads; the optimizer: 4 GB of reads at 1 GB/s
+    assert [phase.bound_by for phase in step.phases[1:]] == ["compute", "SSD", "SSD"]
     assert step.bound_seconds == pytest.approx(10.5) and step.bottleneck == "SSD"  # 5.5 GB read + 5 GB written
+    assert step.phases[-1].name == WRITES_QUEUED and step.phases[-1].seconds == pytest.approx(10.5 - 7.0)
+    assert step.seconds == pytest.approx(10.5)  # the SSD busy the whole step
 
 
 def test_backward_mode_keeps_the_gradients_and_steps_all_but_the_last_sub_group_during_backward() -> None:
@@ -94,7 +96,7 @@ def test_backward_mode_keeps_the_gradients_and_steps_all_but_the_last_sub_group_
 
 def test_forward_mode_steps_behind_the_next_forward_which_waits_for_the_first_sub_groups_update() -> None:
     step = model_step_time(shape(overlap="forward"), machine_rates())
-    forward, backward = step.phases
+    forward, backward = step.phases[:2]
     assert (forward.read_bytes, forward.written_bytes) == (4 * GB, 4 * GB)  # the step's bytes; no parameter read
     assert forward.optimizer_s == pytest.approx(0.5)
     assert forward.waits_s == pytest.approx(1.0 + 0.125)  # a quarter of the states and gradients read, its Adam
@@ -186,12 +188,21 @@ def test_the_engines_cpu_per_byte_moved_takes_the_cores_from_compute_on_the_cpu_
     assert starved.phases[1].seconds == pytest.approx(0.375 + 3.0)
 
 
-def test_a_phase_waits_for_the_mixed_rate_when_reads_and_writes_meet() -> None:
-    duplex = model_step_time(shape(), machine_rates(read=1, write=1, mixed=2))
-    optimizer = duplex.phases[-1]
-    assert optimizer.seconds == pytest.approx(4.0)  # 4 GB each way: 4 s each alone, 8 GB at 2 GB/s together
-    shared = model_step_time(shape(), machine_rates(read=1, write=1, mixed=1))
-    assert shared.phases[-1].seconds == pytest.approx(8.0)
+def test_a_phase_waits_for_its_reads_while_its_writes_go_out_behind_it_in_the_ssd_time_later_reads_leave() -> None:
+    slow_compute = machine_rates(read=1, write=1, mixed=1, per_layer=0.5)  # forward 5 s, backward 10 s
+    step = model_step_time(shape(), slow_compute)
+    forward, backward, optimizer = step.phases
+    assert optimizer.seconds == pytest.approx(4.0)  # its 4 GB of reads; its 4 GB of writes go out in the next forward
+    assert (forward.seconds, backward.seconds) == (pytest.approx(5.0), pytest.approx(10.0))
+    assert step.seconds == pytest.approx(19.0)  # not 23: no phase waits for its writes while the SSD has time
+
+
+def test_a_disk_that_reads_and_writes_at_once_takes_writes_beside_the_reads() -> None:
+    duplex = model_step_time(shape(), machine_rates(read=1, write=1, mixed=2))  # half of one after the other saved
+    assert [phase.seconds for phase in duplex.phases] == [pytest.approx(1.0), pytest.approx(2.0), pytest.approx(4.0)]
+    assert duplex.seconds == pytest.approx(7.0) and duplex.bound_seconds == pytest.approx(5.5)
+    one_at_a_time = model_step_time(shape(), machine_rates(read=1, write=1, mixed=1))
+    assert one_at_a_time.phases[2].seconds == pytest.approx(4.0) and one_at_a_time.seconds == pytest.approx(10.5)
 
 
 def test_a_write_heavy_phase_costs_what_each_direction_takes_less_the_share_the_mixed_probe_saved() -> None:

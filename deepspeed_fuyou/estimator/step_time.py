@@ -28,10 +28,12 @@ forward's compute can start, while its bytes move in the same stream as the rest
 A phase lasts as long as its busiest resource: the accelerator, the host CPU, or the SSD (reads at the read rate,
 writes at the write rate, both together as the probe's mixed rate says, `ssd_seconds`). The host CPU runs the
 optimizer and the engine's side of every byte moved (`SsdRates.cpu_per_byte_*`); on DeepSpeed's CPU accelerator it
-runs forward and backward too, so all of it adds up there, while on a GPU compute overlaps the host's work. The
-step's time is the sum of its phases; its bound is the busiest resource over the whole step, what perfect overlap
-would reach. The traffic is exact (it is what the swap runtime counts, `SwapCounters`); the times are as good as
-the rates.
+runs forward and backward too, so all of it adds up there, while on a GPU compute overlaps the host's work. A
+phase waits for its reads only: its writes go out behind it, in the SSD time later phases' reads leave (the engine
+queues them; what waits for a write is the pinned buffer it holds and a read of the same bytes). Where the SSD is
+busy the whole step, a last phase holds the writes still queued. The step's time is the sum of its phases; its
+bound is the busiest resource over the whole step, what perfect overlap would reach. The traffic is exact (it is
+what the swap runtime counts, `SwapCounters`); the times are as good as the rates.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deepspeed_fuyou.estimator.rates import MachineRates, SsdRates
+
+WRITES_QUEUED = "SSD, writes queued"
+"""The phase that ends a step whose SSD is its busiest resource: the writes still queued when its work is done."""
 
 
 @dataclass
@@ -183,11 +188,16 @@ def _share(phase: Phase, fraction: float, name: str) -> Phase:
 
 
 def model_step_time(shape: StepShape, rates: MachineRates) -> StepTime:
-    """The modelled step: each phase as long as its busiest resource, summed; and the step's bound."""
+    """The modelled step: each phase as long as its busiest resource, summed; and the step's bound.
+
+    A phase's reads must arrive within it, but its writes need not end with it: the engine goes on writing behind
+    the next phases, in the SSD time their own reads leave (`_write_behind`). A step leaves what it could not write
+    to the next one, so the phases are laid out twice and the second pass, the steady state, is the step. Where even
+    so the SSD is the step's busiest resource, the writes still queued at its end are a phase of their own
+    (`WRITES_QUEUED`): the step is never shorter than its bound."""
     result = StepTime(phases=phases(shape, rates), rates=rates)
-    for phase in result.phases:
-        phase.seconds, phase.bound_by = _busiest(phase, shape, rates.ssd)
-    result.seconds = sum(phase.seconds for phase in result.phases)
+    queued = _write_behind(result.phases, shape, rates.ssd, queued=0)
+    _write_behind(result.phases, shape, rates.ssd, queued)
     whole = Phase(
         "step",
         compute_s=sum(p.compute_s for p in result.phases),
@@ -196,7 +206,29 @@ def model_step_time(shape: StepShape, rates: MachineRates) -> StepTime:
         written_bytes=result.written_bytes,
     )
     result.bound_seconds, result.bottleneck = _busiest(whole, shape, rates.ssd)
+    laid_out = sum(phase.seconds for phase in result.phases)
+    if result.bound_seconds > laid_out * (1 + 1e-9):  # not where they are equal but for rounding
+        result.phases.append(Phase(WRITES_QUEUED, seconds=result.bound_seconds - laid_out, bound_by="SSD"))
+    result.seconds = sum(phase.seconds for phase in result.phases)
     return result
+
+
+def _write_behind(phases: list[Phase], shape: StepShape, ssd: SsdRates, queued: int) -> int:
+    """Sets each phase's seconds: its busiest resource with its reads alone on the SSD, while the bytes queued for
+    writing (`queued`, then each phase's own) go out in the SSD time its reads leave. Returns the bytes still
+    queued after the last phase."""
+    for phase in phases:
+        phase.seconds, phase.bound_by = _busiest(phase, shape, ssd, written_bytes=0)
+        queued += phase.written_bytes
+        queued -= min(queued, _writable(phase.read_bytes, phase.seconds, ssd))
+    return queued
+
+
+def _writable(read: int, seconds: float, ssd: SsdRates) -> int:
+    """The most bytes the SSD writes in `seconds` while it also reads `read` bytes (the inverse of `ssd_seconds`)."""
+    saved = _mixed_saving(ssd)
+    alongside = seconds / (1 - saved) - read / ssd.read if saved < 1 else float("inf")
+    return max(0, int(ssd.write * min(seconds, alongside)))
 
 
 def ssd_seconds(read: int, written: int, ssd: SsdRates) -> float:
@@ -207,15 +239,20 @@ def ssd_seconds(read: int, written: int, ssd: SsdRates) -> float:
     says for equal bytes each way: the share of the sum it saves, applied to this phase's sum. A fixed combined rate
     would instead charge a write-heavy phase as much as an even one of the same bytes."""
     alone = read / ssd.read + written / ssd.write
+    return max(read / ssd.read, written / ssd.write, alone * (1 - _mixed_saving(ssd)))
+
+
+def _mixed_saving(ssd: SsdRates) -> float:
+    """The share of one direction after the other that the probe's equal mix of reads and writes saved."""
     probe_alone = 1 / ssd.read + 1 / ssd.write  # seconds for one byte each way, one direction after the other
-    saved = min(1.0, max(0.0, 1 - (2 / ssd.mixed) / probe_alone))
-    return max(read / ssd.read, written / ssd.write, alone * (1 - saved))
+    return min(1.0, max(0.0, 1 - (2 / ssd.mixed) / probe_alone))
 
 
-def _busiest(phase: Phase, shape: StepShape, ssd: SsdRates) -> tuple[float, str]:
-    """Seconds of the busiest resource for `phase`'s work, and its name."""
+def _busiest(phase: Phase, shape: StepShape, ssd: SsdRates, written_bytes: int | None = None) -> tuple[float, str]:
+    """Seconds of the busiest resource for `phase`'s work, and its name; with `written_bytes`, as if the SSD wrote
+    only those (the host CPU still pays for all of the phase's writes)."""
     read, written = phase.read_bytes, phase.written_bytes
-    ssd_s = ssd_seconds(read, written, ssd)
+    ssd_s = ssd_seconds(read, written if written_bytes is None else written_bytes, ssd)
     host_s = phase.optimizer_s + read * ssd.cpu_per_byte_read + written * ssd.cpu_per_byte_written
     if shape.accelerator_is_host:  # forward, backward, the optimizer and the engine share the same cores
         candidates = {"compute": phase.waits_s + phase.compute_s + host_s, "SSD": ssd_s}
