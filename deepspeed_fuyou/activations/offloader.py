@@ -57,7 +57,7 @@ from deepspeed_fuyou.errors import FuyouIOError
 from deepspeed_fuyou.io.engine import ALIGNMENT, IOEngine, IOFuture
 from deepspeed_fuyou.io.pinned import PinnedPool
 from deepspeed_fuyou.io.swap_space import SwapSpace
-from deepspeed_fuyou.plan.layers import HEAD, repeated_layers
+from deepspeed_fuyou.plan.layers import HEAD, on_backward_reaching, repeated_layers
 from deepspeed_fuyou.storages import WeakStorage, storage_key
 
 log = logging.getLogger(__name__)
@@ -286,9 +286,7 @@ class ActivationOffloader:
                     torch.cuda.synchronize()
                 fpass.layer_seconds[index] = time.perf_counter() - self._layer_started
             self._layer = index + 1  # the last layer's successor is the tail (head, loss)
-            first = output[0] if isinstance(output, tuple | list) and output else output
-            if isinstance(first, torch.Tensor) and first.requires_grad:
-                first.register_hook(lambda grad: self._backward_reaches(fpass, index))
+            on_backward_reaching(output, lambda: self._backward_reaches(fpass, index))
 
         return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
 

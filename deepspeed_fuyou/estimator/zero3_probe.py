@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from deepspeed_fuyou.plan.layers import repeated_layers
+from deepspeed_fuyou.plan.layers import full_numel, on_backward_reaching, repeated_layers
 
 PHASES = ("forward", "backward", "step")  # the order a step runs them in
 
@@ -52,18 +52,6 @@ class _Clock:
         return start.elapsed_time(end) / 1000 if self._cuda else end - start
 
 
-def _on_output_gradient(note: Callable[[], None]) -> Callable[..., None]:
-    """A forward hook that calls `note` when backward has computed the gradient of the module's output, i.e. when
-    backward reaches the module."""
-
-    def hook(_module: Any, _inputs: Any, output: Any) -> None:
-        tensor = output[0] if isinstance(output, tuple | list) else output
-        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-            tensor.register_hook(lambda _grad: note())
-
-    return hook
-
-
 class _LayerMarks:
     """The marks that time the layers of one step: forward into the first layer and out of the last one (after
     stage 3's hooks on both sides, so its gathers and releases count), backward at the last layer and at the first,
@@ -77,13 +65,12 @@ class _LayerMarks:
 
         layers[0].register_forward_pre_hook(note("forward in"), prepend=True)
         layers[-1].register_forward_hook(note("forward out"))
-        layers[-1].register_forward_hook(_on_output_gradient(note("backward in")))
-        layers[0].register_forward_hook(_on_output_gradient(note("backward out")))
-
-
-def _numel(module: torch.nn.Module) -> int:
-    """Parameters of `module`, partitioned by stage 3 or not."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+        layers[-1].register_forward_hook(
+            lambda _module, _inputs, output: on_backward_reaching(output, note("backward in"))
+        )
+        layers[0].register_forward_hook(
+            lambda _module, _inputs, output: on_backward_reaching(output, note("backward out"))
+        )
 
 
 def split_step(
@@ -145,7 +132,7 @@ def main(request_path: str) -> None:
     clock = _Clock(engine.device.type == "cuda")
     layers = repeated_layers(model)
     marks = _LayerMarks(layers, clock) if layers else None  # hooks after stage 3's: they see its work
-    share = sum(_numel(layer) for layer in layers) / _numel(model)
+    share = sum(full_numel(layer) for layer in layers) / full_numel(model)
     steps = []
     for _ in range(request["repeats"] + 1):
         edges = [clock.mark()]

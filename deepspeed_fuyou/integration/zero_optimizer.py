@@ -62,7 +62,7 @@ from deepspeed_fuyou.integration.registration import (
     read_numa_layout_once,
     track_pending_steps,
 )
-from deepspeed_fuyou.plan.layers import repeated_layers
+from deepspeed_fuyou.plan.layers import on_backward_reaching, repeated_layers
 from deepspeed_fuyou.plan.preflight import load_fuyou_config, space_problems
 from deepspeed_fuyou.plan.sizing import HAND_OVER_SUB_GROUPS, forward_backward_need, stage3_overrides
 from deepspeed_fuyou.plan.zero_layout import OPTIMIZER_STATES, ZeroLayout
@@ -559,9 +559,7 @@ class FuyouZeroOptimizer(STOCK_STAGE3):
         """A forward hook that notes when backward reaches the layer: its output's gradient has been computed."""
 
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            tensor = output[0] if isinstance(output, tuple | list) else output
-            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                tensor.register_hook(lambda grad: self._backward_marks.append((index, now_ns())))
+            on_backward_reaching(output, lambda: self._backward_marks.append((index, now_ns())))
 
         return hook
 

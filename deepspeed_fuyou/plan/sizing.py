@@ -16,7 +16,7 @@ from deepspeed_fuyou.config.sizes import format_size
 from deepspeed_fuyou.errors import FuyouConfigError
 from deepspeed_fuyou.io.engine import ALIGNMENT
 from deepspeed_fuyou.io.pinned import ShortBudget
-from deepspeed_fuyou.plan.layers import repeated_layers
+from deepspeed_fuyou.plan.layers import full_numel, repeated_layers
 
 PREFETCH_SHARE = 0.5
 """Share of the pinned budget for what forward and backward hold (parameter reads in flight, activations); the rest
@@ -224,12 +224,8 @@ def layer_numel(module: torch.nn.Module) -> int:
 
     Parameters already partitioned by stage 3 count with their full size, `ds_numel`.
     """
-
-    def numel(m: torch.nn.Module) -> int:
-        return sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters())
-
     leaves = [m for m in module.modules() if not list(m.children())]
-    return max(1, *(numel(m) for m in [*repeated_layers(module), *leaves]))
+    return max(1, *(full_numel(m) for m in [*repeated_layers(module), *leaves]))
 
 
 def prefetch_window(module: torch.nn.Module, prefetch_layers: int) -> dict[str, int]:
