@@ -31,7 +31,8 @@ optimizer and the engine's side of every byte moved (`SsdRates.cpu_per_byte_*`);
 runs forward and backward too, so all of it adds up there, while on a GPU compute overlaps the host's work. A
 phase waits for its reads only: its writes go out behind it, in the SSD time later phases' reads leave (the engine
 queues them; what waits for a write is the pinned buffer it holds and a read of the same bytes). Where the SSD is
-busy the whole step, a last phase holds the writes still queued. The step's time is the sum of its phases; its
+busy the whole step, a last phase holds the writes still queued; the time the writes take beside reads is not
+modelled phase by phase. The step's time is the sum of its phases; its
 bound is the busiest resource over the whole step, what perfect overlap would reach. The traffic is exact (it is
 what the swap runtime counts, `SwapCounters`); the times are as good as the rates.
 """
@@ -191,13 +192,12 @@ def model_step_time(shape: StepShape, rates: MachineRates) -> StepTime:
     """The modelled step: each phase as long as its busiest resource, summed; and the step's bound.
 
     A phase's reads must arrive within it, but its writes need not end with it: the engine goes on writing behind
-    the next phases, in the SSD time their own reads leave (`_write_behind`). A step leaves what it could not write
-    to the next one, so the phases are laid out twice and the second pass, the steady state, is the step. Where even
-    so the SSD is the step's busiest resource, the writes still queued at its end are a phase of their own
-    (`WRITES_QUEUED`): the step is never shorter than its bound."""
+    the next phases, so a phase's SSD time is that of its reads alone. The writes are paid for by the step as a
+    whole: where its SSD time, reads and writes together, is longer than its phases, the writes still queued at the
+    end are a phase of their own (`WRITES_QUEUED`), so the step is never shorter than its bound."""
     result = StepTime(phases=phases(shape, rates), rates=rates)
-    queued = _write_behind(result.phases, shape, rates.ssd, queued=0)
-    _write_behind(result.phases, shape, rates.ssd, queued)
+    for phase in result.phases:
+        phase.seconds, phase.bound_by = _busiest(phase, shape, rates.ssd, written_bytes=0)
     whole = Phase(
         "step",
         compute_s=sum(p.compute_s for p in result.phases),
@@ -213,24 +213,6 @@ def model_step_time(shape: StepShape, rates: MachineRates) -> StepTime:
     return result
 
 
-def _write_behind(phases: list[Phase], shape: StepShape, ssd: SsdRates, queued: int) -> int:
-    """Sets each phase's seconds: its busiest resource with its reads alone on the SSD, while the bytes queued for
-    writing (`queued`, then each phase's own) go out in the SSD time its reads leave. Returns the bytes still
-    queued after the last phase."""
-    for phase in phases:
-        phase.seconds, phase.bound_by = _busiest(phase, shape, ssd, written_bytes=0)
-        queued += phase.written_bytes
-        queued -= min(queued, _writable(phase.read_bytes, phase.seconds, ssd))
-    return queued
-
-
-def _writable(read: int, seconds: float, ssd: SsdRates) -> int:
-    """The most bytes the SSD writes in `seconds` while it also reads `read` bytes (the inverse of `ssd_seconds`)."""
-    saved = _mixed_saving(ssd)
-    alongside = seconds / (1 - saved) - read / ssd.read if saved < 1 else float("inf")
-    return max(0, int(ssd.write * min(seconds, alongside)))
-
-
 def ssd_seconds(read: int, written: int, ssd: SsdRates) -> float:
     """Seconds the SSD takes to read and write these bytes at once, in any proportion.
 
@@ -239,13 +221,9 @@ def ssd_seconds(read: int, written: int, ssd: SsdRates) -> float:
     says for equal bytes each way: the share of the sum it saves, applied to this phase's sum. A fixed combined rate
     would instead charge a write-heavy phase as much as an even one of the same bytes."""
     alone = read / ssd.read + written / ssd.write
-    return max(read / ssd.read, written / ssd.write, alone * (1 - _mixed_saving(ssd)))
-
-
-def _mixed_saving(ssd: SsdRates) -> float:
-    """The share of one direction after the other that the probe's equal mix of reads and writes saved."""
     probe_alone = 1 / ssd.read + 1 / ssd.write  # seconds for one byte each way, one direction after the other
-    return min(1.0, max(0.0, 1 - (2 / ssd.mixed) / probe_alone))
+    saved = min(1.0, max(0.0, 1 - (2 / ssd.mixed) / probe_alone))
+    return max(read / ssd.read, written / ssd.write, alone * (1 - saved))
 
 
 def _busiest(phase: Phase, shape: StepShape, ssd: SsdRates, written_bytes: int | None = None) -> tuple[float, str]:
