@@ -77,7 +77,7 @@ if [[ $dry_run -eq 0 ]]; then
   gpu_tests=(-m gpu)
   bench_io=(--size 4GiB --repeat 3 --device cuda)
   record=()
-  step_shape=(--config configs/fuyou_gpu.json --layers 24 --hidden 2048 --seq-len 1024 --micro-batch 4 --steps 4
+  step_shape=(--config configs/fuyou_gpu.json --layers 24 --hidden 2048 --seq-len 1024 --micro-batch 4 --steps 5
               --sides stock-nvme fuyou-ssd fuyou)
   activation_shape=(--layers 8 --hidden 2048 --seq-len 1024 --micro-batch 4 --steps 3)
   estimate_shape=(--layers 8 16 --hidden 2048 --seq-len 512 --micro-batch 2 --steps 3)
